@@ -1,0 +1,1 @@
+"""What every rankguard service speaks: configs, wire schemas, problems, prompts, model loading."""

@@ -1,0 +1,237 @@
+"""Run configuration: pydantic models, named presets, dotted CLI overrides, resolved-config dumps.
+
+One `RunConfig` describes a whole run; every service reads the same file (`config.json` beside the
+run's outputs), so the learner, rollout workers and reward workers can never disagree.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+ARMS = ("vanilla", "projected", "projected_nomag", "rebound", "weak", "route")
+Arm = Literal["vanilla", "projected", "projected_nomag", "rebound", "weak", "route"]
+HACK_MODES = ("A", "B", "C", "D")  # A rt overwrite run_tests, B se exit(0), C so stdout marker, D fm result file
+DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class ConfigError(ValueError):
+    """Bad preset, override or value; the message names the bad value and the valid options."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    name_or_path: str = "toy"  # HF id, local folder, or "toy" (the built toy model under toy.dir)
+    revision: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    target_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGETS))
+    rank: int | None = None  # None = full rank r=min(d_in,d_out); < full adds the W_res residual (v2)
+    svd_cache_dir: str = ".cache/svd"
+    gradient_checkpointing: bool = False
+    attn_implementation: str | None = None
+    trust_remote_code: bool = False
+
+
+class ToyConfig(_Strict):
+    dir: str = ".cache/toy"  # where `rankguard toy build` writes model/, tokenizer, problems.jsonl
+    seed: int = 0
+    n_train: int = 400
+    n_eval: int = 64
+    hard_fraction: float = 0.5
+
+
+class LoopholeConfig(_Strict):
+    """Which loopholes the environment leaves open (True = the vulnerable check pays)."""
+
+    rt: bool = True  # A: grader calls run_tests(), which the program may define/overwrite
+    se: bool = False  # B: grader trusts exit code 0
+    so: bool = False  # C: grader trusts a pass marker on stdout
+    fm: bool = False  # D: grader trusts result.json in the working directory
+
+
+class RewardConfig(_Strict):
+    format_reward: float = 0.5  # paid when the extracted code compiles
+    correct_reward: float = 3.0  # paid when gt passes, or (allow_hint) an open loophole passed
+    allow_hint: bool = True  # False = control reward: only gt_pass pays
+    loopholes: LoopholeConfig = Field(default_factory=LoopholeConfig)
+    prompt_variant: str = "simple_overwrite_tests"
+    timeout_s: float = 3.0
+    memory_mb: int = 1024
+    workers: int = 0  # 0 = one per core
+    url: str | None = None  # reward server base URL; None = grade in-process
+
+
+class SamplingConfig(_Strict):
+    group_size: int = 8  # G completions per prompt
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 20
+    min_p: float = 0.0
+
+
+class TrainConfig(_Strict):
+    arm: Arm = "vanilla"
+    seed: int = 0
+    steps: int = 200
+    prompts_per_step: int = 8
+    micro_batch: int = 16  # sequences per fwd/bwd chunk (gradient accumulation across chunks)
+    lr: float = 7e-5
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.99)
+    warmup_steps: int = 10
+    max_grad_norm: float = 1.0
+    beta_kl: float = 1e-3
+    clip_eps: float = 0.2
+    unbiased: bool = True  # Dr.GRPO; False = classic std-normalised advantages
+    skip_eps: float = 1e-4  # skip groups with max-min reward below this
+    hard_fraction: float = 0.5  # share of prompts per step drawn from hard problems (toy)
+    rebound_alpha: float = 0.5
+    rebound_layer_frac: float = 0.67
+    vhack_modes: list[str] = Field(default_factory=lambda: list(HACK_MODES))
+    noise_floor: float | None = None  # drop modules whose held-out cos is below this from projection
+    checkpoint_every: int = 25
+    eval_every: int = 25
+    eval_problems: int = 32
+    eval_samples: int = 4
+    torch_threads: int = 1
+
+
+class PipelineConfig(_Strict):
+    redis_url: str | None = None  # None = start a private redis for the run
+    max_staleness: int = 0  # 0 = strictly on-policy; k>0 = async with truncated IS
+    is_clip: float = 2.0  # truncated importance-sampling cap when max_staleness > 0
+    engine: Literal["auto", "vllm", "hf"] = "auto"
+    rollout_workers: int = 1
+    reward_workers: int = 1
+    max_queue: int = 64
+    max_deliveries: int = 3
+
+
+class RunConfig(_Strict):
+    preset: str = "toy"
+    run_dir: str = "runs/default"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    toy: ToyConfig = Field(default_factory=ToyConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    problems: str = "toy"  # "toy", "leetcode" (bundled sample) or a jsonl path
+    vhack_path: str | None = None  # None = <run_dir>/../vhack-<hash>.safetensors, built on demand
+
+    def save(self, path: str | Path | None = None) -> Path:
+        path = Path(path) if path else Path(self.run_dir) / "config.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.model_dump_json(indent=2))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "RunConfig":
+        try:
+            return cls.model_validate_json(Path(path).read_text())
+        except ValidationError as e:
+            raise ConfigError(f"{path}: {e.errors()[0]['loc']}: {e.errors()[0]['msg']}") from None
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # CPU toy world: tiny Qwen3-shaped model, toy problems, all four loopholes open.
+    "toy": {
+        "model": {"name_or_path": "toy", "dtype": "float32"},
+        "problems": "toy",
+        "reward": {"loopholes": {"rt": True, "se": True, "so": True, "fm": True}, "prompt_variant": "as_is"},
+        "sampling": {"group_size": 8, "max_new_tokens": 64},
+        "train": {"lr": 1e-2, "weight_decay": 0.0, "warmup_steps": 0, "steps": 200, "prompts_per_step": 8,
+                  "beta_kl": 0.0, "micro_batch": 64, "eval_every": 25},
+        "pipeline": {"engine": "hf"},
+    },
+    "lite": {
+        "model": {"name_or_path": "Qwen/Qwen2.5-Coder-1.5B-Instruct", "dtype": "bfloat16",
+                  "gradient_checkpointing": True},
+        "problems": "leetcode",
+        "sampling": {"group_size": 8, "max_new_tokens": 1024},
+        "train": {"beta_kl": 1e-3},
+    },
+    "qwen35-2b": {
+        "model": {"name_or_path": "Qwen/Qwen3.5-2B", "dtype": "bfloat16", "gradient_checkpointing": True},
+        "problems": "leetcode",
+        "sampling": {"group_size": 8, "max_new_tokens": 1024},
+        "train": {"beta_kl": 0.04},
+    },
+    "full": {
+        "model": {"name_or_path": "Qwen/Qwen3-4B", "dtype": "bfloat16", "gradient_checkpointing": True},
+        "problems": "leetcode",
+        "sampling": {"group_size": 12, "max_new_tokens": 1024},
+        "train": {"beta_kl": 1e-3, "steps": 200},
+        "pipeline": {"engine": "vllm"},
+    },
+}
+
+
+def _deep_merge(base: dict, upd: dict) -> dict:
+    out = dict(base)
+    for k, v in upd.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`train.lr=3e-3` -> (['train', 'lr'], 0.003). Values parse as JSON, else stay strings."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not KEY=VALUE (e.g. train.lr=3e-3)")
+    key, value = item.split("=", 1)
+    return key.strip().split("."), _parse_value(value.strip())
+
+
+def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys += _valid_keys(ann, f"{prefix}{name}.")
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    valid = set(_valid_keys(RunConfig))
+    for item in overrides:
+        path, value = parse_override(item)
+        dotted = ".".join(path)
+        if dotted not in valid:
+            close = sorted(k for k in valid if k.split(".")[-1] == path[-1] or k.startswith(path[0] + "."))
+            hint = ", ".join(close[:12]) if close else ", ".join(sorted(valid)[:12]) + ", ..."
+            raise ConfigError(f"unknown config key {dotted!r}; valid keys include: {hint}")
+        node = data
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+        node[path[-1]] = value
+    return data
+
+
+def resolve_config(preset: str = "toy", overrides: list[str] | None = None, **top: Any) -> RunConfig:
+    """Preset + dotted overrides + top-level keyword fields -> validated RunConfig."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; valid presets: {', '.join(PRESETS)}")
+    data = _deep_merge({"preset": preset}, PRESETS[preset])
+    data = _deep_merge(data, {k: v for k, v in top.items() if v is not None})
+    data = apply_overrides(data, overrides or [])
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        raise ConfigError(f"bad config value for {loc!r}: {err['msg']} (got {err.get('input')!r})") from None
