@@ -29,10 +29,14 @@ def version() -> None:
 
 # module -> must define `register(app: typer.Typer)`
 _AREAS = [
-    "shared.cli",          # toy build, adapter report, config show
+    "shared.cli",          # config show
+    "shared.toy.cli",      # toy build
+    "shared.adapter_cli",  # adapter report
     "reward_server.cli",   # serve, grade
-    "learner.cli",         # train (in-process), vhack extract/validate
+    "learner.cli",         # vhack extract/validate
+    "learner.train_cli",   # train (in-process loop)
     "services.pipeline_cli",  # up, logs, learner/rollout/reward worker entry points
+    "rollout.cli",         # engine checks (vLLM / HF)
     "analysis.cli",        # experiment, report
 ]
 
