@@ -1,0 +1,53 @@
+"""Small helpers every CLI area shares: one-line errors instead of tracebacks, config from flags."""
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Callable, TypeVar
+
+import typer
+
+from .config import ConfigError, RunConfig, resolve_config
+
+F = TypeVar("F", bound=Callable)
+
+SET_HELP = "Override any config field, dotted: --set train.lr=3e-3 --set sampling.group_size=4 (repeatable)."
+
+
+class UserError(ValueError):
+    """Bad input from the user; printed as one `error:` line, exit code 2."""
+
+
+def friendly_errors(fn: F) -> F:
+    """Turn ValueError-family errors (ConfigError, ProblemFormatError, AdapterError, ...) into one line."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, FileNotFoundError) as e:
+            typer.secho(f"error: {e}", fg="red", err=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            typer.secho("interrupted", fg="yellow", err=True)
+            sys.exit(130)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def config_from_flags(preset: str, overrides: list[str] | None, **top) -> RunConfig:
+    """Preset + --set overrides + explicit flags (non-None ones win)."""
+    cfg = resolve_config(preset, list(overrides or []))
+    data = cfg.model_dump()
+    for dotted, value in top.items():
+        if value is None:
+            continue
+        node = data
+        *path, last = dotted.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = value
+    try:
+        return RunConfig.model_validate(data)
+    except Exception as e:  # pydantic ValidationError
+        raise ConfigError(str(e).splitlines()[0] + ": " + str(e).splitlines()[-1].strip()) from None
