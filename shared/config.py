@@ -5,6 +5,7 @@ run's outputs), so the learner, rollout workers and reward workers can never dis
 """
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any, Literal
@@ -226,7 +227,7 @@ def resolve_config(preset: str = "toy", overrides: list[str] | None = None, **to
     """Preset + dotted overrides + top-level keyword fields -> validated RunConfig."""
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; valid presets: {', '.join(PRESETS)}")
-    data = _deep_merge({"preset": preset}, PRESETS[preset])
+    data = _deep_merge({"preset": preset}, copy.deepcopy(PRESETS[preset]))
     data = _deep_merge(data, {k: v for k, v in top.items() if v is not None})
     data = apply_overrides(data, overrides or [])
     try:
