@@ -1,0 +1,389 @@
+"""AntiPaSTO adapter (spec pseudocode A): each target nn.Linear becomes W = U diag(S + delta_S) Vh.
+
+U, S, Vh are the frozen fp32 SVD of the original weight; only `delta_S : [r]` trains, so every
+gradient lives on the fixed rank axis where v_hack is defined.
+
+    y = ((x @ Vh.T) * (S + delta_S [+ delta_Q])) @ U.T + b   [+ x @ W_res.T when rank < full]
+
+Dtypes (decided here, relied on elsewhere):
+- U, Vh (and W_res) are stored in the *model dtype* (bf16 on GPU): the two matmuls run at the
+  same precision and speed as the original Linear, and buffers cost no more memory than needed.
+- S, delta_S, delta_Q are fp32. The scale S + delta_S is formed in fp32 and multiplied onto
+  x @ Vh.T in fp32 before the cast back: casting the scale itself to bf16 would round away every
+  delta smaller than S/256 (the lr is ~1e-4), freezing the policy between rounding jumps.
+- Tolerance at delta_S = 0 vs the unwrapped Linear: fp32 < 1e-5 relative to |W| (tests: max
+  |Δlogit| < 1e-3 on the tiny model); bf16: the wrapped model is within 3x the unwrapped bf16
+  model's own distance to the fp32 reference (U, Vh rounding is the same order as W's rounding).
+
+Route arm: `delta_Q : [r]` (zeros, frozen unless the learner opts in) is the quarantine delta;
+it is added to the scale only while `module.quarantine_active` is True.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from shared.config import DEFAULT_TARGETS
+
+if TYPE_CHECKING:  # pragma: no cover
+    from shared.svd_cache import SVDCache
+
+__all__ = [
+    "AdapterError", "AntiPaSTOLinear", "DEFAULT_TARGETS", "svd_factors", "wrap_model", "adapter_modules",
+    "get_delta_s", "set_delta_s", "flat_delta_s", "set_flat_delta_s", "delta_s_layout", "delta_s_parameters",
+    "get_delta_s_grads", "flat_delta_s_grad", "get_delta_q", "set_delta_q", "flat_delta_q", "set_flat_delta_q",
+    "set_quarantine_active", "quarantine", "adapter_disabled", "merged_weight", "merged_state_dict",
+]
+
+
+class AdapterError(ValueError):
+    """Bad adapter input (module name, shape, layout); the message names the value and the options."""
+
+
+def fastest_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+@torch.no_grad()
+def svd_factors(weight: Tensor, device: torch.device | str | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin fp32 SVD of W [d_out, d_in] on `device` (default: cuda if present) -> CPU (U, S, Vh)."""
+    dev = torch.device(device) if device is not None else fastest_device()
+    U, S, Vh = torch.linalg.svd(weight.detach().to(dev, torch.float32), full_matrices=False)
+    return U.cpu(), S.cpu(), Vh.cpu()
+
+
+class _ScaledSVDMatmul(torch.autograd.Function):
+    """((x @ Vh.T) * scale) @ U.T with the scale applied in fp32, saving only h = x @ Vh.T.
+
+    Backward (U, Vh frozen): gU = dL/dy @ U;  dL/dscale = sum_t h ⊙ gU;  dL/dx = (gU * scale) @ Vh.
+    Plain autograd would save h.float() (2x the bytes in bf16) once the fp32 scale is mixed in.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, Vh: Tensor, U: Tensor, scale: Tensor) -> Tensor:
+        h = x @ Vh.T
+        z = (h.float() * scale).to(h.dtype) if h.dtype != torch.float32 else h * scale
+        ctx.save_for_backward(h if ctx.needs_input_grad[3] else None, Vh, U, scale)
+        return z @ U.T
+
+    @staticmethod
+    def backward(ctx, gy: Tensor):
+        h, Vh, U, scale = ctx.saved_tensors
+        gU = gy @ U
+        gx = gscale = None
+        if ctx.needs_input_grad[0]:
+            gz = (gU.float() * scale).to(gU.dtype) if gU.dtype != torch.float32 else gU * scale
+            gx = gz @ Vh
+        if ctx.needs_input_grad[3]:
+            gscale = (h.float() * gU.float()).reshape(-1, h.shape[-1]).sum(0)
+        return gx, None, None, gscale
+
+
+class AntiPaSTOLinear(nn.Module):
+    """A Linear as frozen U [d_out,r], S [r], Vh [r,d_in] (+ W_res) with trainable delta_S [r] only."""
+
+    def __init__(self, U: Tensor, S: Tensor, Vh: Tensor, bias: Tensor | None = None,
+                 W_res: Tensor | None = None, dtype: torch.dtype | None = None):
+        super().__init__()
+        d_out, r = U.shape
+        if S.shape != (r,) or Vh.shape[0] != r:
+            raise AdapterError(f"SVD factor shapes disagree: U {tuple(U.shape)}, S {tuple(S.shape)}, "
+                               f"Vh {tuple(Vh.shape)}")
+        d_in = Vh.shape[1]
+        dtype = dtype or U.dtype
+        dev = U.device
+        self.in_features, self.out_features, self.rank = d_in, d_out, r
+        self.full_rank = min(d_in, d_out)
+        self.register_buffer("U", U.detach().to(dev, dtype).contiguous())
+        self.register_buffer("S", S.detach().to(dev, torch.float32).contiguous())
+        self.register_buffer("Vh", Vh.detach().to(dev, dtype).contiguous())
+        self.register_buffer("W_res", None if W_res is None else W_res.detach().to(dev, dtype).contiguous())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(dev, dtype), requires_grad=False)
+        self.delta_S = nn.Parameter(torch.zeros(r, device=dev, dtype=torch.float32))
+        self.delta_Q = nn.Parameter(torch.zeros(r, device=dev, dtype=torch.float32), requires_grad=False)
+        self.quarantine_active = False
+        self.adapter_enabled = True
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, rank: int | None = None,
+                    svd: tuple[Tensor, Tensor, Tensor] | None = None) -> "AntiPaSTOLinear":
+        """Wrap `linear`; `svd` = precomputed full fp32 (U, S, Vh) (e.g. from SVDCache), else computed.
+
+        rank < min(d_in, d_out) keeps the top-`rank` triplets and adds W_res = W - U_r diag(S_r) Vh_r.
+        """
+        W = linear.weight
+        full = min(W.shape)
+        r = full if rank is None else int(rank)
+        if not 1 <= r <= full:
+            raise AdapterError(f"rank {rank} out of range for a {W.shape[0]}x{W.shape[1]} Linear (1..{full})")
+        U, S, Vh = svd if svd is not None else svd_factors(W)
+        if U.shape != (W.shape[0], full) or S.shape != (full,) or Vh.shape != (full, W.shape[1]):
+            raise AdapterError(f"SVD factors U {tuple(U.shape)} S {tuple(S.shape)} Vh {tuple(Vh.shape)} "
+                               f"do not fit weight {tuple(W.shape)}")
+        dev = W.device
+        U, S, Vh = U.to(dev, torch.float32), S.to(dev, torch.float32), Vh.to(dev, torch.float32)
+        W_res = None
+        if r < full:
+            U, S, Vh = U[:, :r], S[:r], Vh[:r]
+            W_res = W.detach().float() - (U * S) @ Vh
+        return cls(U, S, Vh, bias=linear.bias, W_res=W_res, dtype=W.dtype)
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        return self.U.dtype
+
+    def scale(self) -> Tensor:
+        """S + delta_S (+ delta_Q while quarantine is active); plain S when the adapter is disabled."""
+        if not self.adapter_enabled:
+            return self.S
+        s = self.S + self.delta_S
+        return s + self.delta_Q if self.quarantine_active else s
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.to(self.U.dtype)
+        y = _ScaledSVDMatmul.apply(x, self.Vh, self.U, self.scale())
+        if self.W_res is not None:
+            y = y + x @ self.W_res.T
+        if self.bias is not None:
+            y = y + self.bias
+        return y
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+                f"{'' if self.rank == self.full_rank else ' (+W_res)'}, dtype={self.U.dtype}, "
+                f"bias={self.bias is not None}")
+
+
+# ---------------------------------------------------------------- wrapping
+
+def _matches(name: str, target: str) -> bool:
+    return name == target or name.endswith("." + target)
+
+
+def wrap_model(model: nn.Module, target_modules: Sequence[str] = DEFAULT_TARGETS, rank: int | None = None,
+               cache: "SVDCache | None" = None, model_id: str | None = None,
+               revision: str | None = None, progress: bool = True) -> list[str]:
+    """Replace every nn.Linear whose name ends in a target with AntiPaSTOLinear; freeze all else.
+
+    Returns the wrapped module names in model order (e.g. "model.layers.0.self_attn.q_proj").
+    SVDs come from `cache` (built and saved there on a miss) or are computed in place.
+    """
+    targets = list(target_modules)
+    if not targets:
+        raise AdapterError("target_modules is empty; give names such as " + ", ".join(DEFAULT_TARGETS))
+    named = list(model.named_modules())
+    linears = [n for n, m in named if isinstance(m, nn.Linear)]
+    chosen: list[tuple[str, nn.Module]] = []
+    for t in targets:
+        hits = [(n, m) for n, m in named if _matches(n, t) and isinstance(m, (nn.Linear, AntiPaSTOLinear))]
+        if not hits:
+            shown = sorted({n.rsplit(".", 1)[-1] for n in linears})
+            raise AdapterError(f"module name {t!r} matches no nn.Linear; linear names in this model: "
+                               f"{', '.join(shown) or '(none)'}")
+        chosen += hits
+    order = {n: i for i, (n, _) in enumerate(named)}
+    chosen = sorted(dict(chosen).items(), key=lambda kv: order[kv[0]])
+    names = [n for n, _ in chosen]
+    todo = [n for n, m in chosen if isinstance(m, nn.Linear)]
+    del named, chosen, hits  # hold names, not modules, so replaced weights can be freed as we go
+    if model_id is None:
+        model_id = str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__)
+    bar = tqdm(todo, desc="AntiPaSTO wrap", unit="module", disable=not progress or len(todo) < 2,
+               leave=False)
+    for name in bar:  # one module at a time: the old weight is freed before the next SVD
+        lin = model.get_submodule(name)
+        svd = cache.factors(model_id, revision, name, lin.weight) if cache is not None else None
+        new = AntiPaSTOLinear.from_linear(lin, rank=rank, svd=svd)
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, new)
+        del lin, svd, new
+    for p_name, p in model.named_parameters():
+        p.requires_grad_(p_name.endswith(".delta_S") or p_name == "delta_S")
+    return names
+
+
+def adapter_modules(model: nn.Module) -> "OrderedDict[str, AntiPaSTOLinear]":
+    """Wrapped modules by name, in model order (the order of every flat vector here)."""
+    return OrderedDict((n, m) for n, m in model.named_modules() if isinstance(m, AntiPaSTOLinear))
+
+
+def _mods(model: nn.Module) -> "OrderedDict[str, AntiPaSTOLinear]":
+    mods = adapter_modules(model)
+    if not mods:
+        raise AdapterError("model has no AntiPaSTO modules; call wrap_model(model) first")
+    return mods
+
+
+def delta_s_layout(model: nn.Module) -> tuple[list[str], list[int]]:
+    mods = _mods(model)
+    return list(mods), [m.rank for m in mods.values()]
+
+
+def delta_s_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable delta_S parameters in module order (what the optimizer gets)."""
+    return [m.delta_S for m in _mods(model).values()]
+
+
+# ---------------------------------------------------------------- get / set (delta_S and delta_Q)
+
+def _get(model: nn.Module, attr: str) -> dict[str, Tensor]:
+    return {n: getattr(m, attr).detach().float().cpu().clone() for n, m in _mods(model).items()}
+
+
+@torch.no_grad()
+def _set(model: nn.Module, values: dict[str, Tensor], attr: str, strict: bool = True) -> None:
+    mods = _mods(model)
+    unknown = sorted(set(values) - set(mods))
+    if unknown:
+        raise AdapterError(f"unknown adapter module {unknown[0]!r}; known modules include: "
+                           f"{', '.join(list(mods)[:4])}, ... ({len(mods)} in all)")
+    missing = [n for n in mods if n not in values]
+    if strict and missing:
+        raise AdapterError(f"{attr} for {len(missing)} module(s) missing, first: {missing[0]!r}")
+    for n, v in values.items():
+        p = getattr(mods[n], attr)
+        v = torch.as_tensor(v)
+        if tuple(v.shape) != tuple(p.shape):
+            raise AdapterError(f"{attr} for {n!r} has shape {tuple(v.shape)}, expected {tuple(p.shape)}")
+        p.copy_(v.to(p.device, p.dtype))
+
+
+def _flat(model: nn.Module, attr: str) -> Tensor:
+    mods = _mods(model)
+    return torch.cat([getattr(m, attr).detach().float().cpu().reshape(-1) for m in mods.values()])
+
+
+@torch.no_grad()
+def _set_flat(model: nn.Module, flat: Tensor, attr: str) -> None:
+    mods = _mods(model)
+    flat = torch.as_tensor(flat).reshape(-1)
+    total = sum(m.rank for m in mods.values())
+    if flat.numel() != total:
+        raise AdapterError(f"flat {attr} has {flat.numel()} values, the model's layout needs {total} "
+                           f"({len(mods)} modules)")
+    off = 0
+    for m in mods.values():
+        p = getattr(m, attr)
+        p.copy_(flat[off:off + m.rank].to(p.device, p.dtype))
+        off += m.rank
+
+
+def get_delta_s(model: nn.Module) -> dict[str, Tensor]:
+    """{module name: delta_S (fp32, CPU copy)}."""
+    return _get(model, "delta_S")
+
+
+def set_delta_s(model: nn.Module, values: dict[str, Tensor], strict: bool = True) -> None:
+    """Copy values in (shape-checked; strict=True also requires every module)."""
+    _set(model, values, "delta_S", strict)
+
+
+def flat_delta_s(model: nn.Module) -> Tensor:
+    """All delta_S as one fp32 CPU vector in module order (see delta_s_layout)."""
+    return _flat(model, "delta_S")
+
+
+def set_flat_delta_s(model: nn.Module, flat: Tensor) -> None:
+    _set_flat(model, flat, "delta_S")
+
+
+def get_delta_q(model: nn.Module) -> dict[str, Tensor]:
+    return _get(model, "delta_Q")
+
+
+def set_delta_q(model: nn.Module, values: dict[str, Tensor], strict: bool = True) -> None:
+    _set(model, values, "delta_Q", strict)
+
+
+def flat_delta_q(model: nn.Module) -> Tensor:
+    """All quarantine deltas as one fp32 CPU vector, same layout as flat_delta_s."""
+    return _flat(model, "delta_Q")
+
+
+def set_flat_delta_q(model: nn.Module, flat: Tensor) -> None:
+    _set_flat(model, flat, "delta_Q")
+
+
+def get_delta_s_grads(model: nn.Module) -> dict[str, Tensor | None]:
+    """{module name: delta_S.grad} (live tensors, not copies: projection edits them in place)."""
+    return {n: m.delta_S.grad for n, m in _mods(model).items()}
+
+
+def flat_delta_s_grad(model: nn.Module) -> Tensor:
+    """All delta_S grads as one fp32 CPU vector (zeros where a grad is None)."""
+    return torch.cat([(m.delta_S.grad.detach().float().cpu() if m.delta_S.grad is not None
+                       else torch.zeros(m.rank)) for m in _mods(model).values()])
+
+
+# ---------------------------------------------------------------- modes
+
+def set_quarantine_active(model: nn.Module, active: bool) -> None:
+    """Route arm: add delta_Q to every module's scale while active (train rollouts), not at eval."""
+    for m in _mods(model).values():
+        m.quarantine_active = bool(active)
+
+
+@contextlib.contextmanager
+def quarantine(model: nn.Module, active: bool = True) -> Iterator[nn.Module]:
+    mods = _mods(model)
+    before = {n: m.quarantine_active for n, m in mods.items()}
+    set_quarantine_active(model, active)
+    try:
+        yield model
+    finally:
+        for n, m in mods.items():
+            m.quarantine_active = before[n]
+
+
+@contextlib.contextmanager
+def adapter_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """delta_S and delta_Q count as 0 inside: the frozen reference policy without a second model."""
+    mods = _mods(model)
+    before = {n: m.adapter_enabled for n, m in mods.items()}
+    for m in mods.values():
+        m.adapter_enabled = False
+    try:
+        yield model
+    finally:
+        for n, m in mods.items():
+            m.adapter_enabled = before[n]
+
+
+# ---------------------------------------------------------------- merging (rollout engines)
+
+@torch.no_grad()
+def merged_weight(module: AntiPaSTOLinear, delta: Tensor | None = None, include_quarantine: bool = False,
+                  dtype: torch.dtype | None = None) -> Tensor:
+    """U diag(S + delta) Vh (+ W_res) as a plain [d_out, d_in] weight (fp32 math, `dtype` out).
+
+    delta defaults to the module's delta_S; include_quarantine adds delta_Q. dtype defaults to the
+    module's weight dtype.
+    """
+    d = module.delta_S if delta is None else torch.as_tensor(delta)
+    if tuple(d.shape) != (module.rank,):
+        raise AdapterError(f"delta has shape {tuple(d.shape)}, expected ({module.rank},)")
+    s = module.S + d.to(module.S.device, torch.float32)
+    if include_quarantine:
+        s = s + module.delta_Q
+    W = (module.U.float() * s) @ module.Vh.float()
+    if module.W_res is not None:
+        W = W + module.W_res.float()
+    return W.to(dtype or module.weight_dtype)
+
+
+@torch.no_grad()
+def merged_state_dict(model: nn.Module, include_quarantine: bool = False,
+                      dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+    """{"<module>.weight": merged W} (+ ".bias") for every wrapped module: HF checkpoint names."""
+    out: dict[str, Tensor] = {}
+    for n, m in _mods(model).items():
+        out[f"{n}.weight"] = merged_weight(m, include_quarantine=include_quarantine, dtype=dtype)
+        if m.bias is not None:
+            out[f"{n}.bias"] = m.bias.detach().to(dtype or m.bias.dtype)
+    return out

@@ -1,0 +1,31 @@
+"""Shared test setup: offline HF, one torch thread, and a tiny random Qwen3 (`tiny_qwen3`)."""
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+TINY_QWEN3 = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=32, tie_word_embeddings=False,
+                  max_position_embeddings=256, rope_theta=10000.0, bos_token_id=None, eos_token_id=1,
+                  pad_token_id=0)
+
+
+def make_tiny_qwen3(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """Random-init tiny Qwen3ForCausalLM (fp32, eval mode); same weights for the same seed."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(Qwen3Config(**TINY_QWEN3)).to(dtype).eval()
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3():
+    """Session-wide tiny Qwen3 (hidden 64, inter 128, 2 layers, 4 heads/2 kv, head_dim 32, vocab 256,
+    untied). Shared: deep-copy it (copy.deepcopy) before wrapping or changing it."""
+    return make_tiny_qwen3()
