@@ -1,0 +1,84 @@
+"""Process plumbing shared by the services and the launcher: parent-death signal, SIGTERM handling,
+prefixed stdout logging, per-process torch threads.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import sys
+import threading
+
+PR_SET_PDEATHSIG = 1
+
+
+def set_parent_death_signal(sig: int = signal.SIGTERM) -> None:
+    """Ask Linux to send `sig` to this process when its parent dies (used as Popen preexec_fn), so a
+    kill -9 of the launcher still takes every service down."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    except OSError:  # not Linux: the launcher's own cleanup still runs on a normal exit
+        pass
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT; service loops check it between blocking reads (which time out every
+    ~0.5 s), so a stop takes effect within one batch. If the signal arrives because the parent died
+    (PR_SET_PDEATHSIG) the whole process group is killed at once: nobody is left to wait for us."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.parent = os.getppid()
+
+    def install(self) -> "StopFlag":
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._handle)
+            signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if os.getppid() != self.parent and os.getpgrp() == os.getpid():
+            os.killpg(os.getpgrp(), signal.SIGKILL)  # orphaned: take our own children with us
+        if self.event.is_set():  # second signal: stop now
+            raise KeyboardInterrupt
+        self.event.set()
+
+    def __bool__(self) -> bool:
+        return self.event.is_set()
+
+    def wait(self, seconds: float) -> bool:
+        return self.event.wait(seconds)
+
+
+def setup_logging(service: str) -> logging.Logger:
+    """One line per event on stdout, prefixed with the service name (the launcher colors/aggregates)."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter(f"%(asctime)s.%(msecs)03d [{service}] %(levelname)s %(message)s",
+                                           datefmt="%H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(os.environ.get("RANKGUARD_LOG_LEVEL", "INFO"))
+    for noisy in ("httpx", "urllib3", "filelock", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        sys.stdout.reconfigure(line_buffering=True)
+    except AttributeError:
+        pass
+    return logging.getLogger(service)
+
+
+def set_torch_threads(n: int) -> None:
+    """One small pool per process: several torch processes on few cores otherwise oversubscribe."""
+    os.environ.setdefault("OMP_NUM_THREADS", str(n))
+    os.environ.setdefault("MKL_NUM_THREADS", str(n))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    torch.set_num_threads(max(1, n))
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set (parallel work started)
+        pass
