@@ -1,0 +1,1 @@
+"""Committed, authored data of the learner (contrastive pairs)."""
