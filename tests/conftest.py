@@ -29,3 +29,28 @@ def tiny_qwen3():
     """Session-wide tiny Qwen3 (hidden 64, inter 128, 2 layers, 4 heads/2 kv, head_dim 32, vocab 256,
     untied). Shared: deep-copy it (copy.deepcopy) before wrapping or changing it."""
     return make_tiny_qwen3()
+
+
+def save_tiny_qwen3_dir(path, seed: int = 0):
+    """Save a tiny Qwen3 + a character-level fast tokenizer (vocab < 256) as an HF folder."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<eos>", "<unk>"]
+    chars = [c for c in string.printable if c not in "\x0b\x0c"]
+    vocab = {t: i for i, t in enumerate(specials + chars)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    model = make_tiny_qwen3(seed)
+    model.save_pretrained(path)
+    fast.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_dir(tmp_path_factory):
+    """An HF folder (config, safetensors, tokenizer) holding the tiny Qwen3; load with from_pretrained."""
+    return save_tiny_qwen3_dir(tmp_path_factory.mktemp("tiny_qwen3"))

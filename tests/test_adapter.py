@@ -1,0 +1,266 @@
+"""AntiPaSTO adapter: round trip, gradients, get/set, disabled/quarantine modes, merging, rank < full."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from shared.adapter import (AdapterError, AntiPaSTOLinear, adapter_disabled, adapter_modules, delta_s_layout,
+                            delta_s_parameters, flat_delta_q, flat_delta_s, flat_delta_s_grad, get_delta_q,
+                            get_delta_s, merged_state_dict, merged_weight, quarantine, set_delta_q, set_delta_s,
+                            set_flat_delta_q, set_flat_delta_s, set_quarantine_active, wrap_model)
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def ids():
+    g = torch.Generator().manual_seed(123)
+    return torch.randint(0, 256, (2, 24), generator=g)
+
+
+@pytest.fixture()
+def wrapped(tiny_qwen3):
+    model = copy.deepcopy(tiny_qwen3)
+    names = wrap_model(model, progress=False)
+    return model, names
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits.float()
+
+
+def _randomize(model, scale=0.05, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    flat = torch.randn(flat_delta_s(model).numel(), generator=g) * scale
+    set_flat_delta_s(model, flat)
+    return flat
+
+
+def test_wrap_names_and_fp32_round_trip(tiny_qwen3, wrapped, ids):
+    model, names = wrapped
+    assert len(names) == 2 * 7
+    assert names[:3] == ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj",
+                         "model.layers.0.self_attn.v_proj"]
+    assert list(adapter_modules(model)) == names
+    layout_names, sizes = delta_s_layout(model)
+    assert layout_names == names
+    # q: 64 -> 128 (r=64), k/v: 64 -> 64, o: 128 -> 64, gate/up: 64 -> 128, down: 128 -> 64
+    assert sizes[:7] == [64] * 7 and sum(sizes) == 14 * 64
+    diff = (_logits(model, ids) - _logits(tiny_qwen3, ids)).abs().max().item()
+    assert diff < 1e-3, diff
+    assert diff < 1e-4  # in practice ~1e-6
+
+
+def test_bf16_tolerance(tiny_qwen3, ids):
+    """bf16: wrapped is within 2e-2 of unwrapped bf16 (logits ~0.7) and no more than 2.5x as far
+    from the fp32 reference as the unwrapped bf16 model itself."""
+    ref = _logits(tiny_qwen3, ids)
+    model = copy.deepcopy(tiny_qwen3).to(torch.bfloat16)
+    unwrapped = _logits(model, ids)
+    wrap_model(model, progress=False)
+    m = next(iter(adapter_modules(model).values()))
+    assert m.U.dtype == torch.bfloat16 and m.Vh.dtype == torch.bfloat16
+    assert m.S.dtype == torch.float32 and m.delta_S.dtype == torch.float32
+    out = _logits(model, ids)
+    assert (out - unwrapped).abs().max().item() < 2e-2
+    assert (out - ref).abs().max().item() <= 2.5 * (unwrapped - ref).abs().max().item()
+
+
+def test_bf16_small_delta_still_moves_output(tiny_qwen3, ids):
+    """The scale is applied in fp32: a delta far below bf16 resolution of S still changes the logits."""
+    model = copy.deepcopy(tiny_qwen3).to(torch.bfloat16)
+    wrap_model(model, progress=False)
+    before = _logits(model, ids)
+    set_flat_delta_s(model, torch.full_like(flat_delta_s(model), 1e-3))
+    assert not torch.equal(_logits(model, ids), before)
+
+
+def test_only_delta_s_gets_gradients(wrapped, ids):
+    model, _ = wrapped
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(n.endswith(".delta_S") for n in trainable)
+    assert len(trainable) == 14
+    model(ids, labels=ids).loss.backward()
+    for n, p in model.named_parameters():
+        if n.endswith(".delta_S"):
+            assert p.grad is not None and p.grad.abs().sum() > 0, n
+        else:
+            assert not p.requires_grad and p.grad is None, n
+    assert len(delta_s_parameters(model)) == 14
+    assert flat_delta_s_grad(model).shape == (14 * 64,)
+
+
+def test_delta_s_grad_matches_analytic_formula(wrapped, ids):
+    model, names = wrapped
+    _randomize(model)
+    name = "model.layers.1.mlp.down_proj"
+    mod = model.get_submodule(name)
+    seen = {}
+
+    def hook(_m, inputs, output):
+        seen["x"] = inputs[0].detach()
+        output.register_hook(lambda g: seen.__setitem__("gy", g.detach()))
+
+    h = mod.register_forward_hook(hook)
+    model(ids, labels=ids).loss.backward()
+    h.remove()
+    x, gy = seen["x"].reshape(-1, mod.in_features), seen["gy"].reshape(-1, mod.out_features)
+    expected = ((x @ mod.Vh.T) * (gy @ mod.U)).sum(0)  # sum_t (x Vh^T) ⊙ (dL/dy U)
+    torch.testing.assert_close(mod.delta_S.grad, expected, rtol=1e-4, atol=1e-7)
+
+
+def test_input_grad_matches_plain_autograd(tiny_qwen3):
+    """The custom autograd path gives the same dL/dx and dL/ddelta_S as the spec formula under autograd."""
+    lin = torch.nn.Linear(48, 80)
+    mod = AntiPaSTOLinear.from_linear(lin)
+    with torch.no_grad():
+        mod.delta_S.normal_(0, 0.1)
+    x1 = torch.randn(3, 5, 48, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_(True)
+    d2 = mod.delta_S.detach().clone().requires_grad_(True)
+    y1 = mod(x1)
+    y2 = ((x2 @ mod.Vh.T) * (mod.S + d2)) @ mod.U.T + mod.bias
+    torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
+    w = torch.randn_like(y1)
+    (y1 * w).sum().backward()
+    (y2 * w).sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mod.delta_S.grad, d2.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_flat_and_dict_round_trips(wrapped):
+    model, names = wrapped
+    flat = _randomize(model, seed=3)
+    torch.testing.assert_close(flat_delta_s(model), flat)
+    d = get_delta_s(model)
+    assert list(d) == names and d[names[0]].dtype == torch.float32
+    other = copy.deepcopy(model)
+    set_flat_delta_s(other, torch.zeros_like(flat))
+    assert flat_delta_s(other).abs().sum() == 0
+    set_delta_s(other, d)
+    torch.testing.assert_close(flat_delta_s(other), flat)
+    # quarantine vector has the same layout
+    set_flat_delta_q(other, flat * 2)
+    torch.testing.assert_close(flat_delta_q(other), flat * 2)
+    set_delta_q(model, get_delta_q(other))
+    torch.testing.assert_close(flat_delta_q(model), flat * 2)
+
+
+def test_set_errors_are_clear(wrapped):
+    model, names = wrapped
+    with pytest.raises(AdapterError, match=r"delta_S for 'model.layers.0.self_attn.q_proj' has shape \(3,\), "
+                                           r"expected \(64,\)"):
+        set_delta_s(model, {names[0]: torch.zeros(3)}, strict=False)
+    with pytest.raises(AdapterError, match="unknown adapter module 'nope'"):
+        set_delta_s(model, {"nope": torch.zeros(64)})
+    with pytest.raises(AdapterError, match="missing"):
+        set_delta_s(model, {names[0]: torch.zeros(64)})
+    with pytest.raises(AdapterError, match="flat delta_S has 5 values, the model's layout needs 896"):
+        set_flat_delta_s(model, torch.zeros(5))
+    with pytest.raises(AdapterError, match="no AntiPaSTO modules"):
+        flat_delta_s(torch.nn.Linear(3, 3))
+
+
+def test_bad_module_name_error(tiny_qwen3):
+    model = copy.deepcopy(tiny_qwen3)
+    with pytest.raises(AdapterError) as e:
+        wrap_model(model, target_modules=["q_proj", "foo"], progress=False)
+    msg = str(e.value)
+    assert msg.startswith("module name 'foo' matches no nn.Linear; linear names in this model: ")
+    assert "q_proj" in msg and "down_proj" in msg and "lm_head" in msg
+    assert not adapter_modules(model)  # nothing half-wrapped
+
+
+def test_adapter_disabled_gives_reference(tiny_qwen3, wrapped, ids):
+    model, _ = wrapped
+    _randomize(model, scale=0.2)
+    set_flat_delta_q(model, torch.ones_like(flat_delta_s(model)))
+    set_quarantine_active(model, True)
+    moved = _logits(model, ids)
+    ref = _logits(tiny_qwen3, ids)
+    assert (moved - ref).abs().max() > 1e-2
+    with adapter_disabled(model):
+        assert (_logits(model, ids) - ref).abs().max().item() < 1e-3
+    torch.testing.assert_close(_logits(model, ids), moved)  # restored
+
+
+def test_quarantine_active_and_inactive(wrapped, ids):
+    model, _ = wrapped
+    ds = _randomize(model, scale=0.1, seed=1)
+    dq = torch.randn(ds.numel(), generator=torch.Generator().manual_seed(2)) * 0.1
+    set_flat_delta_q(model, dq)
+    assert all(not m.delta_Q.requires_grad for m in adapter_modules(model).values())
+    base = _logits(model, ids)
+    summed = copy.deepcopy(model)
+    set_flat_delta_s(summed, ds + dq)
+    set_flat_delta_q(summed, torch.zeros_like(dq))
+    with quarantine(model, True):
+        assert all(m.quarantine_active for m in adapter_modules(model).values())
+        torch.testing.assert_close(_logits(model, ids), _logits(summed, ids), rtol=1e-5, atol=1e-5)
+    assert not any(m.quarantine_active for m in adapter_modules(model).values())
+    torch.testing.assert_close(_logits(model, ids), base)
+    set_quarantine_active(model, True)
+    assert (_logits(model, ids) - base).abs().max() > 1e-3
+    with quarantine(model, False):
+        torch.testing.assert_close(_logits(model, ids), base)
+
+
+def test_merged_weight_reproduces_forward(tiny_qwen3, wrapped, ids):
+    model, _ = wrapped
+    _randomize(model, scale=0.1)
+    set_flat_delta_q(model, torch.full_like(flat_delta_s(model), 0.05))
+    mod = model.get_submodule("model.layers.0.mlp.gate_proj")
+    x = torch.randn(4, mod.in_features)
+    with torch.no_grad():
+        torch.testing.assert_close(F.linear(x, merged_weight(mod)), mod(x), rtol=1e-4, atol=1e-5)
+        with quarantine(model, True):
+            torch.testing.assert_close(F.linear(x, merged_weight(mod, include_quarantine=True)), mod(x),
+                                       rtol=1e-4, atol=1e-5)
+    orig = tiny_qwen3.get_submodule("model.layers.0.mlp.gate_proj").weight
+    torch.testing.assert_close(merged_weight(mod, delta=torch.zeros(mod.rank)), orig, rtol=1e-4, atol=1e-5)
+    # whole model: merged weights in a plain copy == wrapped forward
+    plain = copy.deepcopy(tiny_qwen3)
+    plain.load_state_dict(merged_state_dict(model), strict=False)
+    torch.testing.assert_close(_logits(plain, ids), _logits(model, ids), rtol=1e-4, atol=1e-4)
+    with pytest.raises(AdapterError, match=r"delta has shape \(3,\), expected \(64,\)"):
+        merged_weight(mod, delta=torch.zeros(3))
+
+
+@pytest.mark.parametrize("rank", [8, 40])
+def test_rank_below_full_with_residual(tiny_qwen3, ids, rank):
+    model = copy.deepcopy(tiny_qwen3)
+    wrap_model(model, rank=rank, progress=False)
+    mods = adapter_modules(model)
+    assert all(m.rank == rank and m.W_res is not None for m in mods.values())
+    assert flat_delta_s(model).numel() == 14 * rank
+    assert (_logits(model, ids) - _logits(tiny_qwen3, ids)).abs().max().item() < 1e-3
+    name = "model.layers.1.self_attn.o_proj"
+    orig = tiny_qwen3.get_submodule(name).weight
+    torch.testing.assert_close(merged_weight(mods[name]), orig, rtol=1e-4, atol=1e-5)
+    # delta_S acts only on the kept top-`rank` directions
+    _randomize(model, scale=0.1)
+    mod = mods[name]
+    W = merged_weight(mod)
+    torch.testing.assert_close(W - orig, (mod.U * mod.delta_S) @ mod.Vh, rtol=1e-4, atol=1e-5)
+    with pytest.raises(AdapterError, match="rank 999 out of range"):
+        wrap_model(copy.deepcopy(tiny_qwen3), rank=999, progress=False)
+
+
+def test_wrap_twice_is_idempotent(wrapped):
+    model, names = wrapped
+    _randomize(model)
+    before = flat_delta_s(model)
+    assert wrap_model(model, progress=False) == names
+    torch.testing.assert_close(flat_delta_s(model), before)
+
+
+def test_bias_kept_and_frozen():
+    lin = torch.nn.Linear(16, 24, bias=True)
+    mod = AntiPaSTOLinear.from_linear(lin)
+    x = torch.randn(7, 16)
+    torch.testing.assert_close(mod(x), lin(x), rtol=1e-5, atol=1e-5)
+    assert mod.bias is not None
+    assert [n for n, p in mod.named_parameters() if p.requires_grad] == ["delta_S"]
+    assert mod.U.shape == (24, 16) and mod.S.shape == (16,) and mod.Vh.shape == (16, 16)
