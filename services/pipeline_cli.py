@@ -1,6 +1,108 @@
-"""CLI sub-commands of this area (see services/cli.py)."""
+"""`rankguard up`, `rankguard logs`, `rankguard worker <name>`: the distributed pipeline from the shell."""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
 import typer
+
+from shared.clikit import SET_HELP, UserError, config_from_flags, friendly_errors
+
+WORKERS = {"learner": "services.learner_service", "rollout": "services.rollout_service",
+           "reward": "services.reward_worker"}
+
+
+def _follow(path: Path, lines: int, follow: bool) -> None:
+    with path.open() as f:
+        tail = f.readlines()[-lines:] if lines > 0 else []
+        sys.stdout.write("".join(tail))
+        sys.stdout.flush()
+        while follow:
+            line = f.readline()
+            if line:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+            else:
+                time.sleep(0.2)
 
 
 def register(app: typer.Typer) -> None:
-    pass
+    @app.command("up")
+    @friendly_errors
+    def up(
+        preset: str = typer.Option("toy", help="Config preset: toy, lite, qwen35-2b, full."),
+        arm: Optional[str] = typer.Option(None, help="vanilla, projected, projected_nomag, rebound, weak, route."),
+        seed: Optional[int] = typer.Option(None, help="Run seed."),
+        steps: Optional[int] = typer.Option(None, help="Optimizer steps (default from the preset)."),
+        run_dir: Optional[str] = typer.Option(None, "--run-dir",
+                                              help="Output folder (default runs/<preset>-<arm>-s<seed>-up)."),
+        overrides: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+        resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in the run dir."),
+        restart_workers: int = typer.Option(0, "--restart-workers",
+                                            help="Restart a crashed rollout/reward worker up to N times "
+                                                 "instead of failing the run."),
+        http_port: Optional[int] = typer.Option(None, "--http-port",
+                                                help="Reward workers also serve the reward HTTP API on "
+                                                     "PORT, PORT+1, ..."),
+        progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+    ) -> None:
+        """Run one arm x seed as separate processes: private Redis, reward worker(s), rollout worker(s),
+        learner. One combined log on stdout, per-service logs in RUN_DIR/logs/. Ctrl-C stops everything.
+
+        Example: rankguard up --preset toy --arm projected --seed 1 --steps 50 --set pipeline.reward_workers=2
+        """
+        top = {"train.arm": arm, "train.seed": seed, "train.steps": steps}
+        cfg = config_from_flags(preset, overrides, **top)
+        name = run_dir or f"runs/{preset}-{cfg.train.arm}-s{cfg.train.seed}-up"
+        cfg = config_from_flags(preset, overrides, **top, run_dir=name)
+        if resume and not (Path(name) / "checkpoints").exists():
+            typer.secho(f"note: --resume but {name} has no checkpoints yet; starting fresh", err=True)
+        from .launcher import launch
+
+        rc = launch(cfg, resume=resume, progress=progress, restart_workers=restart_workers, http_port=http_port)
+        raise typer.Exit(rc)
+
+    @app.command("logs")
+    @friendly_errors
+    def logs(
+        service: str = typer.Argument("learner", help="learner, rollout-0, reward-0, ... or up (the launcher)."),
+        run_dir: str = typer.Option(None, "--run-dir", help="Run folder (default: the newest under runs/)."),
+        follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new lines."),
+        lines: int = typer.Option(40, "--lines", "-n", help="Lines of history to show first."),
+    ) -> None:
+        """Show (and with -f follow) one service's log of a run: RUN_DIR/logs/<service>.log."""
+        if run_dir is None:
+            found = sorted(Path("runs").glob("**/logs"), key=lambda p: p.stat().st_mtime)
+            if not found:
+                raise UserError("no run with logs under runs/; pass --run-dir")
+            log_dir = found[-1]
+        else:
+            log_dir = Path(run_dir) / "logs"
+        names = sorted(p.stem for p in log_dir.glob("*.log")) if log_dir.exists() else []
+        if service in ("rollout", "reward"):
+            service = f"{service}-0"
+        path = log_dir / f"{service}.log"
+        if not path.exists():
+            raise UserError(f"no log {service!r} in {log_dir}; available: {', '.join(names) or 'none'}")
+        try:
+            _follow(path, lines, follow)
+        except KeyboardInterrupt:
+            pass
+
+    @app.command("worker", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+    @friendly_errors
+    def worker(
+        ctx: typer.Context,
+        name: str = typer.Argument(..., help="learner, rollout or reward."),
+    ) -> None:
+        """Run one service in the foreground (what `rankguard up` and docker compose start), e.g.
+        `rankguard worker reward --config runs/x/config.json --redis-url redis://host:6379/0 --http-port 8100`.
+        Pass --help after the name for the service's own options."""
+        if name not in WORKERS:
+            raise UserError(f"unknown worker {name!r}; valid: {', '.join(WORKERS)}")
+        import importlib
+
+        mod = importlib.import_module(WORKERS[name])
+        raise typer.Exit(mod.main(list(ctx.args)))

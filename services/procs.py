@@ -82,3 +82,38 @@ def set_torch_threads(n: int) -> None:
         torch.set_num_interop_threads(1)
     except RuntimeError:  # already set (parallel work started)
         pass
+
+
+def service_parser(name: str, description: str):
+    """Arguments every service takes: `python -m services.<name> --config RUN_DIR/config.json`."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog=f"python -m services.{name}", description=description)
+    p.add_argument("--config", required=True, help="resolved run config (RUN_DIR/config.json)")
+    p.add_argument("--redis-url", default=None,
+                   help="redis://host:port/db (default: $RANKGUARD_REDIS_URL, then pipeline.redis_url)")
+    p.add_argument("--run-id", default=None, help="key namespace in redis (default: the run dir)")
+    return p
+
+
+def load_service_config(path: str):
+    from shared.config import RunConfig
+
+    return RunConfig.load(path)
+
+
+def run_service(name: str, body) -> int:
+    """Common main(): logging, exit codes (0 ok/stopped, 1 crash with the traceback logged, 2 bad input)."""
+    log = setup_logging(name)
+    try:
+        body(log)
+        return 0
+    except KeyboardInterrupt:
+        log.info("stopped")
+        return 0
+    except ValueError as e:  # ConfigError & friends: one line
+        log.error("error: %s", e)
+        return 2
+    except Exception:  # noqa: BLE001 - log the crash, exit non-zero so the launcher notices
+        log.exception("crashed")
+        return 1

@@ -373,3 +373,58 @@ def _s(x) -> str:
 def _nested_job_id(item) -> str | None:
     grp = getattr(item, "group", None)
     return getattr(grp, "job_id", None)
+
+
+# ---- run-level helpers ------------------------------------------------------------------------------
+REDIS_URL_ENV, RUN_ID_ENV = "RANKGUARD_REDIS_URL", "RANKGUARD_RUN_ID"
+
+
+def run_id_for(run_dir: str) -> str:
+    """Key namespace of a run: $RANKGUARD_RUN_ID, else the run dir as given (stable across --resume)."""
+    env = os.environ.get(RUN_ID_ENV)
+    if env:
+        return env
+    return os.path.normpath(run_dir).strip("/").replace(" ", "_") or "default"
+
+
+def redis_url_for(cfg, override: str | None = None) -> str:
+    url = override or os.environ.get(REDIS_URL_ENV) or cfg.pipeline.redis_url
+    if not url:
+        raise QueueError(f"no redis url: set pipeline.redis_url, ${REDIS_URL_ENV} or --redis-url "
+                         "(`rankguard up` starts a private redis and passes it)")
+    return url
+
+
+def queues_for(cfg, redis_url: str | None = None, run_id: str | None = None, **kw) -> Queues:
+    return Queues(redis_url_for(cfg, redis_url), run_id or run_id_for(cfg.run_dir),
+                  max_queue=cfg.pipeline.max_queue, max_deliveries=cfg.pipeline.max_deliveries,
+                  claim_idle_s=getattr(cfg.pipeline, "claim_idle_s", None), **kw)
+
+
+def wire_job_id(job_id: str, incarnation: int, attempt: int = 0) -> str:
+    """The id a job travels under: `<job_id>@<learner incarnation>.<attempt>`. A re-requested job gets
+    a new attempt (fresh idempotency keys); a restarted learner a new incarnation (old work is ignored)."""
+    return f"{job_id}@{incarnation}.{attempt}"
+
+
+def parse_wire_id(wire_id: str) -> tuple[str, int, int]:
+    """Inverse of wire_job_id; ids without the suffix parse as incarnation 0, attempt 0."""
+    base, sep, tail = wire_id.rpartition("@")
+    if not sep:
+        return wire_id, 0, 0
+    inc, _, attempt = tail.partition(".")
+    try:
+        return base, int(inc), int(attempt or 0)
+    except ValueError:
+        return wire_id, 0, 0
+
+
+def policy_tag(incarnation: int, version: int) -> str:
+    return f"{incarnation}:{version}"
+
+
+def parse_policy_tag(tag: str | None) -> tuple[int, int]:
+    if not tag:
+        return -1, -1
+    inc, _, ver = tag.partition(":")
+    return int(inc), int(ver)

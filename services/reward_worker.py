@@ -1,0 +1,146 @@
+"""Reward worker: RolloutGroups in, GradedGroups out. Workers pull on their own from one consumer
+group, so adding workers (`docker compose up --scale reward=8`) adds throughput.
+
+    python -m services.reward_worker --config RUN_DIR/config.json [--redis-url URL] [--http-port 8100]
+
+Grades in-process with `Grader` (sandboxed subprocesses). With --http-port the same process also
+serves the reward FastAPI app, so every worker is a reward-server replica as well. A group is
+published and its input acked atomically (Queues.finish, keyed by the group's job id): a group
+redelivered after a crash or a stall is graded again at worst, but published once.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from shared.config import RunConfig
+from shared.schemas import Grade, GradedGroup, RolloutGroup
+
+from .procs import StopFlag, load_service_config, run_service, service_parser, set_torch_threads
+from .queues import Heartbeat, default_consumer, parse_policy_tag, parse_wire_id, queues_for
+
+GROUP = "reward"
+
+
+def load_problems_by_id(cfg: RunConfig) -> dict:
+    from shared.modeling import load_problem_sets
+
+    train, held = load_problem_sets(cfg)
+    return {p.key: p for p in list(train) + list(held)}
+
+
+def make_grader(cfg: RunConfig):
+    from reward_server.grader import Grader
+
+    return Grader(cfg.reward, workers=cfg.reward.workers or None)
+
+
+def grade_groups(grader, problems: dict, groups: list[RolloutGroup]) -> list[GradedGroup]:
+    """Grade every completion of every group in one `grade_many` call; rollout ids kept on the grades."""
+    if not groups:
+        return []
+    t0 = time.perf_counter()
+    grades = grader.grade_many([(problems[g.problem_id], c.text) for g in groups for c in g.completions])
+    share = (time.perf_counter() - t0) / len(groups)
+    out, i = [], 0
+    for g in groups:
+        mine: list[Grade] = []
+        for c in g.completions:
+            mine.append(grades[i].model_copy(update={"rollout_id": c.rollout_id}))
+            i += 1
+        out.append(GradedGroup(group=g, grades=mine, grade_seconds=share))
+    return out
+
+
+class RewardWorker:
+    def __init__(self, cfg: RunConfig, grader, problems: dict, queues, log: logging.Logger,
+                 batch: int = 8, stop: StopFlag | None = None):
+        self.cfg, self.grader, self.problems, self.q, self.log = cfg, grader, problems, queues, log
+        self.batch, self.stop = batch, stop or StopFlag()
+        self.consumer = default_consumer("reward")
+        self.stats = {"groups": 0, "completions": 0, "duplicates": 0, "stale": 0, "failed": 0, "grade_s": 0.0}
+
+    def run(self) -> None:
+        self.log.info("waiting for rollouts (consumer %s)", self.consumer)
+        with Heartbeat(self.q, "rollouts", GROUP, self.consumer) as hb:
+            while not self.stop:
+                self.step_once(hb)
+        self.log.info("stopping: %s", self.stats)
+
+    def step_once(self, hb: Heartbeat | None = None) -> int:
+        deliveries = self.q.read("rollouts", GROUP, self.consumer, RolloutGroup, count=self.batch)
+        if not deliveries:
+            return 0
+        if hb is not None:
+            hb.ids = [d.msg_id for d in deliveries]
+        current_inc = parse_policy_tag(self.q.policy_tag())[0]
+        todo = []
+        for d in deliveries:
+            group: RolloutGroup = d.item
+            if self.q.is_done(GROUP, group.job_id):
+                self.stats["duplicates"] += 1
+                self.q.ack(d, GROUP)
+            elif parse_wire_id(group.job_id)[1] < current_inc:  # from a learner that has restarted
+                self.stats["stale"] += 1
+                self.q.ack(d, GROUP)
+            elif group.problem_id not in self.problems:  # can never be graded: dead-letter it now
+                self.stats["failed"] += 1
+                self.q.dead_letter(d, GROUP, f"cannot grade: unknown problem_id {group.problem_id!r}",
+                                   job_id=group.job_id)
+            else:
+                todo.append(d)
+        # all completions of the batch in one grade_many call: the grader parallelises across them
+        for d, graded in zip(todo, grade_groups(self.grader, self.problems, [d.item for d in todo])):
+            self.q.wait_for_room("graded")
+            fresh = self.q.finish(d, GROUP, GROUP, d.item.job_id, [("graded", graded)])
+            self.stats["groups" if fresh else "duplicates"] += 1
+            self.stats["completions"] += len(d.item.completions)
+            self.stats["grade_s"] += graded.grade_seconds
+        if hb is not None:
+            hb.ids = []
+        return len(todo)
+
+
+def serve_http(cfg: RunConfig, port: int, log: logging.Logger) -> threading.Thread:
+    """The reward FastAPI app on 0.0.0.0:port in a daemon thread of this process."""
+    import uvicorn
+
+    from reward_server import app as app_mod
+
+    app = app_mod.create_app(cfg) if hasattr(app_mod, "create_app") else app_mod.app
+    server = uvicorn.Server(uvicorn.Config(app, host="0.0.0.0", port=port, log_level="warning"))
+    server.install_signal_handlers = lambda: None  # the worker's StopFlag owns SIGTERM
+    t = threading.Thread(target=server.run, daemon=True, name="reward-http")
+    t.start()
+    log.info("serving the reward API on :%d", port)
+    return t
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = service_parser("reward_worker", __doc__.splitlines()[0])
+    parser.add_argument("--http-port", type=int, default=None, help="also serve the reward HTTP API here")
+    parser.add_argument("--batch", type=int, default=None, help="groups per read (default prompts_per_step)")
+    args = parser.parse_args(argv)
+
+    def body(log: logging.Logger) -> None:
+        cfg = load_service_config(args.config)
+        set_torch_threads(cfg.train.torch_threads)
+        stop = StopFlag().install()
+        q = queues_for(cfg, args.redis_url, args.run_id, stop=lambda: bool(stop))
+        grader = make_grader(cfg)
+        problems = load_problems_by_id(cfg)
+        if args.http_port:
+            serve_http(cfg, args.http_port, log)
+        try:
+            RewardWorker(cfg, grader, problems, q, log, batch=args.batch or cfg.train.prompts_per_step, stop=stop).run()
+        finally:
+            close = getattr(grader, "close", None)
+            if callable(close):
+                close()
+
+    return run_service("reward", body)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,143 @@
+"""Rollout worker: PromptJobs in, RolloutGroups out, sampled with the policy version each job needs.
+
+    python -m services.rollout_service --config RUN_DIR/config.json [--redis-url URL] [--batch N]
+
+Loads its own policy copy (`load_policy`) behind the engine chosen by `pipeline.engine` ("vllm" when
+importable, else HFEngine). Before sampling a batch it compares the published policy tag
+(<learner incarnation>:<version>) with the one it holds and fetches + loads the DeltaSUpdate when they
+differ; a job whose min_version is newer than anything published waits for it. Each group is
+published and its job acked in one atomic step (Queues.finish), so a killed worker's jobs are
+re-claimed by another worker and never published twice.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import time
+
+from shared.config import RunConfig
+from shared.schemas import DeltaSUpdate, PromptJob
+
+from .procs import StopFlag, load_service_config, run_service, service_parser, set_torch_threads
+from .queues import Heartbeat, QueueError, default_consumer, parse_policy_tag, parse_wire_id, queues_for
+
+GROUP = "rollout"
+POLICY_WAIT_S = 600.0
+
+
+def make_engine(cfg: RunConfig, log: logging.Logger):
+    """Engine per cfg.pipeline.engine: "vllm" (or "auto" with vllm importable) -> VLLMEngine, else HFEngine."""
+    choice = cfg.pipeline.engine
+    if choice in ("vllm", "auto") and importlib.util.find_spec("vllm") is not None:
+        try:
+            from rollout.vllm_engine import VLLMEngine
+
+            log.info("engine: vLLM")
+            return VLLMEngine(cfg)
+        except ImportError as e:
+            log.warning("vLLM engine unavailable (%s); falling back to HF generate", e)
+    elif choice == "vllm":
+        log.warning("pipeline.engine=vllm but vllm is not installed; falling back to HF generate")
+    from rollout.hf_engine import HFEngine
+    from shared.modeling import load_policy
+
+    policy = load_policy(cfg, progress=False)
+    log.info("engine: HF generate on %s (%d wrapped modules, load %.1f s)", policy.device,
+             len(policy.module_names), policy.load_s + policy.wrap_s)
+    return HFEngine(policy.model, policy.tokenizer, device=policy.device)
+
+
+class RolloutWorker:
+    def __init__(self, cfg: RunConfig, engine, queues, log: logging.Logger, batch: int | None = None,
+                 stop: StopFlag | None = None):
+        self.cfg, self.engine, self.q, self.log = cfg, engine, queues, log
+        self.batch = batch or cfg.train.prompts_per_step
+        self.stop = stop or StopFlag()
+        self.consumer = default_consumer("rollout")
+        self.held = (-1, -1)  # (incarnation, version) of the loaded delta
+        self.stats = {"jobs": 0, "duplicates": 0, "stale": 0, "syncs": 0, "sync_s": 0.0, "sync_bytes": 0}
+
+    # -- policy -------------------------------------------------------------------------------------
+    def sync_policy(self, need: tuple[int, int] = (-1, -1)) -> None:
+        """Load the published delta if it differs from the held one; wait while it is older than `need`."""
+        t0 = time.monotonic()
+        while not self.stop:
+            tag, data = self.q.fetch_policy() if self.q.policy_tag() != self._held_tag() else (None, None)
+            if tag is not None and data is not None:
+                t1 = time.perf_counter()
+                update = DeltaSUpdate.unpack(data)
+                self.engine.load_delta(update)
+                self.held = parse_policy_tag(tag)
+                dt = time.perf_counter() - t1
+                self.stats["syncs"] += 1
+                self.stats["sync_s"] += dt
+                self.stats["sync_bytes"] += len(data)
+                self.log.debug("loaded policy %s (%d bytes, %.1f ms)", tag, len(data), dt * 1e3)
+            if self.held >= need:
+                return
+            if time.monotonic() - t0 > POLICY_WAIT_S:
+                raise QueueError(f"policy {need} never published (holding {self.held})")
+            time.sleep(0.01)
+
+    def _held_tag(self) -> str | None:
+        return None if self.held[0] < 0 else f"{self.held[0]}:{self.held[1]}"
+
+    # -- loop ---------------------------------------------------------------------------------------
+    def run(self) -> None:
+        self.log.info("waiting for jobs (consumer %s, batch %d)", self.consumer, self.batch)
+        with Heartbeat(self.q, "jobs", GROUP, self.consumer) as hb:
+            while not self.stop:
+                self.step_once(hb)
+        self.log.info("stopping: %s", self.stats)
+
+    def step_once(self, hb: Heartbeat | None = None) -> int:
+        deliveries = self.q.read("jobs", GROUP, self.consumer, PromptJob, count=self.batch)
+        if not deliveries:
+            return 0
+        if hb is not None:
+            hb.ids = [d.msg_id for d in deliveries]
+        current_inc = parse_policy_tag(self.q.policy_tag())[0]
+        todo = []
+        for d in deliveries:
+            job: PromptJob = d.item
+            inc = parse_wire_id(job.job_id)[1]
+            if self.q.is_done(GROUP, job.job_id):
+                self.stats["duplicates"] += 1
+                self.q.ack(d, GROUP)
+            elif inc < current_inc:  # left over from a learner that has since restarted
+                self.stats["stale"] += 1
+                self.q.ack(d, GROUP)
+            else:
+                todo.append(d)
+        if not todo:
+            return 0
+        need = max((parse_wire_id(d.item.job_id)[1], d.item.min_version) for d in todo)
+        self.sync_policy(need)
+        groups = {g.job_id: g for g in self.engine.generate([d.item for d in todo])}
+        for d in todo:
+            self.q.wait_for_room("rollouts")
+            fresh = self.q.finish(d, GROUP, GROUP, d.item.job_id, [("rollouts", groups[d.item.job_id])])
+            self.stats["jobs" if fresh else "duplicates"] += 1
+        if hb is not None:
+            hb.ids = []
+        return len(todo)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = service_parser("rollout_service", __doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=None, help="jobs per generate call (default prompts_per_step)")
+    args = parser.parse_args(argv)
+
+    def body(log: logging.Logger) -> None:
+        cfg = load_service_config(args.config)
+        set_torch_threads(cfg.train.torch_threads)
+        stop = StopFlag().install()
+        q = queues_for(cfg, args.redis_url, args.run_id, stop=lambda: bool(stop))
+        engine = make_engine(cfg, log)
+        RolloutWorker(cfg, engine, q, log, batch=args.batch, stop=stop).run()
+
+    return run_service("rollout", body)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
