@@ -1,6 +1,63 @@
-"""CLI sub-commands of this area (see services/cli.py)."""
+"""`rankguard experiment` (arms × seeds runner) and `rankguard report` (headline table, Pareto, H1/H3/H4)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
 import typer
+
+from shared.clikit import SET_HELP, friendly_errors
+
+DEFAULT_ARMS = "vanilla,projected,projected_nomag,rebound,weak"
 
 
 def register(app: typer.Typer) -> None:
-    pass
+    @app.command("experiment")
+    @friendly_errors
+    def experiment(
+        preset: str = typer.Option("toy", help="Config preset (toy, lite, qwen35-2b, full)."),
+        arms: str = typer.Option(DEFAULT_ARMS, help="Comma-separated arms, from shared.config.ARMS."),
+        seeds: str = typer.Option("3", help="A count (3 -> seeds 0,1,2) or a comma list (41,42,43)."),
+        steps: Optional[int] = typer.Option(None, help="Training steps per run (default: the preset's)."),
+        mode: str = typer.Option("services", help="services (Redis + workers + learner) or inprocess."),
+        out: Optional[Path] = typer.Option(None, help="Experiment folder (default runs/exp-<preset>)."),
+        set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+        report: bool = typer.Option(True, help="Write the report when the runs end."),
+        progress: bool = typer.Option(True, help="Show the live progress display."),
+    ) -> None:
+        """Run every (arm, seed) one at a time into OUT/<arm>/seed<k>/.
+
+        Finished runs (DONE marker and the same config) are skipped, interrupted ones resumed; v_hack is
+        extracted once per pair-set + model + modes before the runs. Writes OUT/experiment.json (plan,
+        git commit, timings) and, at the end, the report (see `rankguard report`).
+        """
+        from analysis.experiment import run_experiment
+
+        rec = run_experiment(preset=preset, arms=arms, seeds=seeds, out=out, mode=mode, steps=steps,
+                             overrides=set_ or [], report=report, progress=progress)
+        failed = [f"{r['arm']}/seed{r['seed']}" for r in rec["runs"] if r["status"] == "failed"]
+        typer.echo(f"experiment {rec['status']} in {rec['wall_s']:.1f} s: {rec['out']}/experiment.json")
+        if rec.get("report"):
+            typer.echo(f"report: {rec['report']}")
+        elif rec.get("report_error"):
+            typer.echo(f"no report: {rec['report_error']}")
+        if failed:
+            typer.echo(f"error: runs failed: {', '.join(failed)} (see experiment.json)", err=True)
+            raise typer.Exit(1)
+
+    @app.command("report")
+    @friendly_errors
+    def report_cmd(
+        runs_dir: Path = typer.Argument(..., help="Experiment folder (holds <arm>/seed<k>/ run folders)."),
+        out: Optional[Path] = typer.Option(None, help="Where to write the report (default: RUNS_DIR)."),
+        plots: bool = typer.Option(True, help="Draw pareto.png, trajectories.png, diagnostics.png."),
+    ) -> None:
+        """Headline table (report.md, report.csv), per-mode hack table, Pareto and trajectory plots, and the
+        preregistered H1/H3/H4 check (verdicts.json), from each run's last evaluation. Works on partial
+        experiments: unfinished runs are used at their latest evaluation and flagged."""
+        from analysis.report import build_report
+
+        res = build_report(runs_dir, out, plots=plots)
+        typer.echo(res["report_md"].read_text())
+        typer.echo(f"wrote {res['report_md']}, {res['report_csv']}, {res['verdicts_json']}"
+                   + "".join(f", {p}" for p in res["figures"].values()))

@@ -1,0 +1,421 @@
+"""Experiment runner: arms × seeds, one run at a time, skip finished runs, resume interrupted ones.
+
+Layout (docs/ARCHITECTURE.md): `OUT/<arm>/seed<k>/` per run, `OUT/experiment.json` for the whole
+experiment (plan, git commit, per-run timings). v_hack is extracted once per pair-set + model +
+modes before any run starts (learner.artifacts caches it); every run then reads the cached file.
+Runs go strictly one after another (the CPU boxes have 2 cores), seed-major so a partial
+experiment already compares all arms on the first seeds.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from shared.config import ARMS, RunConfig, resolve_config
+
+RunFn = Callable[[RunConfig], Any]
+PrepareFn = Callable[[list[RunConfig]], Any]
+MODES = ("services", "inprocess")
+# keys the trainer may fill in when it writes config.json; a planned None then matches any value
+FILLED_BY_RUN = {"vhack_path"}
+
+
+class ExperimentError(ValueError):
+    """Bad arms/seeds/mode, or an existing run folder that belongs to a different configuration."""
+
+
+def parse_arms(arms: str | Sequence[str]) -> list[str]:
+    """'vanilla,projected' -> ['vanilla', 'projected']; unknown names -> one clear error line."""
+    items = [a.strip() for a in (arms.split(",") if isinstance(arms, str) else arms) if a.strip()]
+    bad = [a for a in items if a not in ARMS]
+    if bad or not items:
+        what = f"unknown arm{'s' if len(bad) > 1 else ''} {', '.join(map(repr, bad))}" if bad else "no arms given"
+        raise ExperimentError(f"{what}; valid arms: {', '.join(ARMS)}")
+    return list(dict.fromkeys(items))
+
+
+def parse_seeds(seeds: str | int | Sequence[int]) -> list[int]:
+    """'3' -> [0, 1, 2] (a count); '41,42' or '7,' -> those seeds (a list)."""
+    if isinstance(seeds, int):
+        text = str(seeds)
+    elif isinstance(seeds, str):
+        text = seeds.strip()
+    else:
+        return list(dict.fromkeys(int(s) for s in seeds))
+    try:
+        if "," in text:
+            out = [int(s) for s in text.split(",") if s.strip()]
+        else:
+            n = int(text)
+            if n < 1:
+                raise ValueError
+            out = list(range(n))
+    except ValueError:
+        raise ExperimentError(f"bad --seeds {text!r}; give a count (3 -> seeds 0,1,2) or a list (41,42,43)") from None
+    if not out:
+        raise ExperimentError(f"bad --seeds {text!r}; give a count (3 -> seeds 0,1,2) or a list (41,42,43)")
+    return list(dict.fromkeys(out))
+
+
+@dataclass
+class PlannedRun:
+    arm: str
+    seed: int
+    cfg: RunConfig
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.cfg.run_dir)
+
+    @property
+    def name(self) -> str:
+        return f"{self.arm}/seed{self.seed}"
+
+
+def plan_runs(preset: str, arms: Sequence[str], seeds: Sequence[int], out: Path, steps: int | None = None,
+              overrides: Sequence[str] = ()) -> list[PlannedRun]:
+    """One resolved config per (seed, arm), seed-major; run_dir = OUT/<arm>/seed<k>."""
+    runs = []
+    for seed in seeds:
+        for arm in arms:
+            ovr = [*overrides, f"train.arm={arm}", f"train.seed={seed}"]
+            if steps is not None:
+                ovr.append(f"train.steps={steps}")
+            cfg = resolve_config(preset, ovr, run_dir=str(Path(out) / arm / f"seed{seed}"))
+            runs.append(PlannedRun(arm, seed, cfg))
+    return runs
+
+
+def config_diff(stored: dict, planned: dict, prefix: str = "") -> list[str]:
+    """Dotted keys where a stored config.json differs from the planned one."""
+    diffs = []
+    for key in sorted(set(stored) | set(planned)):
+        dotted = prefix + key
+        a, b = stored.get(key), planned.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += config_diff(a, b, dotted + ".")
+        elif dotted in FILLED_BY_RUN and b is None:
+            continue
+        elif a != b:
+            diffs.append(f"{dotted}: {a!r} (on disk) != {b!r} (planned)")
+    return diffs
+
+
+def run_state(run: PlannedRun) -> str:
+    """'done' (DONE + same config: skip), 'resume' (same config, unfinished) or 'new'."""
+    cfg_path = run.run_dir / "config.json"
+    if not cfg_path.exists():
+        return "new"
+    try:
+        stored = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError:
+        raise ExperimentError(f"{cfg_path} is not valid JSON; delete that run folder or use another --out") from None
+    diff = config_diff(stored, run.cfg.model_dump(mode="json"))
+    if diff:
+        more = f" (+{len(diff) - 3} more)" if len(diff) > 3 else ""
+        raise ExperimentError(f"{run.run_dir} holds a run with a different config: {'; '.join(diff[:3])}{more}; "
+                              "use another --out or delete that folder")
+    return "done" if (run.run_dir / "DONE").exists() else "resume"
+
+
+def default_run_fn(mode: str, progress: bool = False) -> RunFn:
+    """The real run: in one process (learner.trainer) or through the services (services.launcher)."""
+    if mode == "inprocess":
+        from learner.trainer import run_inprocess
+
+        return lambda cfg: run_inprocess(cfg, resume=True, progress=progress)
+    if mode == "services":
+        from services.launcher import run_services
+
+        return lambda cfg: run_services(cfg, resume=True)
+    raise ExperimentError(f"unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
+
+
+def _model_key(cfg: RunConfig) -> str:
+    return json.dumps([cfg.model.model_dump(mode="json"), cfg.toy.model_dump(mode="json"), cfg.problems],
+                      sort_keys=True)
+
+
+def default_prepare(cfgs: list[RunConfig]) -> dict[str, str]:
+    """Build what every run reads before any run starts: the toy world (toy preset) and the cached
+    directions (learner.artifacts: v_hack per pair-set + model + modes, Rebound's v_concept per layer).
+
+    Each base model is loaded once; directions already in the cache are not recomputed. The runs then
+    find the same files (same cache key), so all arms and seeds share one detector."""
+    import gc
+
+    import torch
+
+    from learner.artifacts import vconcept_artifact, vhack_artifact
+    from learner.pairs import pair_set_hash
+    from learner.rebound import layer_for
+    from learner.trainer import vhack_modes_for
+    from learner.vhack import pairs_for_config
+    from shared.modeling import load_policy, load_problem_sets
+
+    built: dict[str, str] = {}
+    for cfg in cfgs:
+        if cfg.problems == "toy" or cfg.model.name_or_path == "toy":
+            from shared.toy.build import build_toy
+
+            key = json.dumps(cfg.toy.model_dump(mode="json"), sort_keys=True)
+            if key not in built:
+                build_toy(cfg.toy, progress=False)
+                built[key] = cfg.toy.dir
+    needs = [c for c in cfgs if vhack_modes_for(c) is not None or c.train.arm == "rebound"]
+    groups: dict[str, list[RunConfig]] = {}
+    for cfg in needs:
+        groups.setdefault(_model_key(cfg), []).append(cfg)
+    out: dict[str, str] = {f"toy:{d}": d for d in built.values()}
+    for group in groups.values():
+        torch.set_num_threads(group[0].train.torch_threads)
+        policy = load_policy(group[0], progress=False)
+        train, _ = load_problem_sets(group[0])
+        seen: set = set()
+        for cfg in group:
+            pairs = pairs_for_config(cfg, train)
+            modes = vhack_modes_for(cfg)
+            if modes is not None and (key := ("vhack", pair_set_hash(pairs), tuple(modes), cfg.vhack_path)) not in seen:
+                seen.add(key)
+                art = vhack_artifact(policy.model, policy.tokenizer, cfg, pairs, modes)
+                out[f"vhack:{''.join(modes)}"] = str(art.path)
+            if cfg.train.arm == "rebound":
+                layer = layer_for(policy.model, cfg.train.rebound_layer_frac)
+                if (key := ("vconcept", pair_set_hash(pairs), layer)) not in seen:
+                    seen.add(key)
+                    _, _, path = vconcept_artifact(policy.model, policy.tokenizer, cfg, pairs, layer)
+                    out[f"vconcept:L{layer}"] = str(path)
+        del policy
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return out
+
+
+def git_commit(repo: Path | None = None) -> str | None:
+    repo = repo or Path(__file__).resolve().parents[1]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (sha + ("+dirty" if dirty else "")) or None
+
+
+def last_logged_step(run_dir: Path) -> int:
+    """Steps completed so far per metrics.jsonl (0 when none); cheap enough to poll every second."""
+    return run_progress(run_dir)[0]
+
+
+def run_progress(run_dir: Path, window: int = 10) -> tuple[int, str]:
+    """(steps completed, short 'hack/pass' text over the last `window` steps) from metrics.jsonl.
+
+    Rows carry the 0-based index of the step they completed, so completed = highest step + 1."""
+    from analysis.report import read_jsonl
+
+    rows = read_jsonl(Path(run_dir) / "metrics.jsonl")
+    if not rows:
+        return 0, ""
+    done = max(int(r.get("step", -1)) for r in rows) + 1
+    recent = rows[-window:]
+
+    def avg(k: str) -> float | None:
+        xs = [float(r[k]) for r in recent if isinstance(r.get(k), (int, float))]
+        return sum(xs) / len(xs) if xs else None
+
+    h, p = avg("hack_strict"), avg("pass_rate")
+    text = "" if h is None or p is None else f"train hack {100 * h:.0f}% pass {100 * p:.0f}%"
+    return done, text
+
+
+def _timing(run_dir: Path) -> dict:
+    """Mean per-step phase times from metrics.jsonl (t_generate, t_grade, t_train, t_sync)."""
+    from analysis.report import read_jsonl
+
+    rows = read_jsonl(Path(run_dir) / "metrics.jsonl")
+    out = {"steps_logged": len(rows)}
+    for k in ("t_generate", "t_grade", "t_train", "t_sync"):
+        vals = [float(r[k]) for r in rows if isinstance(r.get(k), (int, float))]
+        if vals:
+            out[f"{k}_mean_s"] = sum(vals) / len(vals)
+    return out
+
+
+class _StepWatcher(threading.Thread):
+    """Polls the current run's metrics.jsonl and reports its step to the progress display."""
+
+    def __init__(self, run_dir: Path, on_step: Callable[[int, str], None], every_s: float = 1.0):
+        super().__init__(daemon=True)
+        self.run_dir, self.on_step, self.every_s = run_dir, on_step, every_s
+        self._stop_evt = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_evt.wait(self.every_s):
+            try:
+                self.on_step(*run_progress(self.run_dir))
+            except Exception:  # noqa: BLE001 - the display must never kill a run
+                pass
+
+    def stop(self) -> None:
+        self._stop_evt.set()
+        self.join(timeout=5)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class Experiment:
+    """Plan + bookkeeping of one experiment folder; `run()` executes it."""
+
+    preset: str
+    arms: list[str]
+    seeds: list[int]
+    out: Path
+    mode: str = "services"
+    steps: int | None = None
+    overrides: list[str] = field(default_factory=list)
+    run_fn: RunFn | None = None
+    prepare_fn: PrepareFn | None = None
+    report: bool = True
+    progress: bool = True
+    record: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ExperimentError(f"unknown mode {self.mode!r}; valid modes: {', '.join(MODES)}")
+        self.arms = parse_arms(self.arms)
+        self.seeds = parse_seeds(self.seeds)
+        self.out = Path(self.out)
+        self.runs = plan_runs(self.preset, self.arms, self.seeds, self.out, self.steps, self.overrides)
+        self.steps_per_run = self.runs[0].cfg.train.steps
+
+    def _write_record(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        tmp = self.out / "experiment.json.tmp"
+        tmp.write_text(json.dumps(self.record, indent=2, default=str))
+        os.replace(tmp, self.out / "experiment.json")
+
+    def run(self) -> dict:
+        states = {r.name: run_state(r) for r in self.runs}  # fail fast on a foreign folder
+        run_fn = self.run_fn or default_run_fn(self.mode, progress=not self.progress)
+        t0 = time.time()
+        self.record = {
+            "preset": self.preset, "mode": self.mode, "arms": self.arms, "seeds": self.seeds,
+            "steps": self.steps_per_run, "overrides": list(self.overrides), "out": str(self.out),
+            "git_commit": git_commit(), "started": _now(), "finished": None, "status": "running",
+            "prepare_s": None, "wall_s": None,
+            "runs": [{"arm": r.arm, "seed": r.seed, "run_dir": str(r.run_dir), "state_before": states[r.name],
+                      "status": "skipped" if states[r.name] == "done" else "pending", "wall_s": None}
+                     for r in self.runs],
+        }
+        self._write_record()
+        todo = [r for r in self.runs if states[r.name] != "done"]
+        if todo:
+            tp = time.time()
+            prepare = self.prepare_fn or default_prepare
+            prepared = prepare([r.cfg for r in todo])
+            self.record["prepare_s"] = round(time.time() - tp, 3)
+            if isinstance(prepared, dict):
+                self.record["artifacts"] = {str(k): str(v) for k, v in prepared.items()}
+            self._write_record()
+        try:
+            self._run_all(todo, run_fn)
+            self.record["status"] = "failed" if any(x["status"] == "failed" for x in self.record["runs"]) \
+                else "finished"
+        except KeyboardInterrupt:
+            self.record["status"] = "interrupted"
+            raise
+        finally:
+            self.record["finished"] = _now()
+            self.record["wall_s"] = round(time.time() - t0, 3)
+            self._write_record()
+        if self.report:
+            from analysis.report import ReportError, build_report
+
+            try:
+                self.record["report"] = str(build_report(self.out)["report_md"])
+            except ReportError as e:
+                self.record["report_error"] = str(e)
+            self._write_record()
+        return self.record
+
+    def _entry(self, run: PlannedRun) -> dict:
+        return next(x for x in self.record["runs"] if x["arm"] == run.arm and x["seed"] == run.seed)
+
+    def _run_all(self, todo: list[PlannedRun], run_fn: RunFn) -> None:
+        from rich.console import Console
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
+
+        n_total, n_done = len(self.runs), len(self.runs) - len(todo)
+        console = Console(stderr=True)
+        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("ETA"), TimeRemainingColumn()]
+        resumed = {r.name: min(last_logged_step(r.run_dir), self.steps_per_run) for r in todo}
+        total_steps = sum(self.steps_per_run - s for s in resumed.values())
+        with Progress(*columns, console=console, disable=not self.progress, transient=False) as prog:
+            overall = prog.add_task(f"runs {n_done}/{n_total} done (steps to do)", total=max(total_steps, 1))
+            steps_before = 0
+            for run in todo:
+                entry = self._entry(run)
+                start_step = resumed[run.name]
+                current = prog.add_task(f"{run.name}", total=self.steps_per_run, completed=start_step)
+
+                def on_step(step: int, text: str, _cur=current, _base=steps_before, _start=start_step,
+                            _name=run.name) -> None:
+                    step = min(step, self.steps_per_run)
+                    prog.update(_cur, completed=step, description=f"{_name} {text}".rstrip())
+                    prog.update(overall, completed=_base + max(step - _start, 0))
+
+                console.log(f"start {run.name} ({'resume' if start_step else 'new'}, {run.run_dir})")
+                entry.update(status="running", started=_now())
+                self._write_record()
+                if not (run.run_dir / "config.json").exists():
+                    run.cfg.save()  # the run's identity on disk: what the skip/resume check compares
+                watcher = _StepWatcher(run.run_dir, on_step)
+                watcher.start()
+                t = time.time()
+                try:
+                    run_fn(run.cfg)
+                    entry["status"] = "finished" if (run.run_dir / "DONE").exists() else "ended_without_DONE"
+                except KeyboardInterrupt:
+                    entry["status"] = "interrupted"
+                    raise
+                except Exception as e:  # noqa: BLE001 - record, go on with the other runs
+                    entry.update(status="failed", error=f"{type(e).__name__}: {e}")
+                    console.log(f"[red]{run.name} failed: {type(e).__name__}: {e}")
+                finally:
+                    watcher.stop()
+                    entry["wall_s"] = round(time.time() - t, 3)
+                    entry["finished"] = _now()
+                    entry["timing"] = _timing(run.run_dir)
+                    self._write_record()
+                steps_before += self.steps_per_run - start_step
+                n_done += 1
+                prog.update(overall, completed=steps_before,
+                            description=f"runs {n_done}/{n_total} done (steps to do)")
+                prog.update(current, completed=min(last_logged_step(run.run_dir), self.steps_per_run))
+                prog.remove_task(current)
+                console.log(f"end {run.name}: {entry['status']} in {entry['wall_s']:.1f} s")
+
+
+def run_experiment(preset: str = "toy", arms: str | Sequence[str] = "vanilla,projected", seeds: str | int = 3,
+                   out: str | Path | None = None, mode: str = "services", steps: int | None = None,
+                   overrides: Sequence[str] = (), run_fn: RunFn | None = None, prepare_fn: PrepareFn | None = None,
+                   report: bool = True, progress: bool = True) -> dict:
+    """Run (or finish) an arms × seeds experiment into OUT and write OUT/experiment.json + the report."""
+    exp = Experiment(preset=preset, arms=arms, seeds=seeds, out=Path(out or f"runs/exp-{preset}"), mode=mode,
+                     steps=steps, overrides=list(overrides), run_fn=run_fn, prepare_fn=prepare_fn, report=report,
+                     progress=progress)
+    return exp.run()

@@ -1,0 +1,151 @@
+"""Experiment runner with an injected fake run function: plan/layout, skip finished runs, resume
+interrupted ones, refuse a folder with a different config, prepare once, bad arm/seed/mode errors."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from analysis.experiment import (ExperimentError, parse_arms, parse_seeds, plan_runs, run_experiment,
+                                 run_progress)
+from shared.config import ARMS, RunConfig
+
+
+class FakeTrainer:
+    """Writes what the trainer writes (config.json, metrics/evals rows, DONE), optionally dying mid-run."""
+
+    def __init__(self, die_at: dict[str, int] | None = None, fail: set[str] = frozenset()):
+        self.calls: list[tuple[str, int]] = []  # (arm/seed, first step of this call)
+        self.die_at, self.fail = dict(die_at or {}), set(fail)
+
+    def __call__(self, cfg: RunConfig) -> dict:
+        name = f"{cfg.train.arm}/seed{cfg.train.seed}"
+        run_dir = Path(cfg.run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not (run_dir / "config.json").exists():
+            cfg.save()
+        start, _ = run_progress(run_dir)
+        self.calls.append((name, start))
+        if name in self.fail:
+            raise RuntimeError("boom")
+        stop = self.die_at.pop(name, None)
+        with open(run_dir / "metrics.jsonl", "a") as m, open(run_dir / "evals.jsonl", "a") as e:
+            for step in range(start, cfg.train.steps):
+                if step == stop:
+                    raise KeyboardInterrupt
+                hack = 0.5 if cfg.train.arm == "vanilla" else 0.1
+                m.write(json.dumps({"step": step, "hack_strict": hack, "pass_rate": 0.4, "t_generate": 0.01}) + "\n")
+                m.flush()
+                if (step + 1) % cfg.train.eval_every == 0:
+                    e.write(json.dumps({"step": step + 1, "hack_strict": hack, "pass_rate": 0.4, "kl": 0.0}) + "\n")
+        (run_dir / "DONE").write_text("ok\n")
+        return {}
+
+
+def _run(tmp_path, fake, prepared=None, **kw):
+    kw.setdefault("arms", "vanilla,projected")
+    kw.setdefault("seeds", 2)
+    return run_experiment(preset="toy", out=tmp_path, mode="inprocess", steps=4,
+                          overrides=["train.eval_every=2"], run_fn=fake,
+                          prepare_fn=(lambda cfgs: prepared.append([c.run_dir for c in cfgs]) if prepared is not None
+                                      else None),
+                          progress=False, **kw)
+
+
+def test_plan_layout_and_overrides(tmp_path):
+    runs = plan_runs("toy", ["vanilla", "weak"], [0, 1], tmp_path, steps=7, overrides=["train.lr=0.5"])
+    assert [r.name for r in runs] == ["vanilla/seed0", "weak/seed0", "vanilla/seed1", "weak/seed1"]  # seed-major
+    assert runs[1].run_dir == tmp_path / "weak" / "seed0"
+    assert runs[3].cfg.train.steps == 7 and runs[3].cfg.train.seed == 1 and runs[3].cfg.train.lr == 0.5
+
+
+def test_runs_then_skips_finished(tmp_path):
+    fake, prepared = FakeTrainer(), []
+    rec = _run(tmp_path, fake, prepared)
+    assert [c for c, _ in fake.calls] == ["vanilla/seed0", "projected/seed0", "vanilla/seed1", "projected/seed1"]
+    assert len(prepared) == 1 and len(prepared[0]) == 4  # artifacts prepared once, before all runs
+    on_disk = json.loads((tmp_path / "experiment.json").read_text())
+    assert on_disk["arms"] == ["vanilla", "projected"] and on_disk["seeds"] == [0, 1] and on_disk["steps"] == 4
+    assert on_disk["mode"] == "inprocess" and on_disk["status"] == "finished" and on_disk["preset"] == "toy"
+    assert all(r["status"] == "finished" and r["wall_s"] is not None for r in on_disk["runs"])
+    assert on_disk["runs"][0]["timing"]["steps_logged"] == 4
+    assert rec["report"].endswith("report.md") and (tmp_path / "pareto.png").exists()
+    md = (tmp_path / "report.md").read_text()
+    assert "| Ours (b) n=2 | 40.0 ± 0.0 | 10.0 ± 0.0 | 40.0 ± 0.0 |" in md
+
+    fake2, prepared2 = FakeTrainer(), []
+    rec2 = _run(tmp_path, fake2, prepared2)
+    assert fake2.calls == [] and prepared2 == []  # all four skipped, nothing to prepare
+    assert {r["status"] for r in rec2["runs"]} == {"skipped"}
+
+
+def test_interrupted_run_resumes_where_it_stopped(tmp_path):
+    fake = FakeTrainer(die_at={"projected/seed0": 2})
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, fake, report=False)
+    rec = json.loads((tmp_path / "experiment.json").read_text())
+    assert rec["status"] == "interrupted"
+    assert [r["status"] for r in rec["runs"]] == ["finished", "interrupted", "pending", "pending"]
+    assert not (tmp_path / "projected" / "seed0" / "DONE").exists()
+
+    fake2 = FakeTrainer()
+    rec2 = _run(tmp_path, fake2, report=False)
+    assert fake2.calls == [("projected/seed0", 2), ("vanilla/seed1", 0), ("projected/seed1", 0)]
+    states = {f"{r['arm']}/seed{r['seed']}": r["state_before"] for r in rec2["runs"]}
+    assert states == {"vanilla/seed0": "done", "projected/seed0": "resume", "vanilla/seed1": "new",
+                      "projected/seed1": "new"}
+    assert run_progress(tmp_path / "projected" / "seed0")[0] == 4
+
+
+def test_failed_run_is_recorded_and_others_continue(tmp_path):
+    fake = FakeTrainer(fail={"vanilla/seed0"})
+    rec = _run(tmp_path, fake, seeds=1, report=False)
+    assert [c for c, _ in fake.calls] == ["vanilla/seed0", "projected/seed0"]
+    assert rec["status"] == "failed"
+    assert rec["runs"][0]["status"] == "failed" and rec["runs"][0]["error"] == "RuntimeError: boom"
+    assert rec["runs"][1]["status"] == "finished"
+
+
+def test_folder_with_other_config_is_refused(tmp_path):
+    _run(tmp_path, FakeTrainer(), seeds=1, report=False)
+    with pytest.raises(ExperimentError, match=r"different config: train\.steps: 4 \(on disk\) != 6 \(planned\)"):
+        run_experiment(preset="toy", arms="vanilla", seeds=1, out=tmp_path, mode="inprocess", steps=6,
+                       overrides=["train.eval_every=2"], run_fn=FakeTrainer(), prepare_fn=lambda c: None,
+                       progress=False, report=False)
+
+
+def test_bad_arms_seeds_mode():
+    with pytest.raises(ExperimentError) as e:
+        parse_arms("vanilla,projectd")
+    assert str(e.value) == f"unknown arm 'projectd'; valid arms: {', '.join(ARMS)}"
+    with pytest.raises(ExperimentError, match="no arms given; valid arms: vanilla"):
+        parse_arms(" , ")
+    assert parse_arms("weak, vanilla,weak") == ["weak", "vanilla"]
+    assert parse_seeds("3") == [0, 1, 2] and parse_seeds("41,42") == [41, 42] and parse_seeds("7,") == [7]
+    with pytest.raises(ExperimentError, match="bad --seeds 'x'"):
+        parse_seeds("x")
+    with pytest.raises(ExperimentError, match="bad --seeds '0'"):
+        parse_seeds("0")
+    with pytest.raises(ExperimentError, match="unknown mode 'local'; valid modes: services, inprocess"):
+        run_experiment(mode="local", arms="vanilla", run_fn=FakeTrainer(), progress=False)
+
+
+def test_cli_bad_arm_is_one_error_line(tmp_path):
+    from analysis.cli import register
+
+    app = typer.Typer()
+    register(app)
+
+    @app.command("noop")
+    def _noop() -> None:  # a second command so typer keeps sub-command names
+        pass
+
+    r = CliRunner().invoke(app, ["experiment", "--arms", "vanilla,bogus", "--out", str(tmp_path)])
+    assert r.exit_code == 2
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert lines == [f"error: unknown arm 'bogus'; valid arms: {', '.join(ARMS)}"]
+    r = CliRunner().invoke(app, ["experiment", "--help"])
+    assert r.exit_code == 0 and "--seeds" in r.output and "skipped" in r.output
