@@ -16,7 +16,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from analysis.hypotheses import ArmRates, check_all, mean_sem, sem_of_difference, verdicts_markdown
+from analysis.hypotheses import (RULES_MARKDOWN, ArmRates, check_all, mean_sem, sem_of_difference,
+                                 verdicts_markdown)
 from shared.config import ARMS, HACK_MODES
 
 
@@ -344,7 +345,7 @@ def build_report(runs_dir: str | Path, out_dir: str | Path | None = None, plots:
            modes_markdown(mrows), ""]
     md += ["## Preregistered check (spec §7)", "",
            "Decided on each run's last evaluation; Hack % = strict hack rate (any mode).", "",
-           verdicts_markdown(verdicts), ""]
+           verdicts_markdown(verdicts), "", RULES_MARKDOWN, ""]
     if figures:
         md += ["## Figures", ""] + [f"![{k}]({Path(p).name})" for k, p in figures.items()] + [""]
     md += ["## Runs", "", _runs_table(runs), ""]
