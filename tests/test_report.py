@@ -230,3 +230,12 @@ def test_report_cli(tmp_path):
     empty.mkdir()
     r = CliRunner().invoke(app, ["report", str(empty)])
     assert r.exit_code == 2 and "no run folders" in r.output
+
+
+def test_report_reads_the_trainer_eval_keys():
+    metrics = pytest.importorskip("learner.metrics")
+    from analysis.report import HEADLINE, MODE_COLUMNS
+
+    used = {e for _, e, *_ in HEADLINE} | {e for _, e, _ in MODE_COLUMNS}
+    assert used <= set(metrics.EVAL_KEYS), used - set(metrics.EVAL_KEYS)
+    assert {"cos_mean", "frac_fired", "hack_strict", "pass_rate"} <= set(metrics.METRIC_KEYS)
