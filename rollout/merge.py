@@ -118,35 +118,43 @@ class DeltaMerger:
         return plan
 
     # ------------------------------------------------------------------ use
-    def check_layout(self, names: Sequence[str] | None, sizes: Sequence[int] | None) -> None:
-        """Raise MergeError unless (names, sizes) is exactly this merger's module order and ranks."""
+    def check_layout(self, names: Sequence[str] | None, sizes: Sequence[int] | None) -> list[int]:
+        """Start of each merger module's slice in a delta laid out as (names, sizes); MergeError if it
+        does not fit. names may be any permutation of the merger's modules (learner order vs the
+        engine's checkpoint order); None means the merger's own layout."""
         if names is None and sizes is None:
-            return
+            return self.offsets[:-1]
         names, sizes = list(names or []), [int(s) for s in (sizes or [])]
-        if names != self.names:
-            missing = [n for n in self.names if n not in set(names)]
-            extra = [n for n in names if n not in self.index]
+        if len(sizes) != len(names):
+            raise MergeError(f"delta layout has {len(names)} names but {len(sizes)} sizes")
+        given = set(names)
+        extra = [n for n in names if n not in self.index]
+        missing = [n for n in self.names if n not in given]
+        if extra or missing or len(given) != len(names):
             what = (f"unknown module {extra[0]!r}" if extra else f"missing module {missing[0]!r}" if missing
-                    else "module order differs")
+                    else "duplicate module names")
             raise MergeError(f"delta layout does not match the engine's modules: {what} "
-                             f"({len(names)} names given, {len(self.names)} expected, first expected "
-                             f"{self.names[0]!r})")
-        if sizes != self.ranks:
-            bad = next(i for i, (a, b) in enumerate(zip(sizes, self.ranks)) if a != b) if len(sizes) == len(
-                self.ranks) else min(len(sizes), len(self.ranks))
-            got = sizes[bad] if bad < len(sizes) else None
-            raise MergeError(f"delta size for {self.names[min(bad, len(self.names) - 1)]!r} is {got}, "
-                             f"the engine's rank there is {self.ranks[min(bad, len(self.ranks) - 1)]}")
+                             f"({len(names)} names given, {len(self.names)} expected, e.g. {self.names[0]!r})")
+        starts = [0] * len(self.names)
+        off = 0
+        for n, size in zip(names, sizes):
+            i = self.index[n]
+            if size != self.ranks[i]:
+                raise MergeError(f"delta size for {n!r} is {size}, the engine's rank there is {self.ranks[i]}")
+            starts[i] = off
+            off += size
+        return starts
 
     @torch.no_grad()
     def merged(self, delta_flat, names: Sequence[str] | None = None, sizes: Sequence[int] | None = None,
                suffix: str = ".weight") -> Iterator[tuple[str, Tensor]]:
         """Yield ("<module>.weight", W [d_out,d_in] in out_dtype on device) in model order.
 
-        delta_flat: fp32 values in this merger's layout (tensor, list, or float32 bytes); names/sizes,
-        when given, must equal the merger's layout (checked, so a learner/engine mismatch fails loudly).
+        delta_flat: fp32 values (tensor, list, or float32 bytes) laid out as (names, sizes) — any order
+        of exactly the merger's modules and ranks (checked, so a learner/engine mismatch fails
+        loudly) — or in the merger's own order when names/sizes are None.
         """
-        self.check_layout(names, sizes)
+        starts = self.check_layout(names, sizes)
         delta = as_flat_delta(delta_flat)
         if delta.numel() != self.total:
             raise MergeError(f"delta has {delta.numel()} values, the engine's {len(self.names)} modules need "
@@ -157,7 +165,7 @@ class DeltaMerger:
         for groups in self.windows:
             out: dict[int, Tensor] = {}
             for g in groups:
-                d = torch.stack([delta[self.offsets[i]:self.offsets[i + 1]] for i in g.idx])
+                d = torch.stack([delta[starts[i]:starts[i] + self.ranks[i]] for i in g.idx])
                 scaled = g.U.float() * (g.S + d)[:, None, :]  # [k, d_out, r]
                 if g.W_res is not None:
                     W = torch.baddbmm(g.W_res.float(), scaled, g.Vh.float())

@@ -88,5 +88,20 @@ def test_merge_layout_errors(tiny_qwen3):
         list(merger.merged(torch.zeros(3)))
     with pytest.raises(MergeError, match="NaN"):
         list(merger.merged(torch.full((sum(sizes),), float("nan"))))
+    with pytest.raises(MergeError, match="missing module"):
+        list(merger.merged(torch.zeros(sum(sizes) - sizes[0]), names[1:], sizes[1:]))
     with pytest.raises(MergeError, match="empty"):
         DeltaMerger({})
+
+
+def test_merge_accepts_learner_order(tiny_qwen3):
+    """The engine orders modules by checkpoint key; the learner's update comes in model order."""
+    model = _wrapped(tiny_qwen3)
+    names, sizes = delta_s_layout(model)
+    facs = factors_from_wrapped(model)
+    rev = DeltaMerger(dict(reversed(list(facs.items()))))
+    delta = torch.randn(sum(sizes)) * 0.1
+    a = DeltaMerger(facs).merged_dict(delta, names, sizes)
+    b = rev.merged_dict(delta, names, sizes)
+    assert list(b) == [n + ".weight" for n in reversed(names)]
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
