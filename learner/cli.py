@@ -1,6 +1,149 @@
-"""CLI sub-commands of this area (see services/cli.py)."""
+"""`rankguard vhack ...`: build and check the v_hack directions (spec B) the projection arms use."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
 import typer
+
+from shared.clikit import SET_HELP, config_from_flags, friendly_errors
+from shared.config import PRESETS
+from shared.hacks import MODES
+
+vhack_app = typer.Typer(help="Contrastive pairs and the gradient-side v_hack directions (extract, validate).",
+                        no_args_is_help=True)
+
+PRESET_HELP = f"Run preset, one of: {', '.join(PRESETS)}."
+MODES_HELP = ("Hack modes whose train pairs define v_hack, comma-separated (A rt, B se, C so, D fm). "
+              "A,B = the weak-detector arm. Default: the config's train.vhack_modes.")
+
+
+def parse_modes(text: str | None, default: list[str]) -> list[str]:
+    if not text:
+        return list(default)
+    modes = [m.strip().upper() for m in text.split(",") if m.strip()]
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        raise ValueError(f"unknown hack mode {bad[0] if bad else text!r} in --modes; valid: {', '.join(MODES)}")
+    return sorted(set(modes), key=MODES.index)
+
+
+def _setup(cfg):
+    """Pairs (before the model, so bad input fails fast), then the wrapped policy."""
+    import torch
+
+    from shared.modeling import load_policy, load_problem_sets
+
+    from .vhack import pairs_for_config
+
+    torch.set_num_threads(max(1, cfg.train.torch_threads))
+    problems = None if cfg.problems == "leetcode" else load_problem_sets(cfg)[0]
+    pairs = pairs_for_config(cfg, problems)
+    policy = load_policy(cfg)
+    return policy, pairs
+
+
+def _print_report(report) -> None:
+    typer.echo(f"median cos   {report.median:+.4f}")
+    typer.echo(f"frac > 0     {report.frac_positive:.4f}  ({sum(c > 0 for c in report.cos)}/{len(report.cos)} modules)")
+    typer.echo(f"mean cos     {report.mean:+.4f}")
+    typer.echo(report.summary())
+
+
+@vhack_app.command("extract")
+@friendly_errors
+def extract(
+    preset: str = typer.Option("toy", help=PRESET_HELP),
+    modes: Optional[str] = typer.Option(None, help=MODES_HELP),
+    out: Optional[Path] = typer.Option(None, help="Where to write the .safetensors (default: cfg.vhack_path, "
+                                       "else <run_dir>/../vhack-<modes>-<hash>.safetensors)."),
+    validate: bool = typer.Option(True, help="Also score the held-out pairs and store the numbers in the metadata "
+                                  "(no gate here; `rankguard vhack validate` gates)."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+) -> None:
+    """Extract v_hack: per pair, mean-NLL backward on hack and clean completions; per module
+    unit(mean grad_hack - mean grad_clean) of delta_S. Writes safetensors with model/modes/pair-hash metadata."""
+    from .pairs import split_pairs
+    from .vhack import default_vhack_path, extract_vhack, save_vhack, validate_vhack, vhack_meta
+
+    cfg = config_from_flags(preset, set_)
+    use_modes = parse_modes(modes, cfg.train.vhack_modes)
+    policy, pairs = _setup(cfg)
+    path = out or default_vhack_path(cfg, pairs, use_modes)
+    vh = extract_vhack(policy.model, policy.tokenizer, pairs, use_modes)
+    extra = {}
+    if validate:
+        report = validate_vhack(policy.model, policy.tokenizer, vh, split_pairs(pairs, "heldout", use_modes),
+                                gate=False)
+        extra = dict(heldout_median=round(report.median, 4), heldout_frac_positive=round(report.frac_positive, 4),
+                     heldout_mean=round(report.mean, 4))
+        _print_report(report)
+    dtype = str(policy.model.get_input_embeddings().weight.dtype)
+    meta = vhack_meta(policy.model_id, dtype, use_modes, pairs, **extra)
+    save_vhack(path, vh, meta)
+    typer.echo(f"wrote {path} ({len(vh)} modules, {meta['n_pairs']} train pairs, modes {meta['modes']}, "
+               f"pairs {meta['pair_set_hash']})")
+
+
+@vhack_app.command("validate")
+@friendly_errors
+def validate(
+    preset: str = typer.Option("toy", help=PRESET_HELP),
+    vhack: Optional[Path] = typer.Option(None, help="v_hack file (default: the path `extract` writes for this config)."),
+    png: Optional[Path] = typer.Option(None, help="Histogram PNG (default: beside the v_hack file)."),
+    modes: Optional[str] = typer.Option(None, help="Held-out modes to score (default: the modes the file was "
+                                        "extracted from; e.g. C,D tests weak-detector transfer)."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+) -> None:
+    """Score v_hack on held-out pairs: per-module cos(held-out grad diff, v_hack); prints median, frac>0,
+    mean and writes a histogram. Exit 1 when <= 50 % of modules are positive (the spec's gate)."""
+    from .pairs import split_pairs
+    from .vhack import VHackGateError, default_vhack_path, load_vhack, plot_validation, validate_vhack
+
+    cfg = config_from_flags(preset, set_)
+    parse_modes(modes, list(MODES))  # fail fast on a bad --modes
+    policy, pairs = _setup(cfg)
+    path = vhack or default_vhack_path(cfg, pairs)
+    vh, meta = load_vhack(path, expect_model=policy.model_id)
+    use_modes = parse_modes(modes, (meta.get("modes") or ",".join(MODES)).split(","))
+    held = split_pairs(pairs, "heldout", use_modes)
+    report = validate_vhack(policy.model, policy.tokenizer, vh, held, gate=False)
+    png_path = plot_validation(report, png or Path(path).with_suffix(".png"))
+    _print_report(report)
+    typer.echo(f"histogram: {png_path}")
+    try:
+        report.check()
+    except VHackGateError as e:
+        typer.secho(f"gate failed: {e}", fg="red", err=True)
+        raise typer.Exit(1) from None
+
+
+@vhack_app.command("pairs")
+@friendly_errors
+def pairs_cmd(
+    preset: str = typer.Option("toy", help=PRESET_HELP),
+    out: Optional[Path] = typer.Option(None, help="Write the pair set as jsonl here."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+) -> None:
+    """Show the contrastive pair set this config uses (counts per split and mode, hash); optionally save it."""
+    import collections
+
+    from shared.modeling import load_problem_sets
+
+    from .pairs import pair_set_hash, save_pairs
+    from .vhack import pairs_for_config
+
+    cfg = config_from_flags(preset, set_)
+    problems = None if cfg.problems == "leetcode" else load_problem_sets(cfg)[0]
+    pairs = pairs_for_config(cfg, problems)
+    counts = collections.Counter((p.split, p.mode) for p in pairs)
+    for split in ("train", "heldout"):
+        row = "  ".join(f"{m}:{counts[(split, m)]}" for m in MODES)
+        typer.echo(f"{split:8s} {sum(counts[(split, m)] for m in MODES):3d}  {row}")
+    typer.echo(f"pair set {pair_set_hash(pairs)} ({len(pairs)} pairs, {len({p.problem_id for p in pairs})} problems)")
+    if out:
+        typer.echo(f"wrote {save_pairs(pairs, out)}")
 
 
 def register(app: typer.Typer) -> None:
-    pass
+    app.add_typer(vhack_app, name="vhack")
