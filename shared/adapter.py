@@ -11,9 +11,16 @@ Dtypes (decided here, relied on elsewhere):
 - S, delta_S, delta_Q are fp32. The scale S + delta_S is formed in fp32 and multiplied onto
   x @ Vh.T in fp32 before the cast back: casting the scale itself to bf16 would round away every
   delta smaller than S/256 (the lr is ~1e-4), freezing the policy between rounding jumps.
-- Tolerance at delta_S = 0 vs the unwrapped Linear: fp32 < 1e-5 relative to |W| (tests: max
-  |Δlogit| < 1e-3 on the tiny model); bf16: the wrapped model is within 3x the unwrapped bf16
-  model's own distance to the fp32 reference (U, Vh rounding is the same order as W's rounding).
+- S, delta_S, delta_Q stay fp32 even through a later model.to(dtype) / .half() (see `_apply`).
+- Tolerance at delta_S = 0 vs the unwrapped model (tests/test_adapter.py, tiny Qwen3, logits ~0.7):
+  fp32 max |Δlogit| < 1e-3 (measured ~1e-6); bf16 max |Δlogit| vs the unwrapped bf16 model < 2e-2
+  (measured ~7e-3) and no more than 2.5x the unwrapped bf16 model's own distance to fp32
+  (measured 1.0-1.7x): rounding U and Vh to bf16 costs about what rounding W did.
+
+Cost: two matmuls per Linear, r(d_in + d_out) vs d_in d_out MACs per token (1.26x for a
+2560x9728 MLP weight, 1.63x for 2560->4096 q_proj), forward and backward alike; autograd keeps one
+[tokens, r] tensor h = x Vh^T per module (the unwrapped frozen Linear keeps nothing). See
+bench/adapter.py for whole-model ratios.
 
 Route arm: `delta_Q : [r]` (zeros, frozen unless the learner opts in) is the quarantine delta;
 it is added to the scale only while `module.quarantine_active` is True.
@@ -25,6 +32,7 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -58,18 +66,18 @@ def svd_factors(weight: Tensor, device: torch.device | str | None = None) -> tup
 
 
 class _ScaledSVDMatmul(torch.autograd.Function):
-    """((x @ Vh.T) * scale) @ U.T with the scale applied in fp32, saving only h = x @ Vh.T.
+    """((x @ Vh.T) * scale) @ U.T + b with the scale applied in fp32, saving only h = x @ Vh.T.
 
-    Backward (U, Vh frozen): gU = dL/dy @ U;  dL/dscale = sum_t h ⊙ gU;  dL/dx = (gU * scale) @ Vh.
-    Plain autograd would save h.float() (2x the bytes in bf16) once the fp32 scale is mixed in.
+    Backward (U, Vh, b frozen): gU = dL/dy @ U;  dL/dscale = sum_t h ⊙ gU;  dL/dx = (gU * scale) @ Vh.
+    bf16 * fp32 promotes to an fp32 product that is cast back once; plain autograd on the same
+    expression would keep that fp32 product alive for backward (2x the bytes of h in bf16).
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, Vh: Tensor, U: Tensor, scale: Tensor) -> Tensor:
-        h = x @ Vh.T
-        z = (h.float() * scale).to(h.dtype) if h.dtype != torch.float32 else h * scale
+    def forward(ctx, x: Tensor, Vh: Tensor, U: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
+        h = F.linear(x, Vh)
         ctx.save_for_backward(h if ctx.needs_input_grad[3] else None, Vh, U, scale)
-        return z @ U.T
+        return F.linear((h * scale).to(h.dtype), U, bias)
 
     @staticmethod
     def backward(ctx, gy: Tensor):
@@ -77,11 +85,10 @@ class _ScaledSVDMatmul(torch.autograd.Function):
         gU = gy @ U
         gx = gscale = None
         if ctx.needs_input_grad[0]:
-            gz = (gU.float() * scale).to(gU.dtype) if gU.dtype != torch.float32 else gU * scale
-            gx = gz @ Vh
+            gx = (gU * scale).to(gU.dtype) @ Vh
         if ctx.needs_input_grad[3]:
-            gscale = (h.float() * gU.float()).reshape(-1, h.shape[-1]).sum(0)
-        return gx, None, None, gscale
+            gscale = (h.float() * gU).reshape(-1, h.shape[-1]).sum(0)
+        return gx, None, None, gscale, None
 
 
 class AntiPaSTOLinear(nn.Module):
@@ -133,6 +140,30 @@ class AntiPaSTOLinear(nn.Module):
             W_res = W.detach().float() - (U * S) @ Vh
         return cls(U, S, Vh, bias=linear.bias, W_res=W_res, dtype=W.dtype)
 
+    _FP32 = ("S", "delta_S", "delta_Q")
+
+    def _apply(self, fn, recurse=True):
+        """model.to(dtype)/.half()/.cuda() move S, delta_S, delta_Q across devices but keep them fp32."""
+        held = {}
+        for n in self._FP32:
+            store = self._buffers if n in self._buffers else self._parameters
+            held[n] = (store, store[n])
+            store[n] = None
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for n, (store, t) in held.items():
+                dev = fn(torch.empty(0, device=t.device)).device
+                if dev != t.device:
+                    if isinstance(t, nn.Parameter):
+                        t.data = t.data.to(dev)
+                        if t.grad is not None:
+                            t.grad = t.grad.to(dev)
+                    else:
+                        t = t.to(dev)
+                store[n] = t
+        return self
+
     @property
     def weight_dtype(self) -> torch.dtype:
         return self.U.dtype
@@ -146,11 +177,9 @@ class AntiPaSTOLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = x.to(self.U.dtype)
-        y = _ScaledSVDMatmul.apply(x, self.Vh, self.U, self.scale())
+        y = _ScaledSVDMatmul.apply(x, self.Vh, self.U, self.scale(), self.bias)
         if self.W_res is not None:
-            y = y + x @ self.W_res.T
-        if self.bias is not None:
-            y = y + self.bias
+            y = y + F.linear(x, self.W_res)
         return y
 
     def extra_repr(self) -> str:

@@ -264,3 +264,17 @@ def test_bias_kept_and_frozen():
     assert mod.bias is not None
     assert [n for n, p in mod.named_parameters() if p.requires_grad] == ["delta_S"]
     assert mod.U.shape == (24, 16) and mod.S.shape == (16,) and mod.Vh.shape == (16, 16)
+
+
+def test_dtype_cast_after_wrap_keeps_scale_fp32(wrapped, ids):
+    model, _ = wrapped
+    mod = adapter_modules(model)["model.layers.0.self_attn.q_proj"]
+    p = mod.delta_S
+    model.to(torch.bfloat16)
+    assert mod.U.dtype == mod.Vh.dtype == torch.bfloat16
+    assert mod.S.dtype == mod.delta_S.dtype == mod.delta_Q.dtype == torch.float32
+    assert mod.delta_S is p  # optimizer references survive
+    assert list(dict(mod.named_buffers())) == ["U", "S", "Vh"]
+    assert torch.isfinite(_logits(model, ids)).all()
+    model.half()
+    assert mod.U.dtype == torch.float16 and mod.S.dtype == torch.float32
