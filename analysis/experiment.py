@@ -324,7 +324,12 @@ class Experiment:
         if todo:
             tp = time.time()
             prepare = self.prepare_fn or default_prepare
-            prepared = prepare([r.cfg for r in todo])
+            try:
+                prepared = prepare([r.cfg for r in todo])
+            except BaseException as e:
+                self.record.update(status="failed", prepare_error=f"{type(e).__name__}: {e}", finished=_now())
+                self._write_record()
+                raise
             self.record["prepare_s"] = round(time.time() - tp, 3)
             if isinstance(prepared, dict):
                 self.record["artifacts"] = {str(k): str(v) for k, v in prepared.items()}
