@@ -25,11 +25,11 @@ def register(app: typer.Typer) -> None:
         report: bool = typer.Option(True, help="Write the report when the runs end."),
         progress: bool = typer.Option(True, help="Show the live progress display."),
     ) -> None:
-        """Run every (arm, seed) one at a time into OUT/<arm>/seed<k>/.
+        """Run every (arm, seed) one at a time into OUT/<arm>/seed<k>/, then write the report.
 
-        Finished runs (DONE marker and the same config) are skipped, interrupted ones resumed; v_hack is
-        extracted once per pair-set + model + modes before the runs. Writes OUT/experiment.json (plan,
-        git commit, timings) and, at the end, the report (see `rankguard report`).
+        Finished runs (DONE marker and the same config) are skipped, interrupted ones resumed. v_hack is extracted once per pair-set + model + modes before the runs, and every run reads the cached file.
+
+        Writes OUT/experiment.json (plan, git commit, per-run timings). Example: rankguard experiment --preset toy --arms vanilla,projected --seeds 3 --steps 200 --mode inprocess --out runs/exp-toy
         """
         from analysis.experiment import run_experiment
 
@@ -52,9 +52,10 @@ def register(app: typer.Typer) -> None:
         out: Optional[Path] = typer.Option(None, help="Where to write the report (default: RUNS_DIR)."),
         plots: bool = typer.Option(True, help="Draw pareto.png, trajectories.png, diagnostics.png."),
     ) -> None:
-        """Headline table (report.md, report.csv), per-mode hack table, Pareto and trajectory plots, and the
-        preregistered H1/H3/H4 check (verdicts.json), from each run's last evaluation. Works on partial
-        experiments: unfinished runs are used at their latest evaluation and flagged."""
+        """Headline table, per-mode hack table, plots and the preregistered H1/H3/H4 check for an experiment folder.
+
+        Reads each run's LAST evaluation (evals.jsonl) and writes report.md, report.csv, hack_modes.csv, verdicts.json, pareto.png, trajectories.png and diagnostics.png. Works on partial experiments: unfinished runs are used at their latest evaluation and flagged.
+        """
         from analysis.report import build_report
 
         res = build_report(runs_dir, out, plots=plots)
