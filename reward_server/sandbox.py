@@ -1,0 +1,427 @@
+"""Run one check of one program in isolation: a pool of prewarmed fork servers (fast path) or a
+fresh interpreter per execution (the naive reference path, used by the benchmark).
+
+`SandboxPool.run(job) -> ExecResult` is thread-safe; each call borrows one fork-server slot.
+The grader side owns two pipes per execution: it writes the `pre` frame at once and the `post`
+frame (hidden asserts / nonce) only when the harness reports the program loaded, and it reads the
+nonce-tagged verdict lines itself, so neither ever passes through the fork server.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import marshal
+import math
+import os
+import queue
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from reward_server import forkserver, harness
+
+log = logging.getLogger("rankguard.sandbox")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+VERDICT_CAP = 4 << 20
+ISOLATIONS = ("auto", "namespaces", "fallback", "fresh")
+
+
+class SandboxError(RuntimeError):
+    """The sandbox machinery itself failed (not the program): a fork server died or hung."""
+
+
+@dataclass
+class SandboxConfig:
+    workers: int = 0  # 0 = one per core
+    timeout_s: float = 3.0  # CPU seconds per execution (one suite); wall clock gets 2x + 1 s slack
+    memory_mb: int = 1024  # RLIMIT_AS
+    fsize_mb: int = 4  # largest file (stdout, stderr, result file) a program may write
+    nproc: int = 32  # processes + threads per execution (namespaces mode)
+    isolation: str = "auto"  # auto | namespaces | fallback | fresh (naive: new interpreter per run)
+    hide: list[str] = field(default_factory=list)  # extra paths programs must not read
+    expose: list[str] = field(default_factory=list)  # extra paths to keep readable inside hidden ones
+
+    def __post_init__(self) -> None:
+        if self.isolation not in ISOLATIONS:
+            raise ValueError(f"unknown sandbox isolation {self.isolation!r}; valid: {', '.join(ISOLATIONS)}")
+        if self.timeout_s <= 0 or self.memory_mb < 64:
+            raise ValueError(f"bad sandbox limits: timeout_s={self.timeout_s}, memory_mb={self.memory_mb} "
+                             "(need timeout_s > 0, memory_mb >= 64)")
+
+    @property
+    def wall_s(self) -> float:
+        """Wall-clock cap: generous, so a loaded machine does not turn slow-but-correct into a fail."""
+        return 2 * self.timeout_s + 1
+
+    @property
+    def n_workers(self) -> int:
+        return self.workers if self.workers and self.workers > 0 else (os.cpu_count() or 1)
+
+
+@dataclass
+class ExecJob:
+    """One check: mode in gt/A/B/C/D, marshalled setup/program code, pre/post payload frames."""
+
+    mode: str
+    setup: bytes
+    program: bytes
+    pre: dict
+    post: dict | None
+    marker: str = ""
+    result_file: str = ""
+
+
+@dataclass
+class ExecResult:
+    exit_code: int | None = None
+    signal: int | None = None
+    timed_out: bool = False
+    wall_s: float = 0.0
+    cpu_s: float = 0.0
+    maxrss_kb: int = 0
+    stdout: str = ""
+    stderr: str = ""
+    stdout_bytes: int = 0
+    stderr_bytes: int = 0
+    markers: list[str] = field(default_factory=list)
+    result_file: str | None = None
+    verdict: bytes = b""
+    error: str | None = None  # sandbox failure (not the program's)
+
+    @property
+    def status(self) -> str:
+        if self.error:
+            return "sandbox_error"
+        if self.timed_out:
+            return "timeout"
+        if self.signal:
+            try:
+                return f"signal:{signal.Signals(self.signal).name}"
+            except ValueError:
+                return f"signal:{self.signal}"
+        return "ok" if self.exit_code == 0 else f"exit:{self.exit_code}"
+
+
+def default_hide() -> list[str]:
+    """Server code, data and home directories; the top-level folder holding the repo too."""
+    paths = {str(REPO_ROOT), os.getcwd(), os.path.expanduser("~"), "/root", "/home", "/var/tmp",
+             "/dev/shm", "/run", "/mnt", "/media", "/srv", "/sys"}
+    top = "/" + REPO_ROOT.parts[1] if len(REPO_ROOT.parts) > 2 else ""
+    if top and top not in {"/usr", "/lib", "/lib64", "/bin", "/sbin", "/etc", "/opt", "/var", "/proc", "/dev"}:
+        paths.add(top)
+    return sorted(p for p in paths if p and p != "/")
+
+
+def default_expose() -> list[str]:
+    """The Python install (stdlib imports must keep working inside hidden folders)."""
+    return sorted({sys.base_prefix, os.path.dirname(os.__file__)})
+
+
+def _header(job: ExecJob, cfg: SandboxConfig) -> dict:
+    return {
+        "mode": job.mode, "setup": job.setup, "program": job.program,
+        "timeout_s": cfg.wall_s, "cpu_s": max(1, math.ceil(cfg.timeout_s)),
+        "mem_bytes": cfg.memory_mb << 20, "fsize_bytes": cfg.fsize_mb << 20, "nproc": cfg.nproc,
+        "marker": job.marker, "markers": [job.marker] if job.marker else [],
+        "result_file": job.result_file,
+    }
+
+
+def _pipe() -> tuple[int, int]:
+    r, w = os.pipe2(os.O_CLOEXEC)
+    try:
+        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 1 << 20)
+    except OSError:
+        pass
+    return r, w
+
+
+def _drive(job: ExecJob, cfg: SandboxConfig, start) -> ExecResult:
+    """Run one execution: feed payload frames, collect verdict lines, wait for the reply.
+
+    `start(header, payload_r, verdict_w)` launches it and returns an object with fileno()
+    (readable when done), finish() -> reply dict, and enforce_timeout (whether we kill on time).
+    """
+    pr, pw = _pipe()
+    vr, vw = _pipe()
+    os.set_blocking(pw, False)
+    os.set_blocking(vr, False)
+    pending = bytearray(harness.frame(job.pre))
+    post = harness.frame(job.post) if job.post is not None else None
+    verdict = bytearray()
+    try:
+        try:
+            run = start(_header(job, cfg), pr, vw)
+        finally:
+            os.close(pr)
+            os.close(vw)
+        poller = select.poll()
+        poller.register(run.fileno(), select.POLLIN)
+        poller.register(vr, select.POLLIN)
+        poller.register(pw, select.POLLOUT)
+        t0 = time.monotonic()
+        limit = cfg.wall_s + (0.0 if run.enforce_timeout else 15.0)
+        killed = False
+        reply = None
+        vr_open, pw_open = True, True
+        while reply is None:
+            left = t0 + limit - time.monotonic()
+            if left <= 0:
+                if run.enforce_timeout and not killed:
+                    run.kill()
+                    killed = True
+                    limit += 10.0
+                    continue
+                raise SandboxError(f"no reply within {limit:.0f} s")
+            for fd, ev in poller.poll(max(1, int(left * 1000))):
+                if fd == vr:
+                    try:
+                        chunk = os.read(vr, 1 << 16)
+                    except BlockingIOError:
+                        continue
+                    if not chunk:
+                        poller.unregister(vr)
+                        vr_open = False
+                        continue
+                    if len(verdict) < VERDICT_CAP:
+                        verdict += chunk
+                    if post is not None and b"L\n" in verdict:
+                        pending += post
+                        post = None
+                        if pw_open:
+                            poller.modify(pw, select.POLLOUT)
+                elif fd == pw:
+                    if ev & (select.POLLERR | select.POLLHUP):
+                        poller.unregister(pw)
+                        pw_open = False
+                        pending.clear()
+                        continue
+                    if pending:
+                        try:
+                            n = os.write(pw, pending)
+                            del pending[:n]
+                        except BlockingIOError:
+                            pass
+                        except OSError:
+                            pending.clear()
+                    if not pending:
+                        poller.modify(pw, 0)  # idle until the post frame is due
+                elif fd == run.fileno():
+                    reply = run.finish(timed_out=killed)
+        # Every writer of the verdict pipe is gone now (child dead, server closed its copy).
+        deadline = time.monotonic() + 1.0
+        while vr_open and time.monotonic() < deadline:
+            if not select.select([vr], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                break
+            chunk = os.read(vr, 1 << 16)
+            if not chunk:
+                break
+            if len(verdict) < VERDICT_CAP:
+                verdict += chunk
+    finally:
+        os.close(pw)
+        os.close(vr)
+    if "error" in reply:
+        raise SandboxError(reply["error"])
+    fields = {k: reply[k] for k in ExecResult.__dataclass_fields__ if k in reply}
+    return ExecResult(**fields, verdict=bytes(verdict))
+
+
+# ---------------------------------------------------------------- fast path: fork servers
+class _ServerRun:
+    enforce_timeout = False
+
+    def __init__(self, server: "ForkServer") -> None:
+        self.server = server
+
+    def fileno(self) -> int:
+        return self.server.sock.fileno()
+
+    def finish(self, timed_out: bool) -> dict:
+        return forkserver.recv_frame(self.server.sock)
+
+    def kill(self) -> None:  # pragma: no cover - the server enforces its own timeout
+        pass
+
+
+class ForkServer:
+    """One slot: a long-lived prewarmed process (see forkserver.py) and its control socket."""
+
+    def __init__(self, slot: int, cfg: SandboxConfig) -> None:
+        self.slot, self.cfg = slot, cfg
+        self.uid = 200_000 + (os.getpid() % 100_000) * 256 + slot % 256
+        self.proc: subprocess.Popen | None = None
+        self.info: dict = {}
+        self._spawn()
+
+    def _spawn(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        conf = {
+            "fd": theirs.fileno(), "slot": self.slot, "uid": self.uid, "isolation": self.cfg.isolation,
+            "hide": default_hide() + list(self.cfg.hide), "expose": default_expose() + list(self.cfg.expose),
+            "tmpfs_mb": max(64, 4 * self.cfg.fsize_mb + 16),
+        }
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONPATH": str(REPO_ROOT),
+               "PYTHONDONTWRITEBYTECODE": "1"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "reward_server.forkserver", json.dumps(conf)],
+            pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            env=env, cwd="/", start_new_session=True,
+        )
+        theirs.close()
+        self.sock = ours
+        ours.settimeout(60)
+        try:
+            hello = forkserver.recv_frame(ours)
+        except (EOFError, OSError) as e:
+            self._reap()
+            raise SandboxError(f"fork server {self.slot} did not start: {e}") from None
+        ours.settimeout(None)
+        if "error" in hello:
+            self._reap()
+            raise SandboxError(f"fork server {self.slot}: {hello['error']}")
+        self.info = hello
+
+    def run(self, job: ExecJob) -> ExecResult:
+        def start(hdr: dict, pr: int, vw: int) -> _ServerRun:
+            forkserver.send_frame(self.sock, hdr, [pr, vw])
+            return _ServerRun(self)
+
+        try:
+            return _drive(job, self.cfg, start)
+        except (SandboxError, EOFError, OSError) as e:
+            log.warning("fork server slot %d failed (%s); restarting it", self.slot, e)
+            self._reap()
+            try:
+                self._spawn()
+            except SandboxError as e2:
+                log.error("%s", e2)
+            return ExecResult(error=f"sandbox failure: {e}")
+
+    def _reap(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                try:
+                    self.proc.wait(timeout=2)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
+            self.proc = None
+
+    close = _reap
+
+
+class SandboxPool:
+    """N fork-server slots; run() blocks until a slot is free. Thread-safe."""
+
+    def __init__(self, cfg: SandboxConfig) -> None:
+        self.cfg = cfg
+        n = cfg.n_workers
+        with ThreadPoolExecutor(n) as ex:
+            self.servers = list(ex.map(lambda i: ForkServer(i, cfg), range(n)))
+        self._idle: queue.Queue[ForkServer] = queue.Queue()
+        for s in self.servers:
+            self._idle.put(s)
+        self.info = dict(self.servers[0].info)
+        self.info["workers"] = n
+        self._closed = False
+
+    def run(self, job: ExecJob) -> ExecResult:
+        if self._closed:
+            raise SandboxError("sandbox pool is closed")
+        server = self._idle.get()
+        try:
+            return server.run(job)
+        finally:
+            self._idle.put(server)
+
+    def close(self) -> None:
+        self._closed = True
+        for s in self.servers:
+            s.close()
+
+
+# ---------------------------------------------------------------- naive path: fresh interpreter per run
+class _FreshRun:
+    enforce_timeout = True
+
+    def __init__(self, proc: subprocess.Popen, tmp: str, hdr: dict) -> None:
+        self.proc, self.tmp, self.hdr = proc, tmp, hdr
+        self.t0 = time.perf_counter()
+        self.pidfd = os.pidfd_open(proc.pid)
+
+    def fileno(self) -> int:
+        return self.pidfd
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def finish(self, timed_out: bool) -> dict:
+        _, status, ru = os.wait4(self.proc.pid, 0)
+        self.proc.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.perf_counter() - self.t0
+        self.kill()  # leftovers in its session
+        os.close(self.pidfd)
+        work = os.path.join(self.tmp, "w")
+        res = forkserver.collect(status, ru, wall, timed_out, os.path.join(self.tmp, "out"),
+                                 os.path.join(self.tmp, "err"), work, self.hdr)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        return res
+
+
+class FreshExecutor:
+    """A new `python harness.py` per execution (what the reference does): slow, for comparison."""
+
+    info = {"isolation": "fresh", "network": "none (naive reference path)", "detail": "new interpreter per run"}
+
+    def __init__(self, cfg: SandboxConfig) -> None:
+        self.cfg = cfg
+        self.info = dict(self.info, workers=cfg.n_workers)
+        self._sem = threading.Semaphore(cfg.n_workers)
+
+    def run(self, job: ExecJob) -> ExecResult:
+        def start(hdr: dict, pr: int, vw: int) -> _FreshRun:
+            tmp = tempfile.mkdtemp(prefix="rankguard-fresh-")
+            os.mkdir(os.path.join(tmp, "w"))
+            with open(os.path.join(tmp, "out"), "wb") as out, open(os.path.join(tmp, "err"), "wb") as err:
+                proc = subprocess.Popen(
+                    [sys.executable, harness.__file__, str(pr), str(vw)], stdin=subprocess.PIPE,
+                    stdout=out, stderr=err, pass_fds=(pr, vw), cwd=os.path.join(tmp, "w"),
+                    env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}, start_new_session=True)
+            try:
+                proc.stdin.write(marshal.dumps(hdr))
+                proc.stdin.close()
+            except OSError:
+                pass
+            return _FreshRun(proc, tmp, hdr)
+
+        with self._sem:
+            try:
+                return _drive(job, self.cfg, start)
+            except (SandboxError, OSError) as e:
+                return ExecResult(error=f"sandbox failure: {e}")
+
+    def close(self) -> None:
+        pass
+
+
+def make_executor(cfg: SandboxConfig):
+    """The fork-server pool, or the naive fresh-process executor when isolation='fresh'."""
+    return FreshExecutor(cfg) if cfg.isolation == "fresh" else SandboxPool(cfg)
