@@ -162,10 +162,17 @@ class VLLMEngine:
 
     # ------------------------------------------------------------------ weights
     def load_delta(self, update: DeltaSUpdate) -> None:
-        """Remember a policy version; its weights go into vLLM now (train mode) or lazily per mode."""
-        self._update = update
-        self.version = int(update.version)
-        self._ensure_weights(quarantine=update.quarantine is not None)
+        """Merge a policy version into vLLM's weights (train mode now; eval mode lazily if it differs).
+
+        A refused update (layout mismatch, NaN) raises EngineError and leaves the previous version live.
+        """
+        prev = (self._update, self.version)
+        self._update, self.version = update, int(update.version)
+        try:
+            self._ensure_weights(quarantine=update.quarantine is not None)
+        except EngineError:
+            self._update, self.version = prev
+            raise
 
     def _ensure_weights(self, quarantine: bool) -> None:
         upd = self._update
