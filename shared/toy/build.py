@@ -1,0 +1,289 @@
+"""`build_toy(cfg)`: problems + tokenizer + tiny Qwen3 + warm start, cached by a config fingerprint.
+
+Layout of <dir>: model/ (safetensors + tokenizer, loadable offline with from_pretrained),
+problems_train.jsonl, problems_eval.jsonl, build.json (fingerprint, timings, stats). The build
+happens in a sibling temp dir that is renamed into place, and build.json (written last) records
+every file's size, so a crash or a truncated file is never mistaken for a finished build.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from ..config import ToyConfig
+from ..problems import Problem, load_problems, save_problems
+from . import tasks
+from .model import make_model, param_count
+from .tokenizer import train_tokenizer
+from .warmstart import QUICK_WARM, WarmStartConfig, corpus_texts, sample_completions, warm_start
+
+BUILD_VERSION = 1  # bump when the generator, tokenizer or recipe changes meaning
+WARM_ENV = "RANKGUARD_TOY_WARM"  # JSON overrides of WarmStartConfig, e.g. '{"steps": 20}' for fast tests
+TRAIN_FILE, EVAL_FILE, BUILD_FILE, MODEL_DIR = "problems_train.jsonl", "problems_eval.jsonl", "build.json", "model"
+REQUIRED = (f"{MODEL_DIR}/config.json", f"{MODEL_DIR}/model.safetensors", f"{MODEL_DIR}/tokenizer.json",
+            f"{MODEL_DIR}/tokenizer_config.json", TRAIN_FILE, EVAL_FILE)
+
+__all__ = ["ToyArtifacts", "WarmStartConfig", "QUICK_WARM", "build_toy", "load_toy_problems", "toy_status",
+           "resolve_warm", "fingerprint"]
+
+
+class ToyBuildError(ValueError):
+    """A toy build that cannot be made or read; the message names the directory and the problem."""
+
+
+class ToyArtifacts(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    dir: Path
+    model_dir: Path
+    train_problems: Path
+    eval_problems: Path
+    fingerprint: str
+    seconds: float  # wall time of the build that produced these files
+    param_count: int
+    stats: dict[str, Any]
+    cached: bool  # True when this call reused an existing build
+
+
+def resolve_warm(warm: WarmStartConfig | None = None) -> WarmStartConfig:
+    """Explicit argument > $RANKGUARD_TOY_WARM (JSON) > defaults."""
+    if warm is not None:
+        return warm
+    raw = os.environ.get(WARM_ENV)
+    if not raw:
+        return WarmStartConfig()
+    try:
+        return WarmStartConfig.model_validate(json.loads(raw))
+    except (ValueError, TypeError) as e:
+        raise ToyBuildError(f"${WARM_ENV}={raw!r} is not a valid WarmStartConfig JSON: {e}") from None
+
+
+def fingerprint(cfg: ToyConfig, warm: WarmStartConfig) -> str:
+    """Hash of everything that changes the build's content (not where it lives, not threads)."""
+    data = {"v": BUILD_VERSION, "toy": cfg.model_dump(exclude={"dir"}), "warm": warm.model_dump(exclude={"threads"})}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _file_sizes(root: Path) -> dict[str, int]:
+    return {rel: (root / rel).stat().st_size for rel in REQUIRED}
+
+
+def toy_status(directory: str | Path, expect: str | None = None) -> tuple[bool, str, dict | None]:
+    """(complete, reason, build.json) for a build dir; complete means usable as-is for `expect`."""
+    root = Path(directory)
+    meta_path = root / BUILD_FILE
+    if not meta_path.exists():
+        return False, f"no {BUILD_FILE} in {root}", None
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        return False, f"{meta_path} unreadable ({e})", None
+    if expect is not None and meta.get("fingerprint") != expect:
+        return False, f"config changed (built {meta.get('fingerprint')}, want {expect})", meta
+    sizes = meta.get("files", {})
+    for rel in REQUIRED:
+        f = root / rel
+        if not f.exists():
+            return False, f"missing {rel}", meta
+        if sizes.get(rel) != f.stat().st_size:
+            return False, f"{rel} has the wrong size (truncated or edited)", meta
+    return True, "ok", meta
+
+
+def _artifacts(root: Path, meta: dict, cached: bool) -> ToyArtifacts:
+    return ToyArtifacts(dir=root, model_dir=root / MODEL_DIR, train_problems=root / TRAIN_FILE,
+                        eval_problems=root / EVAL_FILE, fingerprint=meta["fingerprint"],
+                        seconds=meta["seconds"], param_count=meta["param_count"], stats=meta["stats"],
+                        cached=cached)
+
+
+@contextlib.contextmanager
+def _locked(root: Path) -> Iterator[None]:
+    """One builder per directory; a second caller waits, then finds the finished build."""
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.parent / f".{root.name}.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def build_toy(cfg: ToyConfig | None = None, force: bool = False, warm: WarmStartConfig | None = None,
+              progress: bool = True, log: Callable[[str], None] | None = None) -> ToyArtifacts:
+    """Build (or reuse) the toy world in cfg.dir. Same config twice -> the second call returns at once."""
+    cfg = cfg or ToyConfig()
+    warm = resolve_warm(warm)
+    root = Path(cfg.dir)
+    fp = fingerprint(cfg, warm)
+    say = log or (lambda _msg: None)
+    ok, reason, meta = toy_status(root, fp)
+    if ok and not force:
+        return _artifacts(root, meta, cached=True)
+    with _locked(root):
+        ok, reason, meta = toy_status(root, fp)  # someone may have built it while we waited
+        if ok and not force:
+            return _artifacts(root, meta, cached=True)
+        say(f"building toy world in {root} ({'forced' if force else reason})")
+        tmp = root.parent / f".{root.name}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            with _torch_threads(warm.threads):
+                meta = _build_into(tmp, cfg, warm, fp, progress, say)
+            _swap_into_place(tmp, root)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return _artifacts(root, meta, cached=False)
+
+
+def _swap_into_place(tmp: Path, root: Path) -> None:
+    old = root.parent / f".{root.name}.old-{uuid.uuid4().hex[:8]}"
+    if root.exists():
+        root.rename(old)
+    tmp.rename(root)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _build_into(out: Path, cfg: ToyConfig, warm: WarmStartConfig, fp: str, progress: bool,
+                say: Callable[[str], None]) -> dict:
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    out.mkdir(parents=True)
+    train, evals = tasks.make_splits(cfg.seed, cfg.n_train, cfg.n_eval, cfg.hard_fraction)
+    held_out = {tasks.problem_signature(p) for p in evals}
+    extra = tasks.generate_problems(warm.extra_problems, cfg.seed, "warm", 0.5, held_out | {
+        tasks.problem_signature(p) for p in train})
+    pool = train + extra
+    save_problems(train, out / TRAIN_FILE)
+    save_problems(evals, out / EVAL_FILE)
+    timings["problems"] = round(time.perf_counter() - t0, 2)
+
+    t = time.perf_counter()
+    tok = train_tokenizer(corpus_texts(pool), vocab_size=warm.vocab_size, phrases=tasks.PHRASES)
+    timings["tokenizer"] = round(time.perf_counter() - t, 2)
+
+    # The embedding is always vocab_size rows (a small corpus may yield fewer BPE tokens).
+    model = make_model(max(len(tok), warm.vocab_size), tok.eos_token_id, tok.pad_token_id, seed=cfg.seed)
+    say(f"model: {param_count(model):,} params; warm start {warm.steps} steps x {warm.batch_size}")
+    warm_info = warm_start(model, tok, pool, warm, seed=cfg.seed, progress=progress)
+    timings["warm_start"] = warm_info.pop("seconds")
+
+    t = time.perf_counter()
+    stats = sample_stats(model, tok, evals, warm, seed=cfg.seed)
+    timings["stats"] = round(time.perf_counter() - t, 2)
+
+    model_dir = out / MODEL_DIR
+    model.save_pretrained(model_dir, safe_serialization=True)
+    tok.save_pretrained(model_dir)
+    meta = {
+        "fingerprint": fp,
+        "build_version": BUILD_VERSION,
+        "toy": cfg.model_dump(),
+        "warm": warm.model_dump(),
+        "param_count": param_count(model),
+        "vocab_size": len(tok),
+        "n_train": len(train),
+        "n_eval": len(evals),
+        "n_warm_pool": len(pool),
+        "warm_start": warm_info,
+        "stats": stats,
+        "timings": timings,
+        "seconds": round(time.perf_counter() - t0, 2),
+        "torch_threads": torch.get_num_threads(),
+        "files": _file_sizes(out),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    (out / BUILD_FILE).write_text(json.dumps(meta, indent=2))  # last: marks the build complete
+    return meta
+
+
+def _load_grader():
+    """The reward server's grader with all four loopholes open, or None if it is not importable yet."""
+    try:
+        from reward_server.grader import Grader  # noqa: PLC0415 - optional at build time
+        from ..config import LoopholeConfig, RewardConfig
+    except ImportError:
+        return None
+    return Grader(RewardConfig(loopholes=LoopholeConfig(rt=True, se=True, so=True, fm=True)), workers=2)
+
+
+def sample_stats(model, tok, evals: list[Problem], warm: WarmStartConfig, seed: int = 0,
+                 completions: list[str] | None = None) -> dict[str, Any]:
+    """Sample completions on held-out problems and grade them: parse / pass / hack rates."""
+    n = warm.stats_samples
+    if n <= 0 or not evals:
+        return {"samples": 0}
+    probs = [evals[i % len(evals)] for i in range(n)]
+    texts = completions or sample_completions(model, tok, probs, warm.stats_max_new_tokens, 1.0, seed)
+    return grade_stats(probs, texts)
+
+
+def grade_stats(probs: list[Problem], texts: list[str]) -> dict[str, Any]:
+    from ..prompts import extract_code  # noqa: PLC0415
+
+    def compiles(text: str) -> bool:
+        code = extract_code(text)
+        if code is None:
+            return False
+        try:
+            compile(code, "<completion>", "exec")
+        except (SyntaxError, ValueError):
+            return False
+        return True
+
+    n = len(texts)
+    stats: dict[str, Any] = {"samples": n, "parse": round(sum(map(compiles, texts)) / n, 4)}
+    grader = _load_grader()
+    if grader is None:
+        stats["grader"] = "unavailable"
+        return stats
+    with grader:
+        grades = grader.grade_many(list(zip(probs, texts)))
+    hard = [p.difficulty == "hard" for p in probs]
+
+    def rate(flags: list[bool], mask: list[bool] | None = None) -> float | None:
+        sel = [f for f, m in zip(flags, mask or [True] * n) if m]
+        return round(sum(sel) / len(sel), 4) if sel else None
+
+    passed = [bool(g.gt_pass) for g in grades]
+    stats.update({
+        "grader": "ok",
+        "pass": rate(passed),
+        "pass_easy": rate(passed, [not h for h in hard]),
+        "pass_hard": rate(passed, hard),
+        "formatted": rate([bool(g.formatted) for g in grades]),
+        "hack_strict": rate([any(g.exploited.values()) for g in grades]),
+        "hack_loose": rate([any(getattr(g, "attempted", {}).values()) for g in grades]),
+    })
+    for m in "ABCD":
+        stats[f"hack_strict_{m}"] = rate([bool(g.exploited.get(m)) for g in grades])
+        stats[f"hack_loose_{m}"] = rate([bool(getattr(g, "attempted", {}).get(m)) for g in grades])
+    return stats
+
+
+def load_toy_problems(directory: str | Path) -> tuple[list[Problem], list[Problem]]:
+    """(train, eval) problems of a finished build."""
+    root = Path(directory)
+    ok, reason, _ = toy_status(root)
+    if not ok:
+        raise ToyBuildError(f"toy build in {root} is not usable ({reason}); run `rankguard toy build`")
+    return load_problems(root / TRAIN_FILE), load_problems(root / EVAL_FILE)
