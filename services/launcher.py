@@ -27,6 +27,7 @@ from .queues import REDIS_URL_ENV, RUN_ID_ENV, run_id_for
 
 COLORS = {"learner": "\033[35m", "rollout": "\033[36m", "reward": "\033[33m", "redis": "\033[31m", "up": "\033[32m"}
 RESET = "\033[0m"
+REDIS_RESTARTS = 3  # a dead private redis is restarted (same port, AOF) this many times; services reconnect
 MODULES = {"learner": "services.learner_service", "rollout": "services.rollout_service",
            "reward": "services.reward_worker"}
 
@@ -78,6 +79,7 @@ class Launcher:
         self._color = console and sys.stdout.isatty()
         self._bar = None
         self._up_log: IO[str] | None = None
+        self.redis_restarts = 0
 
     # -- output -------------------------------------------------------------------------------------
     def _emit(self, name: str, line: str, log_file: IO[str] | None = None) -> None:
@@ -191,9 +193,16 @@ class Launcher:
                     rc = 1
                     break
                 if self.redis is not None and self.redis.proc.poll() is not None:
-                    self.failed.append(f"redis (exit {self.redis.proc.returncode})")
-                    rc = 1
-                    break
+                    code = self.redis.proc.returncode
+                    if self.redis_restarts >= REDIS_RESTARTS:
+                        self.failed.append(f"redis (exit {code})")
+                        rc = 1
+                        break
+                    self.redis_restarts += 1
+                    self.say(f"redis exited with {code}; restarting it on the same port from its AOF "
+                             f"({self.redis_restarts}/{REDIS_RESTARTS})")
+                    self.redis.start()
+                    self._write_state()
                 self._update_bar(bar)
                 time.sleep(0.2)
         finally:

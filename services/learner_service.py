@@ -28,11 +28,12 @@ from pathlib import Path
 from shared.config import RunConfig
 from shared.schemas import GradedGroup, PromptJob
 
-from .procs import StopFlag, load_service_config, run_service, service_parser, set_torch_threads
+from .procs import StopFlag, exit_now, load_service_config, run_service, service_parser, set_torch_threads
 from .queues import QueueError, Queues, default_consumer, policy_tag, queues_for, wire_job_id
 
 GROUP = "learner"
 WAIT_LOG_S = 30.0
+LOST_CHECK_S = 1.0
 
 
 class Stopped(Exception):
@@ -55,7 +56,7 @@ class Bucket:
 class LearnerService:
     def __init__(self, cfg: RunConfig, learner, queues: Queues, log: logging.Logger, stop: StopFlag | None = None):
         self.cfg, self.learner, self.q, self.log = cfg, learner, queues, log
-        self.stop = stop or StopFlag()
+        self.stop = stop if stop is not None else StopFlag()
         self.k = cfg.pipeline.max_staleness
         self.consumer = default_consumer("learner")
         self.incarnation = self.q.incr("incarnation")
@@ -68,6 +69,7 @@ class LearnerService:
         self.counters = {"duplicates": 0, "ignored": 0, "stale_dropped": 0, "rerequested": 0}
         self.pipeline_log = Path(cfg.run_dir) / "pipeline.jsonl"
         self.last_sync_bytes = 0
+        self._last_lost_check, self._empty_checks = time.monotonic(), 0
         log.info("incarnation %d, step %d, policy version %d, max_staleness %d", self.incarnation,
                  learner.step, learner.policy_version, self.k)
 
@@ -120,6 +122,7 @@ class LearnerService:
                 self._accept(d.item)
             if not ds:
                 self._check_dead_letters()
+                self._check_lost()
                 if time.monotonic() - t_log > WAIT_LOG_S:
                     t_log = time.monotonic()
                     self.log.info("waiting for %d/%d groups of %s (queued jobs %d, rollouts %d)",
@@ -147,6 +150,26 @@ class LearnerService:
         for wid in [w for w, (k2, j2, _) in self.wanted.items() if k2 == key and j2.job_id == job.job_id]:
             del self.wanted[wid]  # other attempts of the same job are no longer needed
         bucket.got[job.job_id] = gg.model_copy(update={"group": gg.group.model_copy(update={"job_id": job.job_id})})
+
+    def _check_lost(self) -> None:
+        """Work can only vanish with Redis itself (a crash loses up to a second of AOF). Every queue
+        message in flight stays in its stream until acked, so: all streams empty twice in a row while
+        groups are missing => they were lost; republish the policy and re-request them."""
+        now = time.monotonic()
+        if now - self._last_lost_check < LOST_CHECK_S:
+            return
+        self._last_lost_check = now
+        empty = all(self.q.backlog(s) == 0 for s in ("jobs", "rollouts", "graded"))
+        self._empty_checks = self._empty_checks + 1 if empty and self.wanted else 0
+        if self._empty_checks < 2:
+            return
+        self._empty_checks = 0
+        lost = list(self.wanted.items())
+        self.log.warning("%d job(s) lost (all queues empty); republishing the policy and re-requesting", len(lost))
+        self.publish()
+        for wid, (key, job, attempt) in lost:
+            del self.wanted[wid]
+            self._rerequest(key, job, attempt, "lost")
 
     def _check_dead_letters(self) -> None:
         for mid, f in self.q.dead_letters(after=self.dlq_cursor):
@@ -232,4 +255,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_now(main())

@@ -105,4 +105,6 @@ def register(app: typer.Typer) -> None:
         import importlib
 
         mod = importlib.import_module(WORKERS[name])
-        raise typer.Exit(mod.main(list(ctx.args)))
+        from .procs import exit_now
+
+        exit_now(mod.main(list(ctx.args)))

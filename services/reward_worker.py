@@ -17,7 +17,7 @@ import time
 from shared.config import RunConfig
 from shared.schemas import Grade, GradedGroup, RolloutGroup
 
-from .procs import StopFlag, load_service_config, run_service, service_parser, set_torch_threads
+from .procs import StopFlag, exit_now, load_service_config, run_service, service_parser, set_torch_threads
 from .queues import Heartbeat, default_consumer, parse_policy_tag, parse_wire_id, queues_for
 
 GROUP = "reward"
@@ -57,7 +57,7 @@ class RewardWorker:
     def __init__(self, cfg: RunConfig, grader, problems: dict, queues, log: logging.Logger,
                  batch: int = 8, stop: StopFlag | None = None):
         self.cfg, self.grader, self.problems, self.q, self.log = cfg, grader, problems, queues, log
-        self.batch, self.stop = batch, stop or StopFlag()
+        self.batch, self.stop = batch, stop if stop is not None else StopFlag()
         self.consumer = default_consumer("reward")
         self.stats = {"groups": 0, "completions": 0, "duplicates": 0, "stale": 0, "failed": 0, "grade_s": 0.0}
 
@@ -143,4 +143,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_now(main())

@@ -18,7 +18,7 @@ import time
 from shared.config import RunConfig
 from shared.schemas import DeltaSUpdate, PromptJob
 
-from .procs import StopFlag, load_service_config, run_service, service_parser, set_torch_threads
+from .procs import StopFlag, exit_now, load_service_config, run_service, service_parser, set_torch_threads
 from .queues import Heartbeat, QueueError, default_consumer, parse_policy_tag, parse_wire_id, queues_for
 
 GROUP = "rollout"
@@ -52,7 +52,7 @@ class RolloutWorker:
                  stop: StopFlag | None = None):
         self.cfg, self.engine, self.q, self.log = cfg, engine, queues, log
         self.batch = batch or cfg.train.prompts_per_step
-        self.stop = stop or StopFlag()
+        self.stop = stop if stop is not None else StopFlag()
         self.consumer = default_consumer("rollout")
         self.held = (-1, -1)  # (incarnation, version) of the loaded delta
         self.stats = {"jobs": 0, "duplicates": 0, "stale": 0, "syncs": 0, "sync_s": 0.0, "sync_bytes": 0}
@@ -140,4 +140,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_now(main())
