@@ -231,8 +231,7 @@ _PATH_WRITE_EVENTS = frozenset({
     "os.link", "os.truncate", "os.utime", "shutil.rmtree", "shutil.copyfile", "shutil.move",
     "os.chflags", "os.lchown", "os.lchmod",
 })
-_DENY_IMPORTS = frozenset({"ctypes", "_ctypes", "_posixsubprocess", "mmap", "_socket", "socket",
-                           "subprocess", "pty", "multiprocessing"})
+_DENY_IMPORTS = frozenset({"ctypes", "_ctypes", "_posixsubprocess", "mmap"})  # no audit events inside
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 
 
@@ -269,6 +268,10 @@ def install_audit_guard(workdir: str, hide: list[str], expose: list[str]) -> Non
                 raise blocked(f"writing {p}")
             if _under(p, hide) and not _under(p, expose):
                 raise blocked(f"reading {p}")
+        elif event in ("os.listdir", "os.scandir"):
+            p = resolve(args[0] if args[0] is not None else ".")
+            if _under(p, hide) and not _under(p, expose):
+                raise blocked(f"listing {p}")
         elif event in _DENY_EVENTS:
             raise blocked(event)
         elif event in _PATH_WRITE_EVENTS:
@@ -290,7 +293,9 @@ def install_audit_guard(workdir: str, hide: list[str], expose: list[str]) -> Non
 class Server:
     def __init__(self, cfg: dict, sock: socket.socket, isolation: str, libc: _Libc | None) -> None:
         self.cfg, self.sock, self.isolation, self.libc = cfg, sock, isolation, libc
-        self.root = os.geteuid() == 0
+        # Private uid per slot only with namespaces: there the Python install stays reachable via
+        # the re-exposed bind mount; in fallback it may sit in a home dir only its owner can enter.
+        self.root = os.geteuid() == 0 and isolation == "namespaces"
         self.uid = int(cfg["uid"])
         if isolation == "namespaces":
             self.base = "/tmp"
