@@ -220,11 +220,12 @@ def _spawn_child(log_file: str | Path | None) -> tuple[subprocess.Popen, Connect
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    out = open(log_file, "ab") if log_file else sys.stderr  # noqa: SIM115 - handed to the child
+    # the child's stdout joins stderr (fd 2, even under pytest's capture): the parent's stdout stays clean
+    out = open(log_file, "ab") if log_file else 2  # noqa: SIM115 - handed to the child
     try:
         proc = subprocess.Popen([sys.executable, "-m", "rollout.vllm_engine", "--child", str(theirs.fileno())],
                                 pass_fds=(theirs.fileno(),), env=env, stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=out, start_new_session=False)
+                                stderr=out)
     finally:
         theirs.close()
         if log_file:
