@@ -1,6 +1,64 @@
-"""CLI sub-commands of this area (see services/cli.py)."""
+"""`rankguard train`: the whole GRPO loop in one process (learner + HF engine + grader)."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import List, Optional
+
 import typer
+
+from shared.clikit import SET_HELP, config_from_flags, friendly_errors
+
+
+def ensure_toy_world(cfg) -> None:
+    """Build the toy model and problems first when a toy run finds none."""
+    if cfg.model.name_or_path != "toy" and cfg.problems != "toy":
+        return
+    root = Path(cfg.toy.dir)
+    if _toy_ready(root):
+        return
+    from shared.toy.build import build_toy
+
+    typer.echo(f"toy world not found under {root}; building it (once) ...", err=True)
+    build_toy(cfg.toy)
+
+
+def _toy_ready(root: Path) -> bool:
+    try:
+        from shared.toy.build import REQUIRED
+    except Exception:  # pragma: no cover
+        return (root / "model" / "config.json").exists()
+    return all((root / r).exists() for r in REQUIRED)
 
 
 def register(app: typer.Typer) -> None:
-    pass
+    @app.command("train")
+    @friendly_errors
+    def train(
+        preset: str = typer.Option("toy", help="Config preset: toy, lite, qwen35-2b, full."),
+        arm: Optional[str] = typer.Option(None, help="vanilla, projected, projected_nomag, rebound, weak, route."),
+        seed: Optional[int] = typer.Option(None, help="Run seed (problem draws, sampling, init order)."),
+        steps: Optional[int] = typer.Option(None, help="Optimizer steps (default from the preset)."),
+        run_dir: Optional[str] = typer.Option(None, "--run-dir", help="Output folder (default runs/<preset>-<arm>-s<seed>)."),
+        overrides: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+        resume: bool = typer.Option(True, "--resume/--no-resume",
+                                    help="Continue from the newest checkpoint in the run dir (default), or start clean."),
+        progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+    ) -> None:
+        """Train one arm x seed in one process; writes config.json, metrics.jsonl, evals.jsonl, summary.json.
+
+        Example: rankguard train --preset toy --arm vanilla --seed 0 --steps 200 --run-dir runs/toy-vanilla
+        """
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        cfg = config_from_flags(preset, overrides, **{"train.arm": arm, "train.seed": seed, "train.steps": steps})
+        name = run_dir or f"runs/{preset}-{cfg.train.arm}-s{cfg.train.seed}"
+        cfg = config_from_flags(preset, overrides, **{"train.arm": arm, "train.seed": seed, "train.steps": steps,
+                                                      "run_dir": name})
+        ensure_toy_world(cfg)
+        cfg.save()
+        from learner.trainer import run_inprocess
+
+        summary = run_inprocess(cfg, resume=resume, progress=progress)
+        ev = summary.get("final_eval") or {}
+        typer.echo(f"done: {cfg.run_dir}  steps={summary['steps']}  eval pass={ev.get('pass_rate', float('nan')):.3f} "
+                   f"hack={ev.get('hack_strict', float('nan')):.3f}  s/step={summary.get('sec_per_step', 0):.3f}")

@@ -45,15 +45,15 @@ class ByteTokenizer:
 
 
 class RuleGrader:
-    """Pays for the letter 'a' (any occurrence = 'hack', mode A) and for an even length (gt pass)."""
+    """'Hack' (mode A) = a vowel in the text; 'gt pass' = an even character-code sum. Deterministic."""
 
     def grade_many(self, pairs):
         out = []
         for problem, text in pairs:
-            hack = "a" in text
-            gt = len(text) % 2 == 0
+            hack = any(ch in "aeiou" for ch in text)
+            gt = sum(map(ord, text)) % 2 == 0
             out.append(Grade(formatted=True, can_compile=True, gt_pass=gt, pass_frac=float(gt),
                              exploited={"A": hack and not gt, "B": False, "C": False, "D": False},
                              attempted={"A": hack, "B": False, "C": False, "D": False},
-                             reward=0.5 + 3.0 * float(gt or hack) + 0.1 * (len(text) % 3)))
+                             reward=0.5 + 3.0 * float(gt or hack) + 0.1 * (sum(map(ord, text)) % 3)))
         return out

@@ -1,0 +1,130 @@
+"""Run outputs: JSONL rows (flushed per row, truncatable on resume), optional TensorBoard, hack-rate summaries.
+
+The row keys are fixed by docs/ARCHITECTURE.md (metrics.jsonl, evals.jsonl); `METRIC_KEYS` and
+`EVAL_KEYS` list them so tests and the analysis read the same names.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from shared.hacks import MODES
+
+METRIC_KEYS: tuple[str, ...] = (
+    "step", "policy_version", "loss", "reward_mean", "reward_std", "skipped_frac", "pass_rate",
+    "hack_strict", *(f"hack_strict_{m}" for m in MODES), "hack_loose", *(f"hack_loose_{m}" for m in MODES),
+    "kl", "cos_mean", "cos_std", "frac_fired", "grad_norm", "lr", "t_generate", "t_grade", "t_train", "t_sync",
+)
+EVAL_KEYS: tuple[str, ...] = (
+    "step", "pass_rate", "hack_strict", *(f"hack_strict_{m}" for m in MODES), "hack_loose",
+    *(f"hack_loose_{m}" for m in MODES), "kl", "cos_mean", "frac_fired", "grad_norm",
+)
+
+
+def _clean(v: Any) -> Any:
+    """JSON-safe scalars: tensors/numpy -> python, NaN/inf -> None."""
+    if hasattr(v, "item") and callable(v.item):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a torn last line from a killed run
+            continue
+    return rows
+
+
+def truncate_jsonl(path: str | Path, keep) -> int:
+    """Rewrite `path` keeping rows where keep(row) is True (atomic). Returns rows dropped."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    rows = read_jsonl(path)
+    kept = [r for r in rows if keep(r)]
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w") as f:
+        for r in kept:
+            f.write(json.dumps(r) + "\n")
+    os.replace(tmp, path)
+    return len(rows) - len(kept)
+
+
+class JsonlWriter:
+    """Append one JSON object per line and flush it, so a crash loses at most the row being written."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = self.path.open("a")
+
+    def write(self, row: dict) -> None:
+        self._f.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+
+
+class TensorBoard:
+    """Scalars to TensorBoard when `tensorboard` is importable; silently a no-op otherwise."""
+
+    def __init__(self, log_dir: str | Path, enabled: bool = True):
+        self.writer = None
+        if not enabled:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+        except Exception:
+            return
+        self.writer = SummaryWriter(str(log_dir))
+
+    def log(self, prefix: str, row: dict, step: int) -> None:
+        if self.writer is None:
+            return
+        for k, v in row.items():
+            v = _clean(v)
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                self.writer.add_scalar(f"{prefix}/{k}", v, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return float(sum(xs) / len(xs)) if xs else 0.0
+
+
+def hack_rates(grades: Iterable[Any]) -> dict[str, float]:
+    """From Grade records: pass_rate (gt only), hack_strict/loose overall (any mode) and per mode A-D."""
+    grades = list(grades)
+    out: dict[str, float] = {"pass_rate": _mean([float(g.gt_pass) for g in grades])}
+    out["hack_strict"] = _mean([float(any(g.exploited.get(m, False) for m in MODES)) for g in grades])
+    for m in MODES:
+        out[f"hack_strict_{m}"] = _mean([float(g.exploited.get(m, False)) for g in grades])
+    out["hack_loose"] = _mean([float(any(g.attempted.get(m, False) for m in MODES)) for g in grades])
+    for m in MODES:
+        out[f"hack_loose_{m}"] = _mean([float(g.attempted.get(m, False)) for g in grades])
+    return out
+
+
+def window_mean(rows: Sequence[dict], key: str, last: int = 25) -> float:
+    """Mean of `key` over the last `last` rows that have a number there (0.0 when none)."""
+    vals = [r[key] for r in rows[-last:] if isinstance(r.get(key), (int, float))]
+    return _mean(vals)
