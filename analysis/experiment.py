@@ -162,13 +162,12 @@ def default_prepare(cfgs: list[RunConfig]) -> dict[str, str]:
 
     built: dict[str, str] = {}
     for cfg in cfgs:
-        if cfg.problems == "toy" or cfg.model.name_or_path == "toy":
-            from shared.toy.build import build_toy
+        if (cfg.problems == "toy" or cfg.model.name_or_path == "toy") and cfg.toy.dir not in built:
+            from shared.toy.build import REQUIRED, build_toy
 
-            key = json.dumps(cfg.toy.model_dump(mode="json"), sort_keys=True)
-            if key not in built:
+            if not all((Path(cfg.toy.dir) / f).exists() for f in REQUIRED):  # as `rankguard train` does
                 build_toy(cfg.toy, progress=False)
-                built[key] = cfg.toy.dir
+            built[cfg.toy.dir] = cfg.toy.dir
     needs = [c for c in cfgs if vhack_modes_for(c) is not None or c.train.arm == "rebound"]
     groups: dict[str, list[RunConfig]] = {}
     for cfg in needs:
