@@ -43,7 +43,7 @@ WORKER_EXTENSION = "rollout.vllm_worker_ext.DeltaSWorkerExtension"
 DEFAULT_CONTEXT = 4096  # prompt budget added to max_new_tokens when max_model_len is not given
 
 
-class EngineError(RuntimeError):
+class EngineError(ValueError):
     """The vLLM child failed (start, generate or update); the message is the child's one-line reason."""
 
 
@@ -56,6 +56,24 @@ def _decode_f32(data: bytes):
 
 def _encode_f32(t) -> bytes:
     return t.detach().float().cpu().numpy().astype("<f4").tobytes()
+
+
+def local_model_dir(model_id: str, revision: str | None = None) -> str:
+    """A folder as is; an HF name -> its snapshot folder in the HF cache (downloaded unless HF_HUB_OFFLINE=1).
+
+    vLLM and the worker extension both read that one folder (the worker reads its safetensors).
+    """
+    if Path(model_id).is_dir():
+        return str(Path(model_id).resolve())
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(model_id, revision=revision,
+                                 allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"])
+    except Exception as e:  # noqa: BLE001 - offline miss, bad name, network: one line for the user
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise EngineError(f"model {model_id!r}{f' @ {revision}' if revision else ''} is not a local folder and "
+                          f"could not be fetched from the HF cache/hub: {first}") from None
 
 
 def _model_max_len(model_dir: str) -> int | None:
@@ -91,10 +109,8 @@ class VLLMEngine:
 
         self.cfg = cfg
         self.version = 0
-        self.model_dir = resolve_model_path(cfg)
-        if not Path(self.model_dir).is_dir():
-            raise EngineError(f"vLLM engine needs a local model folder; {self.model_dir!r} is not one "
-                              f"(download it first, e.g. `huggingface-cli download {self.model_dir}`)")
+        self.model_id = resolve_model_path(cfg)  # the learner's SVD cache key (folder path or HF name)
+        self.model_dir = local_model_dir(self.model_id, cfg.model.revision)
         mpe = _model_max_len(self.model_dir)
         want = max_model_len or DEFAULT_CONTEXT + cfg.sampling.max_new_tokens
         self.max_model_len = int(min(want, mpe) if mpe else want)
@@ -109,9 +125,8 @@ class VLLMEngine:
             "llm": {"model": self.model_dir, "enforce_eager": True, "max_model_len": self.max_model_len,
                     "dtype": cfg.model.dtype, "seed": cfg.train.seed, "logprobs_mode": "raw_logprobs",
                     "gpu_memory_utilization": gpu_memory_utilization, "worker_extension_cls": WORKER_EXTENSION,
-                    "trust_remote_code": cfg.model.trust_remote_code, "revision": cfg.model.revision,
-                    **(llm_kwargs or {})},
-            "worker": {"model_dir": self.model_dir, "model_id": self.model_dir, "revision": cfg.model.revision,
+                    "trust_remote_code": cfg.model.trust_remote_code, **(llm_kwargs or {})},
+            "worker": {"model_dir": self.model_dir, "model_id": self.model_id, "revision": cfg.model.revision,
                        "svd_cache_dir": str(Path(svd_dir).resolve()) if svd_dir else None,
                        "target_modules": list(cfg.model.target_modules), "rank": cfg.model.rank,
                        "dtype": cfg.model.dtype, "tie_word_embeddings": _tied(self.model_dir)},
