@@ -28,7 +28,7 @@ from pathlib import Path
 from shared.config import RunConfig
 from shared.schemas import GradedGroup, PromptJob
 
-from .procs import StopFlag, exit_now, load_service_config, run_service, service_parser, set_torch_threads
+from .procs import Health, StopFlag, exit_now, load_service_config, run_service, service_parser, set_torch_threads
 from .queues import QueueError, Queues, default_consumer, policy_tag, queues_for, wire_job_id
 
 GROUP = "learner"
@@ -67,6 +67,7 @@ class LearnerService:
         self.buckets: dict[tuple[str, int], Bucket] = {}
         self.wanted: dict[str, tuple[tuple[str, int], PromptJob, int]] = {}  # wire id -> (bucket, job, attempt)
         self.counters = {"duplicates": 0, "ignored": 0, "stale_dropped": 0, "rerequested": 0}
+        self.health = Health("learner")
         self.pipeline_log = Path(cfg.run_dir) / "pipeline.jsonl"
         self.last_sync_bytes = 0
         self._last_lost_check, self._empty_checks = time.monotonic(), 0
@@ -116,6 +117,7 @@ class LearnerService:
         while not bucket.complete:
             if self.stop:
                 raise Stopped()
+            self.health.beat()
             ds = self.q.read("graded", GROUP, self.consumer, GradedGroup, count=64)
             for d in ds:
                 self.q.ack(d, GROUP)

@@ -91,6 +91,43 @@ def register(app: typer.Typer) -> None:
         except KeyboardInterrupt:
             pass
 
+    @app.command("prepare")
+    @friendly_errors
+    def prepare(
+        preset: str = typer.Option("toy", help="Config preset: toy, lite, qwen35-2b, full."),
+        arm: Optional[str] = typer.Option(None, help="vanilla, projected, projected_nomag, rebound, weak, route."),
+        seed: Optional[int] = typer.Option(None, help="Run seed."),
+        steps: Optional[int] = typer.Option(None, help="Optimizer steps (default from the preset)."),
+        run_dir: str = typer.Option(..., "--run-dir", help="Run folder; config.json is written here."),
+        overrides: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+        keep: bool = typer.Option(True, "--keep/--overwrite",
+                                  help="Keep an existing config.json (a resumed run) or overwrite it."),
+    ) -> None:
+        """Resolve and write RUN_DIR/config.json for services started separately (docker compose's init
+        step), building the toy world first for toy runs. Prints the config path."""
+        path = Path(run_dir) / "config.json"
+        if keep and path.exists():
+            typer.echo(f"{path} (kept)")
+            return
+        cfg = config_from_flags(preset, overrides, **{"train.arm": arm, "train.seed": seed, "train.steps": steps},
+                                run_dir=run_dir)
+        from learner.train_cli import ensure_toy_world
+
+        ensure_toy_world(cfg)
+        typer.echo(str(cfg.save()))
+
+    @app.command("health")
+    def health(
+        service: str = typer.Option(..., "--service", help="learner, rollout or reward."),
+        max_age: float = typer.Option(120.0, "--max-age", help="Seconds since the service loop last ran."),
+    ) -> None:
+        """Exit 0 when the service's loop ran recently (container healthcheck), else 1."""
+        from .procs import check_health
+
+        ok, msg = check_health(service, max_age)
+        typer.echo(msg)
+        raise typer.Exit(0 if ok else 1)
+
     @app.command("worker", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
     @friendly_errors
     def worker(

@@ -129,3 +129,42 @@ def exit_now(code: int) -> None:
             pass
     logging.shutdown()
     os._exit(code)
+
+
+HEALTH_ENV = "RANKGUARD_HEALTH_FILE"
+
+
+def health_file(service: str) -> str:
+    return os.environ.get(HEALTH_ENV) or f"/tmp/rankguard-{service}.health"
+
+
+class Health:
+    """Liveness for container healthchecks: the service loop touches a file (at most once a second);
+    `rankguard health --service S --max-age N` checks its age."""
+
+    def __init__(self, service: str):
+        self.path = health_file(service)
+        self._last = 0.0
+
+    def beat(self) -> None:
+        import time
+
+        now = time.monotonic()
+        if now - self._last >= 1.0:
+            self._last = now
+            try:
+                with open(self.path, "a"):
+                    os.utime(self.path, None)
+            except OSError:
+                pass
+
+
+def check_health(service: str, max_age_s: float) -> tuple[bool, str]:
+    import time
+
+    path = health_file(service)
+    try:
+        age = time.time() - os.path.getmtime(path)
+    except OSError:
+        return False, f"{service}: no heartbeat file {path} yet"
+    return age <= max_age_s, f"{service}: last heartbeat {age:.1f} s ago (limit {max_age_s:.0f} s)"

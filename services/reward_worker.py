@@ -17,7 +17,7 @@ import time
 from shared.config import RunConfig
 from shared.schemas import Grade, GradedGroup, RolloutGroup
 
-from .procs import StopFlag, exit_now, load_service_config, run_service, service_parser, set_torch_threads
+from .procs import Health, StopFlag, exit_now, load_service_config, run_service, service_parser, set_torch_threads
 from .queues import Heartbeat, default_consumer, parse_policy_tag, parse_wire_id, queues_for
 
 GROUP = "reward"
@@ -63,8 +63,10 @@ class RewardWorker:
 
     def run(self) -> None:
         self.log.info("waiting for rollouts (consumer %s)", self.consumer)
+        health = Health("reward")
         with Heartbeat(self.q, "rollouts", GROUP, self.consumer) as hb:
             while not self.stop:
+                health.beat()
                 self.step_once(hb)
         self.log.info("stopping: %s", self.stats)
 

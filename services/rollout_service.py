@@ -18,7 +18,7 @@ import time
 from shared.config import RunConfig
 from shared.schemas import DeltaSUpdate, PromptJob
 
-from .procs import StopFlag, exit_now, load_service_config, run_service, service_parser, set_torch_threads
+from .procs import Health, StopFlag, exit_now, load_service_config, run_service, service_parser, set_torch_threads
 from .queues import Heartbeat, QueueError, default_consumer, parse_policy_tag, parse_wire_id, queues_for
 
 GROUP = "rollout"
@@ -85,8 +85,10 @@ class RolloutWorker:
     # -- loop ---------------------------------------------------------------------------------------
     def run(self) -> None:
         self.log.info("waiting for jobs (consumer %s, batch %d)", self.consumer, self.batch)
+        health = Health("rollout")
         with Heartbeat(self.q, "jobs", GROUP, self.consumer) as hb:
             while not self.stop:
+                health.beat()
                 self.step_once(hb)
         self.log.info("stopping: %s", self.stats)
 
