@@ -1,13 +1,15 @@
 """`rankguard train`: the whole GRPO loop in one process (learner + HF engine + grader)."""
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from shared.clikit import SET_HELP, config_from_flags, friendly_errors
+from shared.clikit import SET_HELP, friendly_errors
+from shared.config import resolve_config
 
 
 def ensure_toy_world(cfg) -> None:
@@ -50,10 +52,13 @@ def register(app: typer.Typer) -> None:
         Example: rankguard train --preset toy --arm vanilla --seed 0 --steps 200 --run-dir runs/toy-vanilla
         """
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-        cfg = config_from_flags(preset, overrides, **{"train.arm": arm, "train.seed": seed, "train.steps": steps})
+        sets = list(overrides or [])  # explicit flags come last, so they win over --set
+        sets += [f"train.arm={json.dumps(arm)}"] if arm is not None else []
+        sets += [f"train.seed={seed}"] if seed is not None else []
+        sets += [f"train.steps={steps}"] if steps is not None else []
+        cfg = resolve_config(preset, sets)
         name = run_dir or f"runs/{preset}-{cfg.train.arm}-s{cfg.train.seed}"
-        cfg = config_from_flags(preset, overrides, **{"train.arm": arm, "train.seed": seed, "train.steps": steps,
-                                                      "run_dir": name})
+        cfg = resolve_config(preset, sets + [f"run_dir={json.dumps(name)}"])
         ensure_toy_world(cfg)
         cfg.save()
         from learner.trainer import run_inprocess

@@ -399,7 +399,7 @@ class Learner:
             else:
                 proj["grad_norm_mean"] = _mean_module_norm(self.delta_s)
             grad_total = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
-            self.optimizer.step()
+        self.optimizer.step()  # a no-op when every group was flat (all grads None); keeps the schedule in step
         self.scheduler.step()
         self.policy_version += 1
         step = self.step
