@@ -1,0 +1,46 @@
+"""End to end: `run_services` runs a toy arm through Redis + reward + rollout + learner processes and
+leaves the same run-dir files as the in-process loop, and no processes behind."""
+import json
+
+import pytest
+
+from pipeline_helpers import group_members, metrics, quick_toy_dir, small_sets, wait_all_dead
+from services.launcher import PipelineError, run_services
+from shared.config import resolve_config
+
+
+@pytest.fixture(scope="module")
+def toy_dir():
+    return quick_toy_dir()
+
+
+def test_run_services_end_to_end(toy_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("RANKGUARD_CLAIM_IDLE_S", "2")
+    cfg = resolve_config("toy", small_sets(toy_dir, **{"train.steps": 3}), run_dir=str(tmp_path / "run"))
+    lines = []
+    out = run_services(cfg, resume=True, on_line=lambda name, line: lines.append((name, line)))
+    assert out == tmp_path / "run"
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert all(r["n_groups"] == 4 for r in rows)  # every job answered exactly once
+    assert [r["step"] for r in metrics(out, "evals.jsonl")] == [0, 2, 3]
+    assert (out / "DONE").exists() and json.loads((out / "summary.json").read_text())["steps"] == 3
+    pipe = metrics(out, "pipeline.jsonl")
+    assert [p["step"] for p in pipe] == [0, 1, 2]
+    assert all(p["duplicates"] == 0 and p["rerequested"] == 0 and p["sync_bytes"] > 0 for p in pipe)
+    assert (out / "checkpoints").exists()
+    for name in ("learner", "rollout-0", "reward-0", "up"):
+        assert (out / "logs" / f"{name}.log").stat().st_size > 0
+    assert any(n == "learner" and "step 3/3" in line for n, line in lines)
+    st = json.loads((out / "services.json").read_text())
+    assert wait_all_dead([*st["services"].values(), st["redis_pid"]], timeout=5) == []
+    assert (out / "redis" / "appendonlydir").exists()  # AOF on
+
+
+def test_run_services_raises_when_a_service_fails(toy_dir, tmp_path):
+    cfg = resolve_config("toy", small_sets(toy_dir, **{"train.steps": 2}), run_dir=str(tmp_path / "bad"))
+    cfg = cfg.model_copy(update={"problems": str(tmp_path / "missing.jsonl")})
+    with pytest.raises(PipelineError, match=r"failed \(.*exit 2"):
+        run_services(cfg, resume=False)
+    st = json.loads((tmp_path / "bad" / "services.json").read_text())
+    assert all(not group_members(p) for p in st["services"].values())
