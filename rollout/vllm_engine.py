@@ -145,14 +145,15 @@ class VLLMEngine:
             if self._proc.poll() is not None:
                 raise EngineError(f"vLLM child process is gone (exit code {self._proc.returncode})")
             self._conn.send(msg)
-            deadline = time.monotonic() + (timeout or self.request_timeout_s)
+            limit = timeout or self.request_timeout_s
+            deadline = time.monotonic() + limit
             while not self._conn.poll(1.0):
                 if self._proc.poll() is not None:
                     raise EngineError(f"vLLM child process died during {msg[0]!r} "
                                       f"(exit code {self._proc.returncode}; see its log above)")
                 if time.monotonic() > deadline:
                     self.close()
-                    raise EngineError(f"vLLM child did not answer {msg[0]!r} within {timeout}s; stopped it")
+                    raise EngineError(f"vLLM child did not answer {msg[0]!r} within {limit:.0f}s; stopped it")
             try:
                 kind, *rest = self._conn.recv()
             except EOFError:
