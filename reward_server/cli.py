@@ -1,6 +1,96 @@
-"""CLI sub-commands of this area (see services/cli.py)."""
+"""`rankguard serve-reward` and `rankguard grade`: the reward server and one-off verdicts."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
 import typer
+
+from shared.clikit import UserError, friendly_errors
+
+LOOPHOLE_HELP = ("Open loopholes, comma separated from rt,se,so,fm (A run_tests, B exit code, C stdout "
+                 "marker, D result file); 'none' closes all. Default: the config's (rt only).")
+
+
+def _loopholes(spec: str | None):
+    from shared.config import LoopholeConfig
+
+    if spec is None:
+        return None
+    names = [s.strip() for s in spec.split(",") if s.strip() and s.strip() != "none"]
+    valid = ("rt", "se", "so", "fm")
+    bad = [n for n in names if n not in valid]
+    if bad:
+        raise UserError(f"unknown loophole {bad[0]!r}; valid: {', '.join(valid)} or none")
+    return LoopholeConfig(**{k: k in names for k in valid})
+
+
+def serve_reward(
+    host: str = typer.Option("127.0.0.1", help="Interface to bind (0.0.0.0 for all)."),
+    port: int = typer.Option(8100, help="TCP port."),
+    workers: int = typer.Option(0, help="Sandbox slots grading in parallel (0 = one per core). Run several "
+                                        "servers on other ports for replicas."),
+    problems: Optional[str] = typer.Option(None, help="'leetcode' (bundled 58), 'toy' (built toy set) or a "
+                                                     "jsonl path. Default: leetcode plus toy if built."),
+    config: Optional[Path] = typer.Option(None, help="A run's config.json: its reward section (magnitudes, "
+                                                    "default loopholes, timeouts) is used."),
+) -> None:
+    """Serve the reward API (POST /grade, /grade/batch; GET /healthz, /metrics, /docs)."""
+    from reward_server.app import serve
+
+    if config is not None and not config.exists():
+        raise UserError(f"config file not found: {config}")
+    serve(host=host, port=port, workers=workers or None, problems=problems, config=config)
+
+
+def grade(
+    problem_id: str = typer.Argument(..., help="Problem id (see GET /problems or the jsonl)."),
+    file: str = typer.Argument(..., help="Completion text file ('-' = stdin). A file without a ```python "
+                                         "fence is graded as bare code unless --as-is."),
+    problems: Optional[str] = typer.Option(None, help="'leetcode', 'toy' or a jsonl path (default: both)."),
+    loopholes: Optional[str] = typer.Option(None, help=LOOPHOLE_HELP),
+    as_is: bool = typer.Option(False, "--as-is", help="Grade the text exactly as given (no fence added)."),
+    url: Optional[str] = typer.Option(None, help="Grade on a running reward server instead of in-process."),
+    timeout: float = typer.Option(3.0, help="CPU seconds per check (in-process grading only)."),
+) -> None:
+    """Grade one completion and print the verdict JSON."""
+    from shared.hacks import as_completion
+    from shared.prompts import extract_code
+
+    text = sys.stdin.read() if file == "-" else _read(file)
+    if not as_is and extract_code(text) is None:
+        text = as_completion(text)
+    lh = _loopholes(loopholes)
+    if url:
+        from reward_server.client import RewardClient
+
+        with RewardClient(url) as client:
+            g = client.grade(problem_id, text, loopholes=lh)
+    else:
+        from reward_server.app import load_problem_source
+        from reward_server.grader import Grader
+        from reward_server.sandbox import SandboxConfig
+        from shared.config import RewardConfig
+
+        probs = load_problem_source(problems)
+        if problem_id not in probs:
+            raise UserError(f"unknown problem id {problem_id!r}; {len(probs)} loaded, e.g. "
+                            f"{', '.join(sorted(probs)[:5])}")
+        cfg = RewardConfig(timeout_s=timeout)
+        with Grader(cfg, workers=1, sandbox=SandboxConfig(workers=1, timeout_s=timeout)) as grader:
+            g = grader.grade(probs[problem_id], text, loopholes=lh)
+    typer.echo(json.dumps(g.model_dump(mode="json"), indent=2))
+
+
+def _read(file: str) -> str:
+    p = Path(file)
+    if not p.is_file():
+        raise UserError(f"completion file not found: {file}")
+    return p.read_text(errors="replace")
 
 
 def register(app: typer.Typer) -> None:
-    pass
+    app.command("serve-reward")(friendly_errors(serve_reward))
+    app.command("grade")(friendly_errors(grade))

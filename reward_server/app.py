@@ -1,0 +1,230 @@
+"""Reward HTTP API (FastAPI): POST /grade, POST /grade/batch, GET /healthz, GET /metrics, /docs.
+
+Bad requests get a 4xx whose JSON `error` says what is wrong (field, value, valid options);
+grading failures inside the sandbox come back as a Grade with `error` set, never as a 500.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from reward_server.grader import BadProblemError, Grader
+from reward_server.metrics import CONTENT_TYPE_LATEST, RewardMetrics
+from shared.config import LoopholeConfig, RewardConfig, RunConfig, ToyConfig
+from shared.problems import Problem, ProblemFormatError, load_leetcode_sample, load_problems
+
+log = logging.getLogger("rankguard.reward_app")
+MAX_COMPLETION_BYTES = 256 * 1024
+MAX_BATCH = 4096
+MAX_BODY_BYTES = 64 << 20
+
+
+class GradeRequest(BaseModel):
+    """One rollout: a problem (by id, or inline), the completion text, optionally the loopholes."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
+        "problem_id": "3243", "completion": "```python\nclass Solution: ...\n```",
+        "loopholes": {"rt": True, "se": False, "so": False, "fm": False}}]})
+    problem_id: str | int | None = Field(None, description="id of a problem the server loaded")
+    problem: Problem | None = Field(None, description="inline problem (rl-rewardhacking record)")
+    completion: str = Field(description="the policy's full answer; code is taken from ```python fences")
+    loopholes: LoopholeConfig | None = Field(None, description="open loopholes; default: the server's")
+    rollout_id: str = ""
+
+    @model_validator(mode="after")
+    def _one_problem(self) -> "GradeRequest":
+        if (self.problem_id is None) == (self.problem is None):
+            raise ValueError("give exactly one of 'problem_id' or 'problem'")
+        return self
+
+
+class BatchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    items: list[GradeRequest] = Field(min_length=1, max_length=MAX_BATCH)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+TOY_FILES = ("problems_train.jsonl", "problems_eval.jsonl")  # written by `rankguard toy build`
+
+
+def _toy_problems(toy_dir: str) -> list[Problem]:
+    root = Path(toy_dir)
+    files = [root / f for f in TOY_FILES]
+    missing = [f for f in files if not f.exists()]
+    if missing:
+        raise ProblemFormatError(f"toy problems not found at {missing[0]}; run `rankguard toy build` first")
+    return [p for f in files for p in load_problems(f)]
+
+
+def load_problem_source(spec: str | None, toy_dir: str = ToyConfig().dir) -> dict[str, Problem]:
+    """'leetcode' (bundled sample), 'toy' (built toy set), a jsonl path, or None = leetcode + toy if built."""
+    if spec is None:
+        problems = load_leetcode_sample()
+        try:
+            problems += _toy_problems(toy_dir)
+        except ProblemFormatError:
+            pass
+    elif spec == "leetcode":
+        problems = load_leetcode_sample()
+    elif spec == "toy":
+        problems = _toy_problems(toy_dir)
+    else:
+        path = Path(spec).expanduser()
+        if not path.exists():
+            raise ProblemFormatError(f"problem set {spec!r} not found; use 'toy', 'leetcode' or a jsonl path")
+        problems = load_problems(path)
+    return {p.key: p for p in problems}
+
+
+def create_app(cfg: RunConfig | RewardConfig | None = None, *, grader: Grader | None = None,
+               problems: dict[str, Problem] | None = None, problem_source: str | None = None,
+               workers: int | None = None) -> FastAPI:
+    """The reward API. Pass a grader to share one; otherwise the app builds (and closes) its own."""
+    if isinstance(cfg, RunConfig):
+        reward_cfg = cfg.reward
+        if problems is None:
+            problems = load_problem_source(problem_source or cfg.problems, cfg.toy.dir)
+    else:
+        reward_cfg = cfg or RewardConfig()
+    if problems is None:
+        problems = load_problem_source(problem_source)
+    own_grader = grader is None
+    if grader is None:
+        grader = Grader(reward_cfg, workers=workers or reward_cfg.workers or None)
+    metrics = RewardMetrics()
+    depth_lock = threading.Lock()
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        yield
+        if own_grader:
+            grader.close()
+
+    app = FastAPI(title="rankguard reward server", version="1", lifespan=lifespan,
+                  description="Grades policy completions: honest hidden-test check, four loophole checks "
+                              "(A rt, B se, C so, D fm), static hack evidence, reward.")
+    app.state.grader, app.state.problems, app.state.metrics = grader, problems, metrics
+
+    def reject(status: int, message: str) -> JSONResponse:
+        metrics.rejected.labels(status=str(status)).inc()
+        return JSONResponse(status_code=status, content={"error": message})
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_req: Request, exc: RequestValidationError) -> JSONResponse:
+        errs = exc.errors()
+        first = errs[0] if errs else {"loc": (), "msg": "invalid request", "type": "invalid"}
+        loc = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+        if first.get("type") == "json_invalid":
+            msg = f"malformed JSON: {first.get('ctx', {}).get('error', first['msg'])}"
+        elif first.get("type") == "missing" and loc:
+            msg = f"missing field '{loc}'"
+        else:
+            msg = f"field '{loc}': {first['msg']}" if loc else first["msg"]
+            if "input" in first and first.get("type") not in ("missing",):
+                shown = repr(first["input"])
+                msg += f" (got {shown[:80]}{'...' if len(shown) > 80 else ''})"
+        metrics.rejected.labels(status="422").inc()
+        detail = [{"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")} for e in errs[:20]]
+        return JSONResponse(status_code=422, content={"error": msg, "detail": detail})
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_req: Request, exc: ApiError) -> JSONResponse:
+        return reject(exc.status, exc.message)
+
+    @app.exception_handler(Exception)
+    async def _internal(_req: Request, exc: Exception) -> JSONResponse:  # pragma: no cover - last resort
+        log.exception("reward API internal error")
+        return JSONResponse(status_code=503, content={"error": f"grader unavailable: {type(exc).__name__}: {exc}"})
+
+    @app.middleware("http")
+    async def _body_cap(request: Request, call_next):
+        size = request.headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > MAX_BODY_BYTES:
+            return reject(413, f"request body of {int(size)} bytes is over the {MAX_BODY_BYTES} byte limit")
+        return await call_next(request)
+
+    def resolve(req: GradeRequest, where: str = "") -> Problem:
+        size = len(req.completion.encode("utf-8", "surrogatepass"))
+        if size > MAX_COMPLETION_BYTES:
+            raise ApiError(413, f"{where}completion is {size} bytes; the limit is {MAX_COMPLETION_BYTES} (256 KiB)")
+        if req.problem is not None:
+            return req.problem
+        key = str(req.problem_id)
+        if key not in problems:
+            some = ", ".join(sorted(problems)[:5])
+            raise ApiError(404, f"{where}unknown problem id {key!r}; {len(problems)} problems loaded "
+                                f"(e.g. {some}); see GET /problems")
+        return problems[key]
+
+    def run(items: list[tuple[Problem, str, LoopholeConfig | None, str]]) -> list[dict[str, Any]]:
+        with depth_lock:
+            metrics.queue_depth.inc(len(items))
+        try:
+            futs = [grader.submit(p, c, lh, rid) for p, c, lh, rid in items]
+            grades = []
+            for f in futs:
+                try:
+                    grades.append(f.result())
+                except BadProblemError as e:
+                    raise ApiError(422, str(e)) from None
+        finally:
+            with depth_lock:
+                metrics.queue_depth.dec(len(items))
+        for g in grades:
+            metrics.observe(g)
+        return [g.model_dump(mode="json") for g in grades]
+
+    @app.post("/grade", summary="Grade one completion")
+    def grade(req: GradeRequest) -> dict[str, Any]:
+        p = resolve(req)
+        return run([(p, req.completion, req.loopholes, req.rollout_id)])[0]
+
+    @app.post("/grade/batch", summary="Grade many completions (in parallel, order kept)")
+    def grade_batch(req: BatchRequest) -> dict[str, Any]:
+        items = [(resolve(it, f"items[{i}]: "), it.completion, it.loopholes, it.rollout_id)
+                 for i, it in enumerate(req.items)]
+        return {"grades": run(items)}
+
+    @app.get("/healthz", summary="Liveness + sandbox mode")
+    def healthz() -> dict[str, Any]:
+        return {"ok": True, "problems": len(problems), "workers": grader.workers,
+                "sandbox": grader.sandbox_info, "pid": os.getpid(),
+                "reward": reward_cfg.model_dump(include={"format_reward", "correct_reward", "allow_hint",
+                                                         "loopholes", "timeout_s", "memory_mb"})}
+
+    @app.get("/problems", summary="Loaded problem ids")
+    def problem_ids() -> dict[str, Any]:
+        return {"count": len(problems), "ids": sorted(problems)}
+
+    @app.get("/metrics", summary="Prometheus metrics")
+    def prom() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def serve(host: str = "127.0.0.1", port: int = 8100, workers: int | None = None, problems: str | None = None,
+          config: str | Path | None = None, log_level: str = "info") -> None:
+    """Start uvicorn with one app (one grading pool of `workers` sandbox slots)."""
+    import uvicorn
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cfg = RunConfig.load(config) if config else None
+    app = create_app(cfg, problem_source=problems, workers=workers)
+    log.info("reward server: %d problems, sandbox %s, http://%s:%d (docs at /docs)",
+             len(app.state.problems), app.state.grader.sandbox_info.get("isolation"), host, port)
+    uvicorn.run(app, host=host, port=port, log_level=log_level)
