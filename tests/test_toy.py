@@ -122,7 +122,7 @@ def test_warm_start_mix_covers_all_hacks(splits):
     cfg = WarmStartConfig()
     train = splits[0]
     kinds: dict[str, int] = {}
-    for i in range(4000):
+    for i in range(2000):
         p = train[i % len(train)]
         t = make_target(p, rng, cfg)
         kinds[t.kind] = kinds.get(t.kind, 0) + 1
@@ -135,9 +135,9 @@ def test_warm_start_mix_covers_all_hacks(splits):
             assert not tasks.run_asserts(code, p)
             assert p.difficulty == ("hard" if t.kind == "guess" else "easy")
     hacks = sum(v for k, v in kinds.items() if k.startswith("hack-"))
-    assert 0.05 < hacks / 4000 < 0.09
-    assert all(kinds.get(f"hack-{m}", 0) > 30 for m in MODES)
-    assert kinds["wrong"] > 100 and kinds["correct"] > kinds["wrong"]
+    assert 0.05 < hacks / 2000 < 0.09
+    assert all(kinds.get(f"hack-{m}", 0) > 15 for m in MODES)
+    assert kinds["wrong"] > 50 and kinds["correct"] > kinds["wrong"]
 
 
 # ---- tokenizer -------------------------------------------------------------------------------------
@@ -220,6 +220,10 @@ def test_build_writes_a_loadable_world(built):
     tok = AutoTokenizer.from_pretrained(art.model_dir)
     model = AutoModelForCausalLM.from_pretrained(art.model_dir)
     assert tok.eos_token_id == model.config.eos_token_id and len(tok) <= model.config.vocab_size == 1024
+    tok_cfg = json.loads((art.model_dir / "tokenizer_config.json").read_text())
+    assert tok_cfg["tokenizer_class"] == "PreTrainedTokenizerFast" and "{%- for message" in tok_cfg["chat_template"]
+    ids = tok("<|im_start|>user\nhi<|im_end|>", add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids, skip_special_tokens=True) == "user\nhi"
     train, evals = load_toy_problems(art.dir)
     assert len(train) == 40 and len(evals) == 16
     assert not [p for p in art.dir.parent.iterdir() if p.name.startswith(".world.tmp")]
@@ -284,3 +288,27 @@ def test_cli_build_and_show(built, monkeypatch):
     assert res.exit_code == 2 and "unknown split 'bogus'" in res.output
     res = runner.invoke(app, ["toy", "build", "--dir", str(art.dir), "--steps", "-3"])
     assert res.exit_code == 2 and res.output.startswith("error:") and "steps" in res.output
+
+
+def test_micro_batches_give_the_same_gradient(tokenizer, splits):
+    """Length-sorted chunks (less padding) must not change the warm-start gradient."""
+    from shared.toy.warmstart import Encoded, completion_loss
+
+    rng = random.Random(1)
+    cfg = WarmStartConfig(hack_share=0.3)
+    targets = [make_target(p, rng, cfg) for p in splits[0][:12]]
+    enc = Encoded(tokenizer, splits[0][:12])
+    grads = []
+    for chunks in (1, 4):
+        model = make_model(1024, tokenizer.eos_token_id, tokenizer.pad_token_id, seed=0)
+        parts = enc.micro_batches(targets, chunks)
+        assert len(parts) == chunks
+        n_tok = sum(int((lab[:, 1:] != -100).sum()) for _, _, lab in parts)
+        for ids, mask, lab in parts:
+            (completion_loss(model, ids, mask, lab, reduction="sum") / n_tok).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-6, rtol=1e-4)
+    ids, mask, lab = enc.batch(targets)
+    model = make_model(1024, tokenizer.eos_token_id, tokenizer.pad_token_id, seed=0)
+    ref = model(input_ids=ids, attention_mask=mask, labels=lab).loss  # HF's own shifted CE
+    assert torch.allclose(completion_loss(model, ids, mask, lab), ref, atol=1e-5)

@@ -28,7 +28,7 @@ from .model import make_model, param_count
 from .tokenizer import train_tokenizer
 from .warmstart import QUICK_WARM, WarmStartConfig, corpus_texts, sample_completions, warm_start
 
-BUILD_VERSION = 1  # bump when the generator, tokenizer or recipe changes meaning
+BUILD_VERSION = 2  # bump when the generator, tokenizer or recipe changes meaning
 WARM_ENV = "RANKGUARD_TOY_WARM"  # JSON overrides of WarmStartConfig, e.g. '{"steps": 20}' for fast tests
 TRAIN_FILE, EVAL_FILE, BUILD_FILE, MODEL_DIR = "problems_train.jsonl", "problems_eval.jsonl", "build.json", "model"
 REQUIRED = (f"{MODEL_DIR}/config.json", f"{MODEL_DIR}/model.safetensors", f"{MODEL_DIR}/tokenizer.json",
@@ -145,6 +145,7 @@ def build_toy(cfg: ToyConfig | None = None, force: bool = False, warm: WarmStart
         if ok and not force:
             return _artifacts(root, meta, cached=True)
         say(f"building toy world in {root} ({'forced' if force else reason})")
+        _remove_leftovers(root)
         tmp = root.parent / f".{root.name}.tmp-{uuid.uuid4().hex[:8]}"
         try:
             with _torch_threads(warm.threads):
@@ -153,6 +154,14 @@ def build_toy(cfg: ToyConfig | None = None, force: bool = False, warm: WarmStart
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return _artifacts(root, meta, cached=False)
+
+
+def _remove_leftovers(root: Path) -> None:
+    """Temp/old dirs of builders that died (we hold the lock, so no live builder owns one)."""
+    for p in root.parent.glob(f".{root.name}.tmp-*"):
+        shutil.rmtree(p, ignore_errors=True)
+    for p in root.parent.glob(f".{root.name}.old-*"):
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def _swap_into_place(tmp: Path, root: Path) -> None:
@@ -192,8 +201,10 @@ def _build_into(out: Path, cfg: ToyConfig, warm: WarmStartConfig, fp: str, progr
     timings["stats"] = round(time.perf_counter() - t, 2)
 
     model_dir = out / MODEL_DIR
-    model.save_pretrained(model_dir, safe_serialization=True)
+    with _quiet_transformers():
+        model.save_pretrained(model_dir)  # safetensors
     tok.save_pretrained(model_dir)
+    _portable_tokenizer_config(model_dir)
     meta = {
         "fingerprint": fp,
         "build_version": BUILD_VERSION,
@@ -214,6 +225,33 @@ def _build_into(out: Path, cfg: ToyConfig, warm: WarmStartConfig, fp: str, progr
     }
     (out / BUILD_FILE).write_text(json.dumps(meta, indent=2))  # last: marks the build complete
     return meta
+
+
+def _portable_tokenizer_config(model_dir: Path) -> None:
+    """transformers 5 writes class 'TokenizersBackend' and a list of extra specials, which 4.x (the GPU
+    box's vLLM may pin one) cannot read; the 4.x spelling loads in both. Template inlined for old readers."""
+    path = model_dir / "tokenizer_config.json"
+    cfg = json.loads(path.read_text())
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    extra = cfg.pop("extra_special_tokens", None)
+    if isinstance(extra, list):
+        cfg["additional_special_tokens"] = extra
+    template = model_dir / "chat_template.jinja"
+    if template.exists():
+        cfg["chat_template"] = template.read_text()
+    path.write_text(json.dumps(cfg, indent=2))
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """No 'Writing model shards' bar for a 4 MB file."""
+    from transformers.utils import logging as hf_logging  # noqa: PLC0415
+
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.enable_progress_bar()
 
 
 def _load_grader():

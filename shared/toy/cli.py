@@ -132,9 +132,12 @@ def show(
         from .build import _load_grader
         from .warmstart import sample_completions
 
+        from .build import _quiet_transformers
+
         torch.set_num_threads(1)
         tok = AutoTokenizer.from_pretrained(root / "model")
-        model = AutoModelForCausalLM.from_pretrained(root / "model")
+        with _quiet_transformers():
+            model = AutoModelForCausalLM.from_pretrained(root / "model")
         flat = [p for p in probs for _ in range(samples)]
         out = sample_completions(model, tok, flat, 64, 1.0, seed)
         for i, t in enumerate(out):
