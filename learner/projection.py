@@ -93,6 +93,23 @@ class Projector:
             self._on(torch.device(device))
         self.last_cos: Tensor | None = None  # per-module cos of the last call (device, no sync)
 
+    @classmethod
+    def for_model(cls, model: nn.Module, vhack: Mapping[str, Tensor], **kwargs) -> "Projector":
+        """Projector over the model's AntiPaSTO modules in adapter order (shared.adapter.adapter_modules)."""
+        from shared.adapter import adapter_modules
+
+        return cls(list(adapter_modules(model)), vhack, **kwargs)
+
+    def project_model_(self, model: nn.Module) -> dict[str, float]:
+        """project_ on the model's delta_S grads (and delta_Q as quarantine when route=True)."""
+        from shared.adapter import adapter_modules
+
+        mods = adapter_modules(model)
+        if list(mods) != self.names:
+            raise ProjectionError(f"model's adapter modules ({len(mods)}) differ from the projector's ({len(self.names)})")
+        quarantine = [m.delta_Q for m in mods.values()] if self.route else None
+        return self.project_([m.delta_S for m in mods.values()], quarantine)
+
     def _on(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
         if device not in self._dev:
             self._dev[device] = tuple(t.to(device) for t in self._cpu)  # type: ignore[assignment]

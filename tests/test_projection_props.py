@@ -151,3 +151,26 @@ def test_fully_aligned_grad_goes_to_zero_without_nan():
     Projector(names, vh).project_(params)
     assert torch.isfinite(params[3].grad).all()
     assert params[3].grad.norm() < 1e-4
+
+
+def test_for_model_projects_adapter_grads(tiny_qwen3):
+    import copy
+
+    from shared.adapter import adapter_modules, wrap_model
+
+    model = copy.deepcopy(tiny_qwen3)
+    wrap_model(model, progress=False)
+    mods = adapter_modules(model)
+    gen = torch.Generator().manual_seed(0)
+    vh = {n: (lambda v: v / v.norm())(torch.randn(m.rank, generator=gen)) for n, m in mods.items()}
+    ids = torch.randint(2, 256, (2, 9))
+    model(ids).logits.float().pow(2).mean().backward()
+    before = {n: m.delta_S.grad.clone() for n, m in mods.items()}
+    proj = Projector.for_model(model, vh, route=True)
+    stats = proj.project_model_(model)
+    assert stats["n_modules"] == len(mods) == 14
+    for n, m in mods.items():
+        c = max(float(before[n] @ vh[n]), 0.0)
+        torch.testing.assert_close(m.delta_Q.grad, c * vh[n], rtol=1e-4, atol=1e-7)
+        assert m.delta_S.grad @ vh[n] <= 1e-5
+        assert m.delta_S.grad.norm().item() == pytest.approx(before[n].norm().item(), rel=1e-4)
