@@ -1,0 +1,173 @@
+"""Faults on the toy preset through `rankguard up` (real processes, real Redis, tiny runs):
+kill -9 of a rollout or reward worker mid-batch, a stalled worker whose work was taken over, Redis
+killed and restarted, the learner killed then --resume, and no orphans after Ctrl-C / kill -9 of
+the launcher / a crashed worker."""
+import json
+import os
+import signal
+import time
+
+import pytest
+import redis
+
+from pipeline_helpers import (Up, consumer_pid, metrics, quick_toy_dir, small_sets, stop_until_holding,
+                              wait_all_dead)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def toy_dir():
+    return quick_toy_dir()
+
+
+def client(st: dict) -> redis.Redis:
+    return redis.Redis.from_url(st["redis_url"])
+
+
+def key(st: dict, stream: str) -> str:
+    return f"rg:{st['run_id']}:{stream}"
+
+
+def consumers(r: redis.Redis, stream_key: str, group: str) -> list[str]:
+    out = []
+    for c in r.xinfo_consumers(stream_key, group):
+        n = c["name"]
+        out.append(n.decode() if isinstance(n, bytes) else n)
+    return out
+
+
+def assert_complete(run_dir, steps: int, per_step: int = 4) -> None:
+    rows = metrics(run_dir)
+    assert [r["step"] for r in rows] == list(range(steps))
+    assert all(r["n_groups"] == per_step for r in rows), [r["n_groups"] for r in rows]
+    assert (run_dir / "DONE").exists()
+
+
+def all_pids(st: dict) -> list[int]:
+    return [p for p in [*st["services"].values(), st.get("redis_pid")] if p]
+
+
+@pytest.mark.parametrize("victim,stream,group", [("rollout-0", "jobs", "rollout"), ("reward-0", "rollouts", "reward")])
+def test_kill9_worker_mid_batch_work_is_redelivered(toy_dir, tmp_path, victim, stream, group):
+    run = tmp_path / "run"
+    up = Up(run, small_sets(toy_dir), steps=3, extra_args=["--restart-workers", "1"])
+    try:
+        st = up.state()
+        up.wait_rows(1)
+        pid = st["services"][victim]
+        r = client(st)
+        stop_until_holding(r, key(st, stream), group, pid)  # it holds a message it will never finish
+        os.kill(pid, signal.SIGKILL)
+        assert up.wait() == 0, up.output()[-3000:]
+        assert_complete(run, 3)
+        assert "restarting (1/1)" in (run / "logs" / "up.log").read_text()
+        assert "re-claimed" in (run / "logs" / f"{victim}.log").read_text()  # the new worker took it over
+        pipe = metrics(run, "pipeline.jsonl")
+        assert all(p["rerequested"] == 0 and p["duplicates"] == 0 for p in pipe)  # redelivered, not re-made
+    finally:
+        up.kill()
+
+
+def test_stalled_worker_cannot_publish_twice(toy_dir, tmp_path):
+    """A rollout worker stalls holding jobs; the other takes them over and publishes. When the first
+    resumes and publishes too, the atomic finish refuses: the learner sees each job once."""
+    run = tmp_path / "run"
+    up = Up(run, small_sets(toy_dir, **{"pipeline.rollout_workers": 2}), steps=4)
+    try:
+        st = up.state()
+        up.wait_rows(1)
+        pid = st["services"]["rollout-0"]
+        stop_until_holding(client(st), key(st, "jobs"), "rollout", pid)
+        up.wait_rows(2)  # rollout-1 re-claimed the stalled jobs (claim idle 2 s) and the run went on
+        os.kill(pid, signal.SIGCONT)
+        assert up.wait() == 0, up.output()[-3000:]
+        assert_complete(run, 4)
+        stats = [line for line in (run / "logs" / "rollout-0.log").read_text().splitlines() if "stopping:" in line]
+        assert stats and "'duplicates': 0" not in stats[-1], stats  # its late publish was refused
+        assert "re-claimed" in (run / "logs" / "rollout-1.log").read_text()
+    finally:
+        up.kill()
+
+
+def test_redis_killed_and_restarted_run_continues(toy_dir, tmp_path):
+    run = tmp_path / "run"
+    up = Up(run, small_sets(toy_dir), steps=4)
+    try:
+        st = up.state()
+        up.wait_rows(1)
+        os.kill(st["redis_pid"], signal.SIGKILL)
+        assert up.wait() == 0, up.output()[-3000:]
+        assert_complete(run, 4)
+        assert "restarting it on the same port" in (run / "logs" / "up.log").read_text()
+        for svc in ("learner", "rollout-0", "reward-0"):
+            log = (run / "logs" / f"{svc}.log").read_text()
+            assert "redis unreachable" in log or "redis reachable again" in log or svc != "learner", svc
+    finally:
+        up.kill()
+
+
+def test_learner_killed_then_resume_continues(toy_dir, tmp_path):
+    run = tmp_path / "run"
+    sets = small_sets(toy_dir)
+    up = Up(run, sets, steps=5)
+    try:
+        st1 = up.state()
+        up.wait_rows(3)  # checkpoint at step 2 exists
+        os.kill(st1["services"]["learner"], signal.SIGKILL)
+        assert up.wait() == 1  # a crashed learner fails the run
+        assert "FAILED: learner" in up.output()
+    finally:
+        up.kill()
+    up2 = Up(run, sets, steps=5, extra_args=["--resume"])
+    try:
+        st2 = up2.state()
+        assert up2.wait() == 0, up2.output()[-3000:]
+        assert st2["run_id"] == st1["run_id"]
+        assert_complete(run, 5)  # one metrics file, each step exactly once
+        pipe = metrics(run, "pipeline.jsonl")
+        incarnations = [p["incarnation"] for p in pipe if p["step"] >= 2]
+        assert incarnations[-1] == 2 and "resumed" in (run / "logs" / "learner.log").read_text()
+    finally:
+        up2.kill()
+
+
+def test_kill9_launcher_leaves_no_orphans(toy_dir, tmp_path):
+    up = Up(tmp_path / "run", small_sets(toy_dir), steps=50)
+    try:
+        st = up.state()
+        up.wait_for_log("reward-0", "waiting for rollouts")  # its sandbox pool is up (grandchildren)
+        pids = all_pids(st)
+        os.kill(up.proc.pid, signal.SIGKILL)
+        up.proc.wait()
+        assert wait_all_dead(pids, timeout=20) == []
+    finally:
+        up.kill()
+
+
+def test_ctrl_c_stops_everything(toy_dir, tmp_path):
+    up = Up(tmp_path / "run", small_sets(toy_dir), steps=50)
+    try:
+        st = up.state()
+        up.wait_rows(1)
+        t0 = time.monotonic()
+        os.kill(up.proc.pid, signal.SIGINT)
+        assert up.wait(60) == 130
+        assert time.monotonic() - t0 < 15  # services honour SIGTERM (no grace-period SIGKILL)
+        assert "ignored SIGTERM" not in up.output()
+        assert wait_all_dead(all_pids(st), timeout=5) == []
+    finally:
+        up.kill()
+
+
+def test_crashed_worker_fails_the_run(toy_dir, tmp_path):
+    up = Up(tmp_path / "run", small_sets(toy_dir), steps=50)
+    try:
+        st = up.state()
+        up.wait_for_log("reward-0", "waiting for rollouts")
+        os.kill(st["services"]["reward-0"], signal.SIGKILL)
+        assert up.wait(60) == 1
+        assert "FAILED: reward-0 (exit -9)" in up.output()
+        assert wait_all_dead(all_pids(st), timeout=5) == []
+    finally:
+        up.kill()
