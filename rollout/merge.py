@@ -56,10 +56,12 @@ class DeltaMerger:
     """
 
     def __init__(self, factors: Mapping[str, Factors], device: str | torch.device = "cpu",
-                 out_dtype: torch.dtype | None = None, window_bytes: int = 1 << 30):
+                 out_dtype: torch.dtype | None = None, window_bytes: int = 1 << 30, batched: bool | None = None):
         if not factors:
             raise MergeError("no modules to merge (factors is empty)")
         self.device = torch.device(device)
+        # one bmm per group pays off on GPUs (fewer launches); CPU bmm is a slower loop of gemms
+        self.batched = (self.device.type != "cpu") if batched is None else bool(batched)
         self.names: list[str] = list(factors)
         self.index = {n: i for i, n in enumerate(self.names)}
         self.ranks: list[int] = []
@@ -166,14 +168,22 @@ class DeltaMerger:
             out: dict[int, Tensor] = {}
             for g in groups:
                 d = torch.stack([delta[starts[i]:starts[i] + self.ranks[i]] for i in g.idx])
-                scaled = g.U.float() * (g.S + d)[:, None, :]  # [k, d_out, r]
-                if g.W_res is not None:
-                    W = torch.baddbmm(g.W_res.float(), scaled, g.Vh.float())
-                else:
-                    W = torch.bmm(scaled, g.Vh.float())
-                W = W.to(self.out_dtype)
+                scale = g.S + d  # [k, r] fp32
+                if self.batched:
+                    scaled = g.U.float() * scale[:, None, :]  # [k, d_out, r]
+                    if g.W_res is not None:
+                        W = torch.baddbmm(g.W_res.float(), scaled, g.Vh.float())
+                    else:
+                        W = torch.bmm(scaled, g.Vh.float())
+                    W = W.to(self.out_dtype)
+                    for j, i in enumerate(g.idx):
+                        out[i] = W[j]
+                    continue
                 for j, i in enumerate(g.idx):
-                    out[i] = W[j]
+                    Wj = (g.U[j].float() * scale[j]) @ g.Vh[j].float()
+                    if g.W_res is not None:
+                        Wj += g.W_res[j].float()
+                    out[i] = Wj.to(self.out_dtype)
             for i in sorted(out):
                 yield self.names[i] + suffix, out.pop(i)
 
@@ -188,7 +198,8 @@ class DeltaMerger:
     def __repr__(self) -> str:
         groups = sum(len(w) for w in self.windows)
         return (f"DeltaMerger({len(self.names)} modules, {self.total} deltas, {len(self.windows)} window(s), "
-                f"{groups} group(s), {self.nbytes() / 2**20:.1f} MiB on {self.device}, out {self.out_dtype})")
+                f"{groups} group(s){' batched' if self.batched else ''}, {self.nbytes() / 2**20:.1f} MiB on {self.device}, "
+                f"out {self.out_dtype})")
 
 
 def factors_from_weight(weight: Tensor, svd: tuple[Tensor, Tensor, Tensor], rank: int | None = None) -> Factors:

@@ -57,9 +57,12 @@ def test_merge_groups_equal_shapes_and_windows(tiny_qwen3):
     assert len(one.windows) == 1 and [len(g.idx) for g in one.windows[0]] == [6, 4, 4]
     tiny = DeltaMerger(facs, window_bytes=1)  # one module per window: same numbers, other batching
     assert len(tiny.windows) == len(names)
+    bmm = DeltaMerger(facs, batched=True)  # the GPU path (one bmm per group), run on CPU here
+    assert not one.batched and bmm.batched
     delta = torch.randn(sum(sizes)) * 0.1
     a, b = one.merged_dict(delta), tiny.merged_dict(as_flat_delta(delta.numpy().astype("<f4").tobytes()))
-    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    c = bmm.merged_dict(delta)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) and torch.allclose(a[k], c[k], atol=1e-5) for k in a)
 
 
 def test_merge_bf16_out_and_truncated_factors():
@@ -71,9 +74,10 @@ def test_merge_bf16_out_and_truncated_factors():
     (name, W0), = merger.merged(torch.zeros(8), ["m"], [8])
     assert name == "m.weight" and W0.dtype == torch.bfloat16
     assert torch.allclose(W0.float(), W, atol=0.05)  # rank-8 part + residual = W (bf16 rounding)
-    (_, W1), = DeltaMerger({"m": f}).merged(torch.ones(8))
     U, S, Vh = svd
-    assert torch.allclose(W1, W + U[:, :8] @ Vh[:8], atol=1e-4)
+    for batched in (False, True):
+        (_, W1), = DeltaMerger({"m": f}, batched=batched).merged(torch.ones(8))
+        assert torch.allclose(W1, W + U[:, :8] @ Vh[:8], atol=1e-4)
 
 
 def test_merge_layout_errors(tiny_qwen3):
