@@ -7,8 +7,9 @@ each update only ships the delta (a few thousand floats on the toy model, ~0.5M 
 Math and dtypes mirror `shared.adapter.merged_weight` (the learner's effective weight): factors stay
 in their stored dtype, the scale S + delta and both products are fp32, the result is cast to
 `out_dtype` at the end. Modules with equal factor shapes inside a window of consecutive modules
-are stacked and merged with one `baddbmm`; the output keeps model order, so a loader that
-processes layer by layer (vLLM's layerwise reload) sees each layer's weights together.
+are stacked once; on a GPU each such group is merged with one `bmm`/`baddbmm` (on CPU, where bmm
+is just a slower loop, one gemm per module). The output keeps the merger's order (model order),
+so a loader that processes layer by layer (vLLM's layerwise reload) sees each layer together.
 """
 from __future__ import annotations
 
