@@ -520,7 +520,12 @@ def main() -> None:
     network = "netns (no interfaces)" if isolation == "namespaces" else "socket-block (audit hook)"
     send_frame(sock, {"ok": True, "isolation": isolation, "network": network, "detail": detail,
                       "pid": os.getpid(), "uid": cfg["uid"]})
-    Server(cfg, sock, isolation, libc).serve()
+    server = Server(cfg, sock, isolation, libc)
+    import gc
+
+    gc.collect()
+    gc.freeze()  # children's GC then never walks (and copy-on-write-faults) the server's heap
+    server.serve()
 
 
 if __name__ == "__main__":

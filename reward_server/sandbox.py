@@ -173,7 +173,7 @@ def _drive(job: ExecJob, cfg: SandboxConfig, start) -> ExecResult:
         limit = cfg.wall_s + (0.0 if run.enforce_timeout else 15.0)
         killed = False
         reply = None
-        vr_open, pw_open = True, True
+        pw_open = True
         while reply is None:
             left = t0 + limit - time.monotonic()
             if left <= 0:
@@ -191,7 +191,6 @@ def _drive(job: ExecJob, cfg: SandboxConfig, start) -> ExecResult:
                         continue
                     if not chunk:
                         poller.unregister(vr)
-                        vr_open = False
                         continue
                     if len(verdict) < VERDICT_CAP:
                         verdict += chunk
@@ -200,6 +199,9 @@ def _drive(job: ExecJob, cfg: SandboxConfig, start) -> ExecResult:
                         post = None
                         if pw_open:
                             poller.modify(pw, select.POLLOUT)
+                        # The rest of the verdict waits in the 1 MiB pipe until the run is over:
+                        # no wake-up per assert line.
+                        poller.unregister(vr)
                 elif fd == pw:
                     if ev & (select.POLLERR | select.POLLHUP):
                         poller.unregister(pw)
@@ -220,7 +222,7 @@ def _drive(job: ExecJob, cfg: SandboxConfig, start) -> ExecResult:
                     reply = run.finish(timed_out=killed)
         # Every writer of the verdict pipe is gone now (child dead, server closed its copy).
         deadline = time.monotonic() + 1.0
-        while vr_open and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
             if not select.select([vr], [], [], max(0.0, deadline - time.monotonic()))[0]:
                 break
             chunk = os.read(vr, 1 << 16)

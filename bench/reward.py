@@ -1,0 +1,118 @@
+"""Reward throughput: prewarmed fork servers vs a naive fresh interpreter per execution.
+
+    python bench/reward.py [--workers 2] [--limit 58] [--timeout 30] [--json out.json]
+
+Items: for every shared LeetCode problem, its canonical solution, a wrong one, and a wrong one with
+a planted hack (modes A-D in turn). Arms, measured side by side in this process:
+  naive      fresh `python harness.py` per execution, all five checks per rollout (the reference's
+             layout: five fresh interpreters per rollout)
+  fast       fork-server pool, vulnerable checks skipped once gt passed (cannot change a verdict)
+  fast-full  fork-server pool, all five checks always (pure per-execution overhead comparison)
+Verdicts (formatted, can_compile, gt_pass, pass_frac, exploited, attempted, reward) are compared
+one by one against naive. Also reports the per-execution overhead on a trivial program.
+A generous CPU limit keeps slow canonical solutions from turning machine load into verdict noise.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from reward_server.grader import Grader, _Checks, compile_program  # noqa: E402
+from reward_server.sandbox import ExecJob, SandboxConfig, make_executor  # noqa: E402
+from shared.config import LoopholeConfig, RewardConfig  # noqa: E402
+from shared.hacks import MODES, as_completion, plant_hack  # noqa: E402
+from shared.problems import load_leetcode_sample  # noqa: E402
+from shared.prompts import method_name  # noqa: E402
+
+VERDICT_FIELDS = ("formatted", "can_compile", "gt_pass", "pass_frac", "exploited", "attempted", "reward")
+
+
+def build_items(limit: int | None) -> list[tuple]:
+    items = []
+    for i, p in enumerate(load_leetcode_sample()[:limit]):
+        wrong = f"class Solution:\n    def {method_name(p)}(self, *args, **kwargs):\n        return None\n"
+        items.append((p, as_completion(p.canonical_solution), "canonical"))
+        items.append((p, as_completion(wrong), "wrong"))
+        mode = MODES[i % 4]
+        items.append((p, as_completion(plant_hack(wrong, mode, i // 4)), f"hack-{mode}"))
+    return items
+
+
+def run_arm(name: str, items: list[tuple], workers: int, timeout: float) -> tuple[float, list]:
+    cfg = RewardConfig(loopholes=LoopholeConfig(rt=True, se=True, so=True, fm=True), timeout_s=timeout)
+    iso = "fresh" if name == "naive" else "auto"
+    with Grader(cfg, workers=workers, sandbox=SandboxConfig(timeout_s=timeout, isolation=iso),
+                full_checks=name != "fast") as g:
+        g.grade(items[1][0], items[1][1])  # warm the per-problem cache path
+        t0 = time.perf_counter()
+        grades = g.grade_many([(p, c) for p, c, _ in items])
+        return time.perf_counter() - t0, grades
+
+
+def exec_overhead(isolation: str, n: int) -> float:
+    """Median seconds for one honest-check execution of a trivial wrong program."""
+    p = load_leetcode_sample()[0]
+    ck = _Checks(p)
+    blob, _ = compile_program("class Solution:\n    pass\n")
+    ex = make_executor(SandboxConfig(workers=1, isolation=isolation))
+    try:
+        ts = []
+        for _ in range(n):
+            nonce = uuid.uuid4().hex.encode()
+            t0 = time.perf_counter()
+            ex.run(ExecJob("gt", ck.setup, blob, {}, {"nonce": nonce, "checks": ck.gt_checks}))
+            ts.append(time.perf_counter() - t0)
+        return statistics.median(ts)
+    finally:
+        ex.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--limit", type=int, default=None, help="first N problems (default all 58)")
+    ap.add_argument("--timeout", type=float, default=30.0, help="CPU seconds per check")
+    ap.add_argument("--arms", default="naive,fast,fast-full")
+    ap.add_argument("--overhead-runs", type=int, default=40)
+    ap.add_argument("--json", default=None, help="write the numbers here")
+    args = ap.parse_args(argv)
+
+    items = build_items(args.limit)
+    out: dict = {"items": len(items), "workers": args.workers, "timeout_s": args.timeout}
+    ov_fast = exec_overhead("auto", args.overhead_runs)
+    ov_naive = exec_overhead("fresh", max(10, args.overhead_runs // 4))
+    out["exec_overhead_ms"] = {"fork_server": ov_fast * 1e3, "fresh_interpreter": ov_naive * 1e3}
+    print(f"per-execution (trivial program, honest check): fork server {ov_fast * 1e3:.1f} ms, "
+          f"fresh interpreter {ov_naive * 1e3:.1f} ms ({ov_naive / ov_fast:.1f}x)")
+
+    results = {}
+    for arm in args.arms.split(","):
+        secs, grades = run_arm(arm, items, args.workers, args.timeout)
+        results[arm] = grades
+        out[arm] = {"seconds": secs, "rollouts_per_s": len(items) / secs}
+        print(f"{arm:10s} {len(items)} rollouts in {secs:7.2f} s = {len(items) / secs:7.2f} rollouts/s")
+    if "naive" in results:
+        base = out["naive"]["rollouts_per_s"]
+        for arm, grades in results.items():
+            if arm == "naive":
+                continue
+            diff = [(items[i][0].key, items[i][2], f) for i, (a, b) in enumerate(zip(results["naive"], grades))
+                    for f in VERDICT_FIELDS if getattr(a, f) != getattr(b, f)]
+            out[arm]["speedup_vs_naive"] = out[arm]["rollouts_per_s"] / base
+            out[arm]["verdict_mismatches"] = len(diff)
+            print(f"{arm:10s} speed-up vs naive {out[arm]['speedup_vs_naive']:.2f}x, "
+                  f"verdict mismatches {len(diff)}/{len(items)}" + (f": {diff[:5]}" if diff else ""))
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
