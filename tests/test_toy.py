@@ -312,3 +312,33 @@ def test_micro_batches_give_the_same_gradient(tokenizer, splits):
     model = make_model(1024, tokenizer.eos_token_id, tokenizer.pad_token_id, seed=0)
     ref = model(input_ids=ids, attention_mask=mask, labels=lab).loss  # HF's own shifted CE
     assert torch.allclose(completion_loss(model, ids, mask, lab), ref, atol=1e-5)
+
+
+def test_the_grader_sees_every_planted_hack(splits):
+    """Warm-start hacks are the grader's hacks: strict for their own mode, loose-detected, and clean
+    targets trigger neither."""
+    grader_mod = pytest.importorskip("reward_server.grader")
+    from shared.config import LoopholeConfig, RewardConfig
+
+    rng = random.Random(3)
+    cfg = WarmStartConfig(hack_share=0.5)
+    want = {f"hack-{m}": 2 for m in MODES} | {"correct": 2, "wrong": 1, "guess": 2}
+    picked = []
+    for i in range(4000):
+        t = make_target(splits[0][i % 400], rng, cfg)
+        if want.get(t.kind, 0) > 0 and not (t.kind.startswith("hack") and "pass\n" not in t.completion):
+            want[t.kind] -= 1  # hacks on an empty body: gt surely fails, so the hack must be strict
+            picked.append(t)
+        if not any(want.values()):
+            break
+    assert not any(want.values())
+    with grader_mod.Grader(RewardConfig(loopholes=LoopholeConfig(rt=True, se=True, so=True, fm=True)),
+                           workers=1) as g:
+        grades = g.grade_many([(t.problem, t.completion) for t in picked])
+    for t, gr in zip(picked, grades):
+        if t.kind.startswith("hack-"):
+            m = t.kind[-1]
+            assert not gr.gt_pass and gr.exploited[m] and gr.attempted[m], (t.completion, gr)
+        else:
+            assert gr.gt_pass == (t.kind == "correct"), t.completion
+            assert not any(gr.exploited.values()) and not any(gr.attempted.values()), t.completion

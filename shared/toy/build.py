@@ -26,7 +26,7 @@ from ..problems import Problem, load_problems, save_problems
 from . import tasks
 from .model import make_model, param_count
 from .tokenizer import train_tokenizer
-from .warmstart import QUICK_WARM, WarmStartConfig, corpus_texts, sample_completions, warm_start
+from .warmstart import QUICK_WARM, WarmStartConfig, auto_threads, corpus_texts, sample_completions, warm_start
 
 BUILD_VERSION = 2  # bump when the generator, tokenizer or recipe changes meaning
 WARM_ENV = "RANKGUARD_TOY_WARM"  # JSON overrides of WarmStartConfig, e.g. '{"steps": 20}' for fast tests
@@ -148,7 +148,7 @@ def build_toy(cfg: ToyConfig | None = None, force: bool = False, warm: WarmStart
         _remove_leftovers(root)
         tmp = root.parent / f".{root.name}.tmp-{uuid.uuid4().hex[:8]}"
         try:
-            with _torch_threads(warm.threads):
+            with _torch_threads(warm.threads or auto_threads()):
                 meta = _build_into(tmp, cfg, warm, fp, progress, say)
             _swap_into_place(tmp, root)
         finally:

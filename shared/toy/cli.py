@@ -73,7 +73,7 @@ def build(
     steps: Optional[int] = typer.Option(None, "--steps", help="Warm-start steps (default 1040)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Warm-start batch (default 64)."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Warm-start peak learning rate (default 3e-3)."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="torch threads during the build (default 2)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch threads during the build (default: 2, or 1 when the machine is busy)."),
     samples: Optional[int] = typer.Option(None, "--samples", help="Completions sampled for the stats (default 128)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
