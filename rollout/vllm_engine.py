@@ -119,6 +119,7 @@ class VLLMEngine:
         self._loaded_key: tuple | None = None  # (version, quarantine on?) currently in vLLM's weights
         self.timings: dict[str, float] = {}
         self._lock = threading.Lock()
+        self._log_hint = f"see {log_file}" if log_file else "see its log on stderr"
         svd_dir = cfg.model.svd_cache_dir
         spec = {
             "model_dir": self.model_dir,
@@ -137,7 +138,7 @@ class VLLMEngine:
         self._finalizer = weakref.finalize(self, _stop_child, self._proc, self._conn)
         self.info = self._call(("start", spec), timeout=start_timeout_s)
         self.timings["start_s"] = time.perf_counter() - t0
-        self._loaded_key = (0, False)
+        self._loaded_key = None  # checkpoint weights: the first update is always pushed
 
     # ------------------------------------------------------------------ plumbing
     def _call(self, msg: tuple, timeout: float | None = None) -> Any:
@@ -150,7 +151,7 @@ class VLLMEngine:
             while not self._conn.poll(1.0):
                 if self._proc.poll() is not None:
                     raise EngineError(f"vLLM child process died during {msg[0]!r} "
-                                      f"(exit code {self._proc.returncode}; see its log above)")
+                                      f"(exit code {self._proc.returncode}; {self._log_hint})")
                 if time.monotonic() > deadline:
                     self.close()
                     raise EngineError(f"vLLM child did not answer {msg[0]!r} within {limit:.0f}s; stopped it")
