@@ -308,15 +308,14 @@ class Experiment:
     def run(self) -> dict:
         states = {r.name: run_state(r) for r in self.runs}  # fail fast on a foreign folder
         run_fn = self.run_fn or default_run_fn(self.mode, progress=not self.progress)
+        previous = self._previous_entries()
         t0 = time.time()
         self.record = {
             "preset": self.preset, "mode": self.mode, "arms": self.arms, "seeds": self.seeds,
             "steps": self.steps_per_run, "overrides": list(self.overrides), "out": str(self.out),
             "git_commit": git_commit(), "started": _now(), "finished": None, "status": "running",
             "prepare_s": None, "wall_s": None,
-            "runs": [{"arm": r.arm, "seed": r.seed, "run_dir": str(r.run_dir), "state_before": states[r.name],
-                      "status": "skipped" if states[r.name] == "done" else "pending", "wall_s": None}
-                     for r in self.runs],
+            "runs": [self._initial_entry(r, states[r.name], previous.get((r.arm, r.seed))) for r in self.runs],
         }
         self._write_record()
         todo = [r for r in self.runs if states[r.name] != "done"]
@@ -353,6 +352,23 @@ class Experiment:
                 self.record["report_error"] = str(e)
             self._write_record()
         return self.record
+
+    def _previous_entries(self) -> dict[tuple[str, int], dict]:
+        """Per-run entries of an earlier invocation's experiment.json (to keep the timings of skipped runs)."""
+        try:
+            old = json.loads((self.out / "experiment.json").read_text())
+            return {(e["arm"], int(e["seed"])): e for e in old.get("runs", [])}
+        except (OSError, ValueError, KeyError, TypeError):
+            return {}
+
+    @staticmethod
+    def _initial_entry(run: PlannedRun, state: str, prev: dict | None) -> dict:
+        entry = {"arm": run.arm, "seed": run.seed, "run_dir": str(run.run_dir), "state_before": state,
+                 "status": "pending", "wall_s": None}
+        if state == "done":
+            keep = {k: prev[k] for k in ("wall_s", "started", "finished") if prev and k in prev}
+            entry.update(keep, status="skipped", timing=_timing(run.run_dir))
+        return entry
 
     def _entry(self, run: PlannedRun) -> dict:
         return next(x for x in self.record["runs"] if x["arm"] == run.arm and x["seed"] == run.seed)

@@ -14,6 +14,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from analysis.hypotheses import mean_sem  # noqa: E402
 
@@ -44,7 +45,7 @@ def pareto_frontier(points: list[tuple[float, float]]) -> list[tuple[float, floa
 def plot_pareto(summaries: dict[str, "ArmSummary"], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7.5, 5.8), dpi=120)
     all_pts = []
-    for arm, s in summaries.items():
+    for i, (arm, s) in enumerate(summaries.items()):
         pts = [(p, h) for p, h in zip(s.values["pass"], s.values["hack"]) if p is not None and h is not None]
         all_pts += pts
         c, mk = ARM_COLORS.get(arm, "#8c564b"), ARM_MARKERS.get(arm, "o")
@@ -55,7 +56,8 @@ def plot_pareto(summaries: dict[str, "ArmSummary"], path: Path) -> Path:
         hm, hs, _ = mean_sem([h for _, h in pts])
         if pm is None:
             continue
-        ax.errorbar(pm, hm, xerr=ps or 0, yerr=hs or 0, color=c, marker=mk, ms=10, mec="white", mew=1.2,
+        ms = max(5.0, 13.0 - 1.6 * i)  # earlier arms drawn larger, so coinciding means stay visible (nested)
+        ax.errorbar(pm, hm, xerr=ps or 0, yerr=hs or 0, color=c, marker=mk, ms=ms, mec="white", mew=1.2,
                     capsize=4, lw=1.5, alpha=0.9, label=f"{_label(arm)} (n={len(pts)})", zorder=5)
         if arm == "rebound":
             ax.annotate("Rebound", (pm, hm), xytext=(14, 14), textcoords="offset points", color=c,
@@ -100,17 +102,19 @@ def _series(runs, rows_of, key: str, scale: float) -> tuple[list[int], list[floa
 
 def _band_panel(ax, summaries, rows_of, key: str, scale: float, ylabel: str, title: str) -> bool:
     drew = False
-    for arm, s in summaries.items():
+    for i, (arm, s) in enumerate(summaries.items()):
         steps, m, e = _series(s.runs, rows_of, key, scale)
         if not steps:
             continue
         drew = True
         c = ARM_COLORS.get(arm, "#8c564b")
-        ax.plot(steps, m, color=c, marker=ARM_MARKERS.get(arm, "o") if len(steps) <= 12 else None, ms=4,
-                lw=1.6, label=f"{_label(arm)} (n={s.n})")
+        # earlier arms drawn wider underneath, so coinciding curves stay visible
+        ax.plot(steps, m, color=c, marker=ARM_MARKERS.get(arm, "o") if len(steps) <= 12 else None,
+                ms=max(3.0, 7.0 - i), lw=max(1.2, 3.6 - 0.5 * i), label=f"{_label(arm)} (n={s.n})", zorder=2 + i)
         ax.fill_between(steps, [a - b for a, b in zip(m, e)], [a + b for a, b in zip(m, e)], color=c, alpha=0.18,
                         lw=0)
     ax.set_xlabel("step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)

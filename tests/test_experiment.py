@@ -80,6 +80,9 @@ def test_runs_then_skips_finished(tmp_path):
     rec2 = _run(tmp_path, fake2, prepared2)
     assert fake2.calls == [] and prepared2 == []  # all four skipped, nothing to prepare
     assert {r["status"] for r in rec2["runs"]} == {"skipped"}
+    # the skipped runs keep the timings recorded when they ran
+    assert [r["wall_s"] for r in rec2["runs"]] == [r["wall_s"] for r in on_disk["runs"]]
+    assert rec2["runs"][0]["timing"]["steps_logged"] == 4
 
 
 def test_interrupted_run_resumes_where_it_stopped(tmp_path):
