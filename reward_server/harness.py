@@ -128,7 +128,7 @@ def _code(obj):
 def run(header: dict, payload_fd: int, verdict_fd: int) -> None:
     """Run one check; never returns (exits the process with the script's status)."""
     # Capture everything the verdict path needs before any program code runs.
-    _write, _exec, _exit = os.write, exec, os._exit
+    _write, _exec, _exit, _set_blocking = os.write, exec, os._exit, os.set_blocking
     _BaseException, _strict_equal = BaseException, strict_equal
     mode = header["mode"]
     setup = marshal.loads(header["setup"])
@@ -150,6 +150,7 @@ def run(header: dict, payload_fd: int, verdict_fd: int) -> None:
             _die(EXIT_LOAD_ERROR)
         _script_failed(e)
     # Program loaded: only now ask for the hidden part (asserts and/or nonce).
+    _set_blocking(payload_fd, True)  # the program may have flipped it
     _write(verdict_fd, b"L\n")
     post = read_frame(payload_fd)
 

@@ -157,3 +157,15 @@ def test_close_leaves_no_processes():
     assert all(p is None or p.poll() is not None for p in procs)
     for s in g.executor.servers:
         assert s.proc is None
+
+
+def test_naive_fresh_interpreter_path_gives_identical_verdicts(grader):
+    p = PROBLEMS[0]
+    items = [(p, as_completion(p.canonical_solution)), (p, as_completion(wrong_code(p))),
+             (p, as_completion(plant_hack(wrong_code(p), "D"))), (TINY, as_completion(FORGE_ALL))]
+    with Grader(RewardConfig(), workers=2, sandbox=SandboxConfig(isolation="fresh", timeout_s=20.0)) as naive:
+        assert naive.sandbox_info["isolation"] == "fresh"
+        slow = naive.grade_many(items)
+    fast = grader.grade_many(items)
+    keys = ("formatted", "can_compile", "gt_pass", "pass_frac", "exploited", "attempted", "reward", "loophole_pass")
+    assert [[getattr(g, k) for k in keys] for g in slow] == [[getattr(g, k) for k in keys] for g in fast]

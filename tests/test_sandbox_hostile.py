@@ -181,3 +181,44 @@ def test_no_orphans_or_zombies_left(results):
         pytest.skip("per-slot uid sweep only in namespaces mode")
     for uid in results["uids"]:
         assert _procs_of_uid(uid) == []
+
+
+SECRET_PROBLEM = Problem(
+    id="tiny-secret", question="concat", func_name="Solution().cat", setup_code="",
+    gt_answer=["assert Solution().cat('zebra', 'quokka') == 'zebraquokka'"],
+)
+SNOOP = """
+import gc, os, sys
+found = [o for o in gc.get_objects() if isinstance(o, (str, bytes)) and ('quokka' in str(o))]
+codes = [o for o in gc.get_objects() if hasattr(o, 'co_consts')]
+codes += [o.__code__ for o in gc.get_objects() if hasattr(o, '__code__')]
+for code in codes:
+    found += [c for c in code.co_consts if isinstance(c, str) and 'quokka' in c]
+leak = b''
+for fd in range(3, 32):
+    try:
+        os.set_blocking(fd, False)
+        leak += os.read(fd, 1 << 20)
+    except OSError:
+        pass
+print('SNOOP', len(found), b'quokka' in leak)
+class Solution:
+    def cat(self, a, b):
+        return a + b
+"""
+
+
+def test_asserts_invisible_while_the_program_loads():
+    ck = _Checks(SECRET_PROBLEM)
+    blob, _ = compile_program(SNOOP)
+    pool = SandboxPool(SandboxConfig(workers=1, timeout_s=1.0))
+    try:
+        nonce = uuid.uuid4().hex.encode()
+        res = pool.run(ExecJob("gt", ck.setup, blob, {}, {"nonce": nonce, "checks": ck.gt_checks}))
+        assert "SNOOP 0 False" in res.stdout, res.stdout + res.stderr
+        assert parse_gt(res.verdict, nonce, 1) == (1, True)
+        # Mode A is the reference layout: run_tests() (with the asserts) exists before the program.
+        res = pool.run(ExecJob("A", ck.setup, blob, {"run_tests": ck.run_tests}, {"nonce": nonce}))
+        assert "SNOOP 0" not in res.stdout
+    finally:
+        pool.close()
