@@ -215,6 +215,58 @@ def setup_namespaces(libc: _Libc, hide: list[str], expose: list[str], tmpfs_mb: 
     libc.mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"mode=711,size={tmpfs_mb}m")
 
 
+# ---------------------------------------------------------------- memory cgroup (best effort)
+def join_memory_cgroup(name: str, limit_bytes: int) -> tuple[int, int, str]:
+    """Move this process (and so every child it forks) into a fresh memory cgroup capped at
+    limit_bytes: RLIMIT_AS is per process, so without it a fork bomb of 1 GiB processes could
+    still exhaust the host. Returns fds to leave it later (see leave_cgroup) even once /sys is
+    hidden; raises OSError when unavailable."""
+    mine = {}
+    with open("/proc/self/cgroup") as f:
+        for line in f:
+            _, ctrls, path = line.rstrip("\n").split(":", 2)
+            for c in ctrls.split(",") if ctrls else [""]:
+                mine[c] = path
+    if "memory" in mine and os.path.isdir("/sys/fs/cgroup/memory"):  # cgroup v1
+        parent = "/sys/fs/cgroup/memory" + mine["memory"].rstrip("/")
+        files = {"memory.limit_in_bytes": str(limit_bytes)}
+    elif "" in mine and os.path.exists("/sys/fs/cgroup/cgroup.controllers"):  # cgroup v2
+        parent = "/sys/fs/cgroup" + mine[""].rstrip("/")
+        files = {"memory.max": str(limit_bytes), "memory.swap.max": "0"}
+    else:
+        raise OSError(errno.ENOENT, "no memory cgroup controller")
+    path = os.path.join(parent, name)
+    os.makedirs(path, exist_ok=True)
+    try:
+        for fname, value in files.items():
+            try:
+                with open(os.path.join(path, fname), "w") as f:
+                    f.write(value)
+            except OSError:
+                if fname != "memory.swap.max":
+                    raise
+        with open(os.path.join(path, "cgroup.procs"), "w") as f:
+            f.write(str(os.getpid()))
+        back = os.open(os.path.join(parent, "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC)
+        parent_fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        try:
+            os.rmdir(path)
+        except OSError:
+            pass
+        raise
+    return back, parent_fd, name
+
+
+def leave_cgroup(back: int, parent_fd: int, name: str) -> None:
+    """Move back to the parent cgroup and remove ours (it must be empty by now)."""
+    try:
+        os.write(back, str(os.getpid()).encode())
+        os.rmdir(name, dir_fd=parent_fd)
+    except OSError:
+        pass
+
+
 # ---------------------------------------------------------------- fallback guard (no namespaces)
 _DENY_EVENTS = frozenset({
     "socket.__new__", "socket.bind", "socket.connect", "socket.getaddrinfo", "socket.sendto",
@@ -490,23 +542,40 @@ def main() -> None:
     import stat  # noqa: F401
 
     want = cfg.get("isolation", "auto")
-    isolation, detail, libc = "fallback", "", None
+    isolation, detail, libc, memcap = "fallback", "", None, ""
     if want in ("auto", "namespaces"):
         try:
             libc = _Libc()
             if os.geteuid() != 0:
                 raise PermissionError(errno.EPERM, "not root: cannot create namespaces")
+            cgroup = None
+            if cfg.get("cgroup_bytes"):
+                try:
+                    cgroup = join_memory_cgroup(f"rankguard-{os.getpid()}-slot{cfg['slot']}", int(cfg["cgroup_bytes"]))
+                    memcap = f", memory cgroup {int(cfg['cgroup_bytes']) >> 20} MiB per slot"
+                except OSError as e:
+                    memcap = f", no memory cgroup ({e.strerror or e})"
             setup_namespaces(libc, cfg.get("hide", []), cfg.get("expose", []), int(cfg.get("tmpfs_mb", 64)))
             libc.unshare(CLONE_NEWPID)
             pid = os.fork()
             if pid:  # outer: just hold on until the namespace's pid 1 (the real server) exits
                 sock.close()
                 _, status = os.waitpid(pid, 0)
+                if cgroup:
+                    leave_cgroup(*cgroup)
                 os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
             libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+            if cgroup:
+                os.close(cgroup[0])
+                os.close(cgroup[1])
             libc.mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+            try:
+                with open("/proc/self/oom_score_adj", "w") as f:  # the OOM killer takes the child, not us
+                    f.write("-1000")
+            except OSError:
+                pass  # needs CAP_SYS_RESOURCE; children still raise theirs to 1000
             isolation = "namespaces"
-            detail = "mount+net+pid namespaces, read-only /, hidden server paths, per-slot uid"
+            detail = "mount+net+pid namespaces, read-only /, hidden server paths, per-slot uid" + memcap
         except OSError as e:
             if want == "namespaces":
                 send_frame(sock, {"error": f"namespaces unavailable: {e}"})

@@ -272,6 +272,8 @@ class ForkServer:
             "fd": theirs.fileno(), "slot": self.slot, "uid": self.uid, "isolation": self.cfg.isolation,
             "hide": default_hide() + list(self.cfg.hide), "expose": default_expose() + list(self.cfg.expose),
             "tmpfs_mb": max(64, 4 * self.cfg.fsize_mb + 16),
+            # whole slot (server + the run's processes + its tmpfs files) under one memory cap
+            "cgroup_bytes": (self.cfg.memory_mb + 192 + max(64, 4 * self.cfg.fsize_mb + 16)) << 20,
         }
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONPATH": str(REPO_ROOT),
                "PYTHONDONTWRITEBYTECODE": "1"}

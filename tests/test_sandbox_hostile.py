@@ -63,6 +63,9 @@ CASES: dict[str, tuple[str, object]] = {
         lambda r, p: r.error is None),
     "memory_bomb": ("x = bytearray(8 << 30)\n", lambda r, p: p == 0 and "MemoryError" in r.stderr),
     "memory_creep": ("a = []\nwhile True:\n    a.append(' ' * 10**7)\n", lambda r, p: p == 0 and not r.error),
+    "fork_memory_bomb": ("import os\nfor i in range(5):\n    try:\n        if os.fork() == 0:\n            break\n"
+                         "    except Exception:\n        pass\nx = b'x' * (600 << 20)\nimport time\ntime.sleep(5)\n",
+                         lambda r, p: p == 0 and r.error is None),
     "output_flood": ("import sys\nwhile True:\n    sys.stdout.write('x' * 65536)\n",
                      lambda r, p: p == 0 and r.stdout_bytes <= 4 << 20 and len(r.stdout) < 20000),
     "stderr_flood": ("import sys\nwhile True:\n    sys.stderr.write('y' * 65536)\n",
