@@ -115,6 +115,8 @@ class Learner:
         self.route = self.arm == "route"
         self.measure_kl = measure_kl if measure_kl is not None else bool(getattr(cfg.train, "measure_kl", True))
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        # prompt-shared forward (KV cache fan-out) unless training runs with gradient checkpointing
+        self.shared_prefix = not cfg.model.gradient_checkpointing
         self._prompts: dict[str, tuple[str, list[int]]] = {}
 
         # Directions are extracted on the untouched model (delta_S = 0), before any checkpoint loads.
@@ -262,29 +264,109 @@ class Learner:
         return seqs
 
     def _batch(self, seqs: list[dict]) -> dict[str, Tensor]:
-        L = max(len(s["prompt"]) + len(s["comp"]) for s in seqs)
+        """Completion-aligned tensors [B, C]: mask, behaviour log-probs, staleness (C = longest completion)."""
+        C = max(1, max(len(s["comp"]) for s in seqs))
         B = len(seqs)
-        ids = torch.full((B, L), self.pad_id, dtype=torch.long)
-        attn = torch.zeros((B, L), dtype=torch.long)
-        mask = torch.zeros((B, L - 1))
-        old = torch.zeros((B, L - 1))
+        mask = torch.zeros((B, C))
+        old = torch.zeros((B, C))
+        for i, s in enumerate(seqs):
+            c = len(s["comp"])
+            mask[i, :c] = 1.0
+            if c and len(s["old"]) == c:
+                old[i, :c] = torch.tensor(s["old"])
+        stale = torch.tensor([s["version"] < self.policy_version for s in seqs])
+        d = self.device
+        return {"mask": mask.to(d), "old": old.to(d), "stale": stale.to(d), "C": C}
+
+    def _forward(self, seqs: list[dict], b: dict, hidden_layer: int | None = None):
+        """log p of each completion token [B, C] (+ residual stream at `hidden_layer` and its token mask).
+
+        Default path: each distinct prompt runs once and its KV cache fans out to its completions
+        (a group's G samples share the prompt: ~3x less compute on the toy). With gradient
+        checkpointing (no KV cache in training) every sequence runs whole instead.
+        """
+        if self.shared_prefix:
+            return self._forward_shared(seqs, b, hidden_layer)
+        return self._forward_full(seqs, b, hidden_layer)
+
+    def _forward_full(self, seqs, b, hidden_layer):
+        from .logprobs import token_logprobs
+        L = max(len(s["prompt"]) + len(s["comp"]) for s in seqs)
+        ids = torch.full((len(seqs), L), self.pad_id, dtype=torch.long)
+        attn = torch.zeros((len(seqs), L), dtype=torch.long)
+        start = torch.zeros(len(seqs), dtype=torch.long)
         for i, s in enumerate(seqs):
             p, c = len(s["prompt"]), len(s["comp"])
             ids[i, : p + c] = torch.tensor(s["prompt"] + s["comp"], dtype=torch.long)
             attn[i, : p + c] = 1
-            if c:
-                mask[i, p - 1: p - 1 + c] = 1.0  # logp[:, t] scores token t+1
-                if len(s["old"]) == c:
-                    old[i, p - 1: p - 1 + c] = torch.tensor(s["old"])
-        stale = torch.tensor([s["version"] < self.policy_version for s in seqs])
-        d = self.device
-        return {"ids": ids.to(d), "attn": attn.to(d), "mask": mask.to(d), "old": old.to(d), "stale": stale.to(d)}
+            start[i] = p - 1  # logp[:, t] scores token t+1
+        ids, attn = ids.to(self.device), attn.to(self.device)
+        out = token_logprobs(self.model, ids, attn, hidden_layer=hidden_layer)
+        logp, hidden = out if hidden_layer is not None else (out, None)
+        idx = (start[:, None] + torch.arange(b["C"])[None]).clamp(max=L - 2).to(self.device)
+        logp = logp.gather(1, idx)
+        if hidden is None:
+            return logp, None, None
+        hmask = torch.zeros((len(seqs), L))
+        for i, s in enumerate(seqs):
+            hmask[i, len(s["prompt"]): len(s["prompt"]) + len(s["comp"])] = 1.0
+        return logp, hidden, hmask.to(self.device)
+
+    def _forward_shared(self, seqs, b, hidden_layer):
+        from .logprobs import _LayerCapture
+        dev = self.device
+        keys: dict[tuple, int] = {}
+        for s in seqs:
+            keys.setdefault(tuple(s["prompt"]), len(keys))
+        prompts = list(keys)
+        W = max(len(p) for p in prompts)
+        pid = torch.full((len(prompts), W), self.pad_id, dtype=torch.long)
+        patt = torch.zeros((len(prompts), W), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            pid[i, W - len(p):] = torch.tensor(p, dtype=torch.long)
+            patt[i, W - len(p):] = 1
+        ppos = (patt.cumsum(-1) - 1).clamp_min(0)
+        fan = torch.tensor([keys[tuple(s["prompt"])] for s in seqs])
+        C = b["C"]
+        # the completion pass starts at the last prompt token, whose output scores completion token 0
+        cid = torch.full((len(seqs), C + 1), self.pad_id, dtype=torch.long)
+        catt = torch.zeros((len(seqs), C + 1), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            c = len(s["comp"])
+            cid[i, 0] = s["prompt"][-1]
+            cid[i, 1: 1 + c] = torch.tensor(s["comp"], dtype=torch.long)
+            catt[i, : 1 + c] = 1
+        body = self.model.model
+        cap = _LayerCapture(self.model, hidden_layer) if hidden_layer is not None else None
+        try:
+            if W > 1:
+                pre = body(input_ids=pid[:, :-1].to(dev), attention_mask=patt[:, :-1].to(dev),
+                           position_ids=ppos[:, :-1].to(dev), use_cache=True)
+                cache = pre.past_key_values
+                cache.reorder_cache(fan.to(dev))
+                att = torch.cat([patt[fan, :-1], catt], dim=1)
+            else:
+                cache, att = None, catt
+            pos = ppos[fan, -1:] + torch.arange(C + 1)[None]
+            out = body(input_ids=cid.to(dev), attention_mask=att.to(dev), position_ids=pos.to(dev),
+                       past_key_values=cache, use_cache=cache is not None)
+        finally:
+            if cap is not None:
+                cap.handle.remove()
+        h = out.last_hidden_state[:, :-1]
+        logits = self.model.get_output_embeddings()(h).float()
+        logp = -torch.nn.functional.cross_entropy(logits.transpose(1, 2), cid[:, 1:].to(dev), reduction="none")
+        if cap is None:
+            return logp, None, None
+        return logp, cap.out, catt.float().to(dev) - torch.nn.functional.one_hot(
+            torch.zeros(len(seqs), dtype=torch.long), C + 1).float().to(dev)
 
     def _chunks(self, seqs: list[dict], group_aligned: bool) -> list[list[dict]]:
         mb = max(1, self.cfg.train.micro_batch)
         if not group_aligned:
             return [seqs[i: i + mb] for i in range(0, len(seqs), mb)]
-        chunks, cur, cur_group = [], [], None
+        chunks: list[list[dict]] = []
+        cur: list[dict] = []
         by_group: dict[int, list[dict]] = {}
         for s in seqs:
             by_group.setdefault(s["group"], []).append(s)
@@ -335,13 +417,12 @@ class Learner:
                 ref = None
                 if cfg.beta_kl > 0 or self.measure_kl:
                     with torch.no_grad(), adapter_disabled(self.model):
-                        ref = self._logp(b)
+                        ref = self._forward(chunk, b)[0]
                 if rebound:
-                    from .logprobs import token_logprobs
                     from .rebound import concept_penalty
-                    logp, hidden = token_logprobs(self.model, b["ids"], b["attn"], hidden_layer=self.rebound_layer)
+                    logp, hidden, hmask = self._forward(chunk, b, hidden_layer=self.rebound_layer)
                     with torch.no_grad():
-                        pen = concept_penalty(hidden.detach(), b["mask"], self.v_concept, cfg.rebound_alpha).cpu()
+                        pen = concept_penalty(hidden.detach(), hmask, self.v_concept, cfg.rebound_alpha).cpu()
                     del hidden
                     for s, p in zip(chunk, pen.tolist()):
                         s["penalty"] = p
@@ -349,7 +430,7 @@ class Learner:
                     for gi in sorted({s["group"] for s in chunk}):
                         self._advantages([s for s in chunk if s["group"] == gi], keep_group, gi)
                 else:
-                    logp = self._logp(b)
+                    logp = self._forward(chunk, b)[0]
                 rows = torch.tensor([keep_group[s["group"]] for s in chunk], device=self.device)
                 if ref is not None and not bool(rows.any()):  # KL still measured on flat-only chunks
                     kl_tok = _k3(logp.detach(), ref) * b["mask"]
@@ -444,10 +525,6 @@ class Learner:
         keep[gi] = bool(k[0])
         for s, a in zip(mine, adv[0].tolist()):
             s["adv"] = a
-
-    def _logp(self, b: dict[str, Tensor]) -> Tensor:
-        from .logprobs import token_logprobs
-        return token_logprobs(self.model, b["ids"], b["attn"])
 
     # ------------------------------------------------------------------ sync, eval, checkpoints
     def delta_update(self) -> DeltaSUpdate:

@@ -244,3 +244,33 @@ def test_projected_arm_reports_projection_stats(tmp_path, base_model, art_root):
     assert info["modes"] == ["A", "B", "C", "D"] and "heldout_median" in info["validation"]
     weak = make_learner(make_cfg(tmp_path / "w", arm="weak"), base_model, art_root)
     assert weak.vhack_info["modes"] == ["A", "B"] and weak.vhack_info["heldout_modes"] == ["C", "D"]
+
+
+def test_stale_groups_get_truncated_is_weights(tmp_path, base_model, art_root):
+    ln = make_learner(make_cfg(tmp_path, extra=["pipeline.max_staleness=2", "pipeline.is_clip=1.5"]),
+                      base_model, art_root)
+    tok = ln.tokenizer
+    ln.train_step([_group("a", ["ee", "ff"], [0.0, 3.0], tok)])  # now at version 1
+    stale = _group("s", ["ee", "ff"], [0.0, 3.0], tok, version=0)  # behaviour logprobs -1.0 per token
+    row = ln.train_step([stale])
+    assert row["staleness"] == 1.0
+    assert 0 < row["is_weight_mean"] <= 1.5  # min(pi / mu, is_clip)
+    fresh = _group("f", ["ee", "ff"], [0.0, 3.0], tok, version=2)
+    assert "is_weight_mean" not in ln.train_step([fresh])
+
+
+def test_shared_prefix_forward_matches_full_sequences(tmp_path, base_model, art_root):
+    ln = make_learner(make_cfg(tmp_path), base_model, art_root)
+    groups = HFEngine(ln.model, ln.tokenizer).generate(ln.make_jobs(0))
+    graded, _ = _grade_groups(RuleGrader(), ln.problems, groups)
+    seqs = ln._sequences(graded)
+    b = ln._batch(seqs)
+    with torch.no_grad():
+        a, ha, ma = ln._forward_shared(seqs, b, hidden_layer=1)
+        f, hf, mf = ln._forward_full(seqs, b, hidden_layer=1)
+    m = b["mask"].bool()
+    assert torch.allclose(a[m], f[m], atol=1e-4)
+    engine_lp = torch.tensor([x for s in seqs for x in s["old"]])
+    assert torch.allclose(a[m], engine_lp, atol=1e-4)  # = what the engine reported while sampling
+    from learner.rebound import mean_completion_activation
+    assert torch.allclose(mean_completion_activation(ha, ma), mean_completion_activation(hf, mf), atol=1e-4)
