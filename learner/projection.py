@@ -9,10 +9,11 @@ Per wrapped module m with gradient g = grad(delta_S_m) : [r_m] and unit directio
 (A grad parallel to v leaves only rounding residue, ||g_new|| <= 1e-5 ||g_old||: it is not rescaled,
 which would blow noise up into a random direction of full norm; the spec's loop has this hole.)
 
-All modules are handled at once: the directions live in one flat fp32 buffer [N] (N = sum r_m) with a
-segment id per element, per-module dot products and norms are `index_add_` segment sums, and the
-new gradients go back with one multi-tensor copy. No per-module host sync; the statistics come
-back with one `.tolist()` at the end.
+All modules are handled at once: the grads are copied (one multi-tensor copy) into the rows of a
+zero-padded fp32 buffer [M, r_max] beside the padded directions V [M, r_max]; per-module dot
+products and norms are dense row sums (deterministic, no atomics), and the new gradients go back
+with one multi-tensor copy. No per-module host sync; the
+statistics come back with one `.tolist()` at the end.
 
 Noise floor (`keep_mask`): a *global* threshold on each module's held-out cos(diff_held, v_hack);
 modules below it are not projected (their v_hack is judged noise). Route (`route=True`): the same
@@ -83,12 +84,16 @@ class Projector:
         self.magnitude_preserve = magnitude_preserve
         self.route = route
         self.sizes = [int(vhack[n].numel()) for n in self.names]
-        flat = torch.cat([vhack[n].detach().reshape(-1).float() for n in self.names])
-        seg = torch.repeat_interleave(torch.arange(len(self.names)), torch.tensor(self.sizes))
+        # Padded layout [M, r_max]: row i holds module i's r_i values, the rest stays zero. Grads are
+        # copied into the rows (one multi-tensor copy), reductions are dense row sums (deterministic).
+        m, r_max = len(self.names), max(self.sizes)
+        v_pad = torch.zeros(m, r_max)
+        for i, n in enumerate(self.names):
+            v_pad[i, : self.sizes[i]] = vhack[n].detach().reshape(-1).float()
         keep = torch.tensor([bool(keep_mask.get(n, True)) if keep_mask else True for n in self.names])
         self.n_kept = int(keep.sum())
-        self._cpu = (flat, seg, keep.float())
-        self._dev: dict[torch.device, tuple[Tensor, Tensor, Tensor]] = {}
+        self._cpu = (v_pad, keep.float())
+        self._dev: dict[torch.device, tuple[Tensor, Tensor, Tensor, list[Tensor]]] = {}
         if device is not None:
             self._on(torch.device(device))
         self.last_cos: Tensor | None = None  # per-module cos of the last call (device, no sync)
@@ -110,9 +115,13 @@ class Projector:
         quarantine = [m.delta_Q for m in mods.values()] if self.route else None
         return self.project_([m.delta_S for m in mods.values()], quarantine)
 
-    def _on(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    def _on(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+        """(V [M, r_max], keep [M], grad buffer [M, r_max], its row views) on `device`, made once."""
         if device not in self._dev:
-            self._dev[device] = tuple(t.to(device) for t in self._cpu)  # type: ignore[assignment]
+            v_pad, keep = (t.to(device) for t in self._cpu)
+            buf = torch.zeros_like(v_pad)
+            rows = [buf[i, :r] for i, r in enumerate(self.sizes)]
+            self._dev[device] = (v_pad, keep, buf, rows)
         return self._dev[device]
 
     def _check(self, params: Sequence[nn.Parameter], what: str = "params") -> None:
@@ -140,34 +149,31 @@ class Projector:
         if not has_grad:
             return {"cos_mean": 0.0, "cos_std": 0.0, "frac_fired": 0.0, "grad_norm_mean": 0.0, "n_modules": 0}
         device = has_grad[0].grad.device
-        v, seg, keep = self._on(device)
-        grads = [p.grad if p.grad is not None else torch.zeros(p.shape, device=device) for p in params]
-        g = torch.cat([x.reshape(-1).float() for x in grads])
-        m = len(self.names)
+        v_pad, keep, g_pad, rows = self._on(device)
+        _foreach_copy(rows, [p.grad.reshape(-1) if p.grad is not None else torch.zeros_like(r)
+                             for p, r in zip(params, rows)])
 
-        dot = torch.zeros(m, device=device).index_add_(0, seg, g * v)
-        norm = torch.zeros(m, device=device).index_add_(0, seg, g * g).sqrt_()
+        dot = (g_pad * v_pad).sum(1)
+        norm = torch.linalg.vector_norm(g_pad, dim=1)
         valid = (norm >= EPS_NORM).float()
         cos = dot / norm.clamp_min(EPS_NORM) * valid
-        coef = cos.clamp_min(0.0) * keep * valid  # max(0, cos), gated by noise floor
+        coef = cos.clamp_min(0.0) * keep * valid  # max(0, cos), gated by the noise floor
         fired = (coef > 0).float()
-        removed = (coef * norm)[seg] * v
-        g_new = g - removed
+        removed = (coef * norm)[:, None] * v_pad
+        new = g_pad - removed
         if self.magnitude_preserve:
-            new_norm = torch.zeros(m, device=device).index_add_(0, seg, g_new * g_new).sqrt_()
+            new_norm = torch.linalg.vector_norm(new, dim=1)
             ok = (fired > 0) & (new_norm > DEGENERATE * norm)
-            scale = torch.where(ok, norm / (new_norm + EPS_RESCALE), torch.ones_like(norm))
-            g_new = g_new * scale[seg]
+            new = new * torch.where(ok, norm / (new_norm + EPS_RESCALE), torch.ones_like(norm))[:, None]
 
         idx = [i for i, p in enumerate(params) if p.grad is not None]
-        chunks = torch.split(g_new, self.sizes)
-        _foreach_copy([params[i].grad for i in idx], [chunks[i].view_as(params[i].grad) for i in idx])
+        _foreach_copy([params[i].grad for i in idx], [new[i, : self.sizes[i]].view_as(params[i].grad) for i in idx])
         if self.route:
-            rem = torch.split(removed, self.sizes)
-            for i, q in enumerate(quarantine):  # type: ignore[arg-type]
+            for q in quarantine:  # type: ignore[union-attr]
                 if q.grad is None:
                     q.grad = torch.zeros_like(q)
-            _foreach_copy([q.grad for q in quarantine], [r.view_as(q) for r, q in zip(rem, quarantine)])  # type: ignore[union-attr]
+            _foreach_copy([q.grad for q in quarantine],  # type: ignore[union-attr]
+                          [removed[i, :r].view_as(q) for i, (r, q) in enumerate(zip(self.sizes, quarantine))])
 
         self.last_cos = cos
         n = valid.sum()
