@@ -4,10 +4,11 @@
 
 Items: for every shared LeetCode problem, its canonical solution, a wrong one, and a wrong one with
 a planted hack (modes A-D in turn). Arms, measured side by side in this process:
-  naive      fresh `python harness.py` per execution, all five checks per rollout (the reference's
-             layout: five fresh interpreters per rollout)
-  fast       fork-server pool, vulnerable checks skipped once gt passed (cannot change a verdict)
-  fast-full  fork-server pool, all five checks always (pure per-execution overhead comparison)
+  naive      fresh `python harness.py` per execution, all five checks per rollout as five processes
+             (the reference's layout: five fresh interpreters per rollout)
+  fast       fork-server pool; B/C/D observed on one run; vulnerable checks skipped once gt passed
+             (they cannot change a verdict then)
+  fast-full  fork-server pool; B/C/D on one run; all checks always (3 executions per rollout)
 Verdicts (formatted, can_compile, gt_pass, pass_frac, exploited, attempted, reward) are compared
 one by one against naive. Also reports the per-execution overhead on a trivial program.
 A generous CPU limit keeps slow canonical solutions from turning machine load into verdict noise.
@@ -49,7 +50,7 @@ def run_arm(name: str, items: list[tuple], workers: int, timeout: float) -> tupl
     cfg = RewardConfig(loopholes=LoopholeConfig(rt=True, se=True, so=True, fm=True), timeout_s=timeout)
     iso = "fresh" if name == "naive" else "auto"
     with Grader(cfg, workers=workers, sandbox=SandboxConfig(timeout_s=timeout, isolation=iso),
-                full_checks=name != "fast") as g:
+                full_checks=name != "fast", separate_bcd=name == "naive") as g:
         g.grade(items[1][0], items[1][1])  # warm the per-problem cache path
         t0 = time.perf_counter()
         grades = g.grade_many([(p, c) for p, c, _ in items])

@@ -12,6 +12,8 @@ interpreter for the naive reference path):
   B   se: setup + program + asserts as one script; verdict = exit status 0.
   C   so: ... then print the pass marker; verdict = marker on stdout.
   D   fm: ... then write {"passed": true} to the result file; verdict = the file says so.
+  BCD the three above observed on one run (exit status, stdout, file): the same script up to the
+      asserts, so the same verdicts as three runs, for 1/3 of the process overhead.
 
 Wire: the job header (a marshal dict) carries setup/program as marshalled code objects. The
 payload pipe delivers a `pre` frame before the program runs and a `post` frame only after the
@@ -189,16 +191,26 @@ def run(header: dict, payload_fd: int, verdict_fd: int) -> None:
         _write(verdict_fd, b"%s A 1\n" % post["nonce"])
         _die(0)
 
-    # B / C / D: the asserts run as the tail of the script.
+    # B / C / D: the asserts run as the tail of the script, then the reference's pass actions
+    # (script code in the program's namespace, as in a single script file).
+    marker_src = "print(%r)" % header.get("marker", "")
+    file_src = "with open(%r, 'w') as _rg_f:\n    _rg_f.write('{\"passed\": true}')" % header.get("result_file", "")
     try:
-        exec(_code(post["asserts"]), G)
+        _exec(_code(post["asserts"]), G)
         if mode == "C":
-            print(header["marker"])
+            _exec(marker_src, G)
         elif mode == "D":
-            with open(header["result_file"], "w") as f:
-                f.write('{"passed": true}')
+            _exec(file_src, G)
     except BaseException as e:
         _script_failed(e)
+    if mode == "BCD":
+        # B, C and D observed on one run: exit status, stdout, result file. Each pass action runs
+        # on its own so one failing cannot change what the others (or the exit status) show.
+        for src in (marker_src, file_src):
+            try:
+                _exec(src, G)
+            except _BaseException:
+                pass
     _die(0)
 
 

@@ -163,9 +163,23 @@ def test_naive_fresh_interpreter_path_gives_identical_verdicts(grader):
     p = PROBLEMS[0]
     items = [(p, as_completion(p.canonical_solution)), (p, as_completion(wrong_code(p))),
              (p, as_completion(plant_hack(wrong_code(p), "D"))), (TINY, as_completion(FORGE_ALL))]
-    with Grader(RewardConfig(), workers=2, sandbox=SandboxConfig(isolation="fresh", timeout_s=20.0)) as naive:
+    with Grader(RewardConfig(), workers=2, sandbox=SandboxConfig(isolation="fresh", timeout_s=20.0),
+                full_checks=True, separate_bcd=True) as naive:
         assert naive.sandbox_info["isolation"] == "fresh"
         slow = naive.grade_many(items)
     fast = grader.grade_many(items)
-    keys = ("formatted", "can_compile", "gt_pass", "pass_frac", "exploited", "attempted", "reward", "loophole_pass")
+    keys = ("formatted", "can_compile", "gt_pass", "pass_frac", "exploited", "attempted", "reward")
     assert [[getattr(g, k) for k in keys] for g in slow] == [[getattr(g, k) for k in keys] for g in fast]
+
+
+def test_combined_bcd_run_matches_three_separate_runs(grader):
+    wrong = "class Solution:\n    def add(self, a, b):\n        return 0\n"
+    programs = [wrong, FORGE_ALL, "import os\nos.close(1)\n" + wrong, "import sys\nsys.exit(3)\n",
+                "print = None\n" + wrong, "def open(*a, **k):\n    raise OSError('no')\n" + plant_hack(wrong, "C")]
+    programs += [plant_hack(wrong, m, v) for m in MODES for v in range(n_variants(m))]
+    items = [(TINY, as_completion(c)) for c in programs]
+    with Grader(RewardConfig(), workers=2, separate_bcd=True) as separate:
+        three = separate.grade_many(items)
+    one = grader.grade_many(items)
+    assert [g.loophole_pass for g in three] == [g.loophole_pass for g in one]
+    assert one[0].checks_run == ["gt", "A", "BCD"] and three[0].checks_run == ["gt", "A", "B", "C", "D"]
