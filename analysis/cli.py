@@ -11,6 +11,19 @@ from shared.clikit import SET_HELP, friendly_errors
 DEFAULT_ARMS = "vanilla,projected,projected_nomag,rebound,weak"
 
 
+def _sigterm_as_interrupt() -> None:
+    """`kill PID` stops an experiment like Ctrl-C: the current run's cleanup runs (services are shut down)
+    and experiment.json records it as interrupted; the next invocation resumes it."""
+    import signal
+    import threading
+
+    def handler(signum, frame):  # noqa: ARG001
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+
+
 def register(app: typer.Typer) -> None:
     @app.command("experiment")
     @friendly_errors
@@ -33,6 +46,7 @@ def register(app: typer.Typer) -> None:
         """
         from analysis.experiment import run_experiment
 
+        _sigterm_as_interrupt()
         rec = run_experiment(preset=preset, arms=arms, seeds=seeds, out=out, mode=mode, steps=steps,
                              overrides=set_ or [], report=report, progress=progress)
         failed = [f"{r['arm']}/seed{r['seed']}" for r in rec["runs"] if r["status"] == "failed"]
