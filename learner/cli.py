@@ -50,36 +50,49 @@ def _print_report(report) -> None:
     typer.echo(report.summary())
 
 
+def _cache_path(cfg, policy, pairs, modes: list[str]) -> Path:
+    """Where training looks for this v_hack (learner.artifacts): cfg.vhack_path, else the shared cache."""
+    from .artifacts import artifacts_dir, model_hash
+    from .pairs import pair_set_hash
+
+    if cfg.vhack_path:
+        return Path(cfg.vhack_path)
+    tag = "".join(sorted(modes))
+    return artifacts_dir() / f"vhack-{model_hash(policy.model, cfg)}-{pair_set_hash(pairs)}-{tag}.safetensors"
+
+
 @vhack_app.command("extract")
 @friendly_errors
 def extract(
     preset: str = typer.Option("toy", help=PRESET_HELP),
     modes: Optional[str] = typer.Option(None, help=MODES_HELP),
-    out: Optional[Path] = typer.Option(None, help="Where to write the .safetensors (default: cfg.vhack_path, "
-                                       "else <run_dir>/../vhack-<modes>-<hash>.safetensors)."),
-    validate: bool = typer.Option(True, help="Also score the held-out pairs and store the numbers in the metadata "
-                                  "(no gate here; `rankguard vhack validate` gates)."),
+    out: Optional[Path] = typer.Option(None, help="Where to write the .safetensors (default: cfg.vhack_path, else "
+                                       "the artifact cache training reads: artifacts/ or $RANKGUARD_ARTIFACTS)."),
+    force: bool = typer.Option(False, help="Re-extract even when the file already exists."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
 ) -> None:
     """Extract v_hack: per pair, mean-NLL backward on hack and clean completions; per module
-    unit(mean grad_hack - mean grad_clean) of delta_S. Writes safetensors with model/modes/pair-hash metadata."""
+    unit(mean grad_hack - mean grad_clean) of delta_S. Scores the held-out pairs (no gate here;
+    `rankguard vhack validate` gates) and writes safetensors with model/modes/pair-hash/held-out metadata."""
     from .pairs import split_pairs
-    from .vhack import default_vhack_path, extract_vhack, save_vhack, validate_vhack, vhack_meta
+    from .vhack import extract_vhack, save_vhack, validate_vhack, vhack_meta
 
     cfg = config_from_flags(preset, set_)
     use_modes = parse_modes(modes, cfg.train.vhack_modes)
     policy, pairs = _setup(cfg)
-    path = out or default_vhack_path(cfg, pairs, use_modes)
+    path = out or _cache_path(cfg, policy, pairs, use_modes)
+    if path.exists() and not force:
+        typer.echo(f"exists: {path} (use --force to re-extract)")
+        return
     vh = extract_vhack(policy.model, policy.tokenizer, pairs, use_modes)
-    extra = {}
-    if validate:
-        report = validate_vhack(policy.model, policy.tokenizer, vh, split_pairs(pairs, "heldout", use_modes),
-                                gate=False)
-        extra = dict(heldout_median=round(report.median, 4), heldout_frac_positive=round(report.frac_positive, 4),
-                     heldout_mean=round(report.mean, 4))
-        _print_report(report)
+    held = split_pairs(pairs, "heldout", use_modes)
+    report = validate_vhack(policy.model, policy.tokenizer, vh, held, gate=False)
+    _print_report(report)
     dtype = str(policy.model.get_input_embeddings().weight.dtype)
-    meta = vhack_meta(policy.model_id, dtype, use_modes, pairs, **extra)
+    meta = vhack_meta(cfg.model.name_or_path, dtype, sorted(use_modes), pairs, model_path=policy.model_id,
+                      heldout_median=round(report.median, 4), heldout_frac_positive=round(report.frac_positive, 4),
+                      heldout_mean=round(report.mean, 4), heldout_passed=report.passed,
+                      cos_heldout={n: round(c, 5) for n, c in report.cos_by_module().items()})
     save_vhack(path, vh, meta)
     typer.echo(f"wrote {path} ({len(vh)} modules, {meta['n_pairs']} train pairs, modes {meta['modes']}, "
                f"pairs {meta['pair_set_hash']})")
@@ -89,7 +102,8 @@ def extract(
 @friendly_errors
 def validate(
     preset: str = typer.Option("toy", help=PRESET_HELP),
-    vhack: Optional[Path] = typer.Option(None, help="v_hack file (default: the path `extract` writes for this config)."),
+    vhack: Optional[Path] = typer.Option(None, help="v_hack file (default: the one training uses for this config, "
+                                         "see `extract --out`)."),
     png: Optional[Path] = typer.Option(None, help="Histogram PNG (default: beside the v_hack file)."),
     modes: Optional[str] = typer.Option(None, help="Held-out modes to score (default: the modes the file was "
                                         "extracted from; e.g. C,D tests weak-detector transfer)."),
@@ -98,13 +112,13 @@ def validate(
     """Score v_hack on held-out pairs: per-module cos(held-out grad diff, v_hack); prints median, frac>0,
     mean and writes a histogram. Exit 1 when <= 50 % of modules are positive (the spec's gate)."""
     from .pairs import split_pairs
-    from .vhack import VHackGateError, default_vhack_path, load_vhack, plot_validation, validate_vhack
+    from .vhack import VHackGateError, load_vhack, plot_validation, validate_vhack
 
     cfg = config_from_flags(preset, set_)
     parse_modes(modes, list(MODES))  # fail fast on a bad --modes
     policy, pairs = _setup(cfg)
-    path = vhack or default_vhack_path(cfg, pairs)
-    vh, meta = load_vhack(path, expect_model=policy.model_id)
+    path = vhack or _cache_path(cfg, policy, pairs, cfg.train.vhack_modes)
+    vh, meta = load_vhack(path, expect_model=[cfg.model.name_or_path, policy.model_id])
     use_modes = parse_modes(modes, (meta.get("modes") or ",".join(MODES)).split(","))
     held = split_pairs(pairs, "heldout", use_modes)
     report = validate_vhack(policy.model, policy.tokenizer, vh, held, gate=False)

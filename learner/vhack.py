@@ -10,7 +10,6 @@ Validation: the same difference on held-out pairs, cos(diff_held, v_hack) per mo
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -141,15 +140,18 @@ def save_vhack(path: str | Path, vhack: Mapping[str, Tensor], meta: Mapping[str,
     return path
 
 
-def load_vhack(path: str | Path, expect_model: str | None = None) -> tuple[dict[str, Tensor], dict[str, str]]:
+def load_vhack(path: str | Path, expect_model: str | Iterable[str] | None = None
+               ) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """(directions, metadata); expect_model (an id, or several accepted ids) must match meta model_id."""
     path = Path(path)
     if not path.exists():
         raise VHackError(f"v_hack file not found: {path} (make it with `rankguard vhack extract`)")
     with safe_open(str(path), framework="pt") as f:
         meta = dict(f.metadata() or {})
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    if expect_model is not None and meta.get("model_id") != expect_model:
-        raise VHackError(f"{path} was extracted for model {meta.get('model_id')!r}, not {expect_model!r}; "
+    accepted = [expect_model] if isinstance(expect_model, str) else list(expect_model or [])
+    if accepted and meta.get("model_id") not in accepted:
+        raise VHackError(f"{path} was extracted for model {meta.get('model_id')!r}, not {' / '.join(map(repr, accepted))}; "
                          "re-run `rankguard vhack extract` for this model")
     return tensors, meta
 
@@ -240,32 +242,3 @@ def pairs_for_config(cfg, problems: Sequence | None = None) -> list[Pair]:
     if not problems:
         raise PairError(f"problems={cfg.problems!r}: give the problem list to generate pairs from")
     return make_pairs(list(problems), prompt_variant=cfg.reward.prompt_variant)
-
-
-def default_vhack_path(cfg, pairs: Sequence[Pair], modes: Sequence[str] | None = None) -> Path:
-    """cfg.vhack_path, else <run_dir>/../vhack-<hash>.safetensors keyed by model, targets, modes, pairs."""
-    if cfg.vhack_path:
-        return Path(cfg.vhack_path)
-    modes = list(modes or cfg.train.vhack_modes)
-    key = json.dumps([cfg.model.name_or_path, cfg.model.revision, cfg.model.dtype, cfg.model.target_modules,
-                      cfg.model.rank, sorted(modes), pair_set_hash(pairs)])
-    h = hashlib.sha256(key.encode()).hexdigest()[:12]
-    return Path(cfg.run_dir).parent / f"vhack-{''.join(sorted(modes))}-{h}.safetensors"
-
-
-def ensure_vhack(model: nn.Module, tokenizer, model_id: str, pairs: Sequence[Pair], modes: Sequence[str],
-                 path: str | Path, progress: bool = True, gate: bool = True) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """Load v_hack from `path` if it matches (model, modes, pairs), else extract + validate + save."""
-    path = Path(path)
-    want_hash = pair_set_hash(pairs)
-    if path.exists():
-        vh, meta = load_vhack(path, expect_model=model_id)
-        if meta.get("modes") == ",".join(modes) and meta.get("pair_set_hash") == want_hash:
-            return vh, meta
-    vh = extract_vhack(model, tokenizer, pairs, modes, progress)
-    report = validate_vhack(model, tokenizer, vh, split_pairs(pairs, "heldout"), progress, gate=gate)
-    dtype = str(model.get_input_embeddings().weight.dtype)
-    meta = vhack_meta(model_id, dtype, modes, pairs, heldout_median=round(report.median, 4),
-                      heldout_frac_positive=round(report.frac_positive, 4), heldout_mean=round(report.mean, 4))
-    save_vhack(path, vh, meta)
-    return vh, meta

@@ -1,4 +1,6 @@
 """`rankguard vhack extract|validate|pairs` end to end on a tiny wrapped model (model loading stubbed)."""
+import json
+
 import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
@@ -44,12 +46,14 @@ def stubbed(monkeypatch, tiny_world, tmp_path):
 
 def test_extract_then_validate(stubbed):
     out = stubbed / "v.safetensors"
-    r = runner.invoke(app, ["vhack", "extract", "--modes", "A,B", "--out", str(out), "--set", f"run_dir={stubbed}/r"])
+    r = runner.invoke(app, ["vhack", "extract", "--modes", "B,A", "--out", str(out)])
     assert r.exit_code == 0, r.output
     assert "frac > 0" in r.output and "wrote" in r.output
-    vh, meta = load_vhack(out, expect_model="tiny-test")
-    assert meta["modes"] == "A,B" and meta["n_pairs"] == "6" and len(vh) == 7
-    assert float(meta["heldout_frac_positive"]) > 0.5
+    vh, meta = load_vhack(out, expect_model="toy")  # the config's model name, as the trainer's cache
+    assert meta["modes"] == "A,B" and meta["n_pairs"] == "6" and len(vh) == 7 and meta["model_path"] == "tiny-test"
+    assert float(meta["heldout_frac_positive"]) > 0.5 and len(json.loads(meta["cos_heldout"])) == 7
+    r = runner.invoke(app, ["vhack", "extract", "--modes", "A,B", "--out", str(out)])
+    assert r.exit_code == 0 and "exists" in r.output
     png = stubbed / "h.png"
     r = runner.invoke(app, ["vhack", "validate", "--vhack", str(out), "--png", str(png)])
     assert r.exit_code == 0, r.output
@@ -58,13 +62,31 @@ def test_extract_then_validate(stubbed):
 
 def test_validate_gate_failure_exits_1_with_numbers(stubbed):
     out = stubbed / "v.safetensors"
-    assert runner.invoke(app, ["vhack", "extract", "--out", str(out), "--no-validate"]).exit_code == 0
+    assert runner.invoke(app, ["vhack", "extract", "--out", str(out)]).exit_code == 0
     vh, meta = load_vhack(out)
     from learner.vhack import save_vhack
     save_vhack(out, {k: -v for k, v in vh.items()}, meta)  # a broken (sign-flipped) direction
     r = runner.invoke(app, ["vhack", "validate", "--vhack", str(out), "--png", str(stubbed / "h.png")])
     assert r.exit_code == 1
     assert "gate failed" in r.output and "only 0.0% of 7 modules" in r.output
+
+
+def test_default_path_is_the_trainers_artifact_cache(stubbed, monkeypatch, tiny_world):
+    from learner.artifacts import vhack_artifact
+    from shared.config import resolve_config
+
+    monkeypatch.setenv("RANKGUARD_ARTIFACTS", str(stubbed / "art"))
+    r = runner.invoke(app, ["vhack", "extract", "--modes", "A,B"])
+    assert r.exit_code == 0, r.output
+    written = list((stubbed / "art").glob("vhack-*-AB.safetensors"))
+    assert len(written) == 1
+    import learner.vhack as V
+    policy, (train, _) = tiny_world
+    art = vhack_artifact(policy.model, policy.tokenizer, resolve_config("toy"), V.pairs_for_config(None, train),
+                         ["A", "B"])
+    assert art.cached and art.path == written[0] and len(art.cos_heldout) == 7  # training reuses the file
+    r = runner.invoke(app, ["vhack", "validate", "--modes", "A,B", "--set", "train.vhack_modes=[\"A\",\"B\"]"])
+    assert r.exit_code == 0, r.output
 
 
 def test_bad_inputs_are_one_line_errors(stubbed):

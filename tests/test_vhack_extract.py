@@ -91,20 +91,3 @@ def test_artifact_round_trip_and_model_check(world, tmp_path):
         V.load_vhack(path, expect_model="Qwen/Qwen3-4B")
     with pytest.raises(V.VHackError, match="not found"):
         V.load_vhack(tmp_path / "missing.safetensors")
-
-
-def test_ensure_vhack_builds_once_then_loads(world, tmp_path, monkeypatch):
-    model, tok = world["model"], world["tok"]
-    pairs = split_pairs(world["pairs"], "train", ["A", "B"])[:4] + split_pairs(world["pairs"], "heldout", ["A"])
-    path = tmp_path / "cache" / "v.safetensors"
-    vh, meta = V.ensure_vhack(model, tok, "tiny", pairs, ["A", "B"], path, progress=False)
-    assert path.exists() and float(meta["heldout_frac_positive"]) > 0.5
-
-    def boom(*a, **k):
-        raise AssertionError("should have loaded the cached file")
-
-    monkeypatch.setattr(V, "extract_vhack", boom)
-    vh2, meta2 = V.ensure_vhack(model, tok, "tiny", pairs, ["A", "B"], path, progress=False)
-    assert meta2 == meta and all(torch.equal(vh[k], vh2[k]) for k in vh)
-    with pytest.raises(AssertionError, match="cached"):  # other modes -> rebuild
-        V.ensure_vhack(model, tok, "tiny", pairs, ["A"], path, progress=False)
