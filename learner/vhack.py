@@ -11,7 +11,6 @@ Validation: the same difference on held-out pairs, cos(diff_held, v_hack) per mo
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -218,7 +217,7 @@ def plot_validation(report: ValidationReport, png_path: str | Path) -> Path:
     png_path = Path(png_path)
     png_path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.hist(report.cos, bins=min(40, max(10, int(math.sqrt(len(report.cos))) * 2)), range=(-1, 1),
+    ax.hist(report.cos, bins=40, range=(-1, 1),
             color="#3b75af", edgecolor="white")
     ax.axvline(0, color="k", lw=0.8)
     ax.axvline(report.median, color="#d62728", ls="--", lw=1.2, label=f"median {report.median:+.2f}")
