@@ -104,7 +104,7 @@ class ToyRig(Rig):
 class Qwen4BRig(Rig):
     """Random Qwen3-4B-shaped model on CUDA plus random full-rank factors for its 252 linears."""
 
-    def __init__(self, queues, layers: int | None = None):
+    def __init__(self, queues, layers: int | None = None, device: str = "cuda"):
         super().__init__(queues)
         from transformers import Qwen3Config, Qwen3ForCausalLM
 
@@ -113,7 +113,7 @@ class Qwen4BRig(Rig):
         shape = dict(QWEN3_4B)
         if layers:
             shape["num_hidden_layers"] = layers
-        dev = torch.device("cuda")
+        dev = torch.device(device)
         cfg = Qwen3Config(**shape, torch_dtype="bfloat16")
         torch.set_default_dtype(torch.bfloat16)
         with dev:
@@ -134,7 +134,8 @@ class Qwen4BRig(Rig):
         self.full_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.wrapped_bytes = sum(self.params[n + ".weight"].numel() * 2 for n in self.names)
         self.ids = torch.randint(0, shape["vocab_size"], (1, 32), device=dev)
-        self.device = torch.cuda.get_device_name()
+        self.device = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
+        self.depth = shape["num_hidden_layers"]
         self.merge_s: list[float] = []
 
     def new_delta(self) -> torch.Tensor:
@@ -159,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--layers", type=int, default=None, help="qwen3-4b only: cut the depth (quick look)")
+    ap.add_argument("--device", default=None, help="qwen3-4b: cuda (default) or cpu with --layers for a smoke run")
     ap.add_argument("--toy-dir", default=".cache/toy", help="toy world (rankguard toy build)")
     ap.add_argument("--redis-url", default=None, help="use this Redis instead of a private one")
     ap.add_argument("--json", default=None, help="also write the results here")
@@ -179,10 +181,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.shape == "toy":
             rig = ToyRig(q, args.toy_dir)
         else:
-            if not torch.cuda.is_available():
-                print("error: --shape qwen3-4b needs CUDA", file=sys.stderr)
+            device = args.device or "cuda"
+            if device == "cuda" and not torch.cuda.is_available():
+                print("error: --shape qwen3-4b needs CUDA (or --device cpu --layers 1 for a smoke run)",
+                      file=sys.stderr)
                 return 2
-            rig = Qwen4BRig(q, args.layers)
+            rig = Qwen4BRig(q, args.layers, device)
         runs = [rig.run_once(v) for v in range(args.warmup + args.repeats)][args.warmup:]
     finally:
         if server:
@@ -205,7 +209,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {k:<12} {med[k] * 1e3:9.3f} ms")
     print(f"  sync (end of step -> weights live) {res['sync_ms_excl_first_token']:.2f} ms; "
           f"to first token {med['total'] * 1e3:.2f} ms")
-    if args.shape == "qwen3-4b":
+    if args.shape == "qwen3-4b" and rig.depth != QWEN3_4B["num_hidden_layers"]:
+        full = QWEN3_4B["num_hidden_layers"] / rig.depth
+        print(f"  (cut to {rig.depth} layers: a full-depth update is ~{wire * full / 2**20:.2f} MiB, "
+              f"merge time scales ~x{full:.0f})")
+    elif args.shape == "qwen3-4b":
         ok = wire <= 3e6 and res["sync_ms_excl_first_token"] <= 50
         print(f"  goal <= 3 MB and <= 50 ms: {'met' if ok else 'NOT met'}")
     if args.json:
