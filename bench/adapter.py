@@ -14,7 +14,6 @@ bytes autograd saves for backward (unique storages), since CPU peak RSS is not a
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
 import sys
@@ -189,7 +188,6 @@ def main(argv: list[str] | None = None) -> dict:
         res[f"unwrapped_{mode}"] = measure(model, ids, device, args.warmup, args.repeats)
         print(f"unwrapped ({mode}): {res[f'unwrapped_{mode}']}", flush=True)
 
-    template = copy.deepcopy(model).to("cpu") if not device.startswith("cuda") else None
     with tempfile.TemporaryDirectory(prefix="bench-svd-") as root:
         cache = SVDCache(root)
         sync(device)
@@ -217,7 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
         del model
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
-        again = template if template is not None else build_model(args.shape, args.layers, dtype, device)
+        again = build_model(args.shape, args.layers, dtype, device)  # same seed -> same weights
         reload = SVDCache(root)
         sync(device)
         t0 = time.perf_counter()

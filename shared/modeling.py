@@ -49,6 +49,9 @@ class Policy:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def __iter__(self):  # `model, tokenizer = load_policy(cfg)` (the ARCHITECTURE.md shape)
+        return iter((self.model, self.tokenizer))
+
 
 def resolve_model_path(cfg: RunConfig) -> str:
     """"toy" -> <toy.dir>/model (must exist); a folder -> its absolute path; else the HF name as given."""
