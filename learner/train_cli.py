@@ -52,6 +52,8 @@ def register(app: typer.Typer) -> None:
         Example: rankguard train --preset toy --arm vanilla --seed 0 --steps 200 --run-dir runs/toy-vanilla
         """
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        for name in ("rankguard.learner", "rankguard.artifacts"):  # v_hack validation numbers, resume notes
+            logging.getLogger(name).setLevel(logging.INFO)
         sets = list(overrides or [])  # explicit flags come last, so they win over --set
         sets += [f"train.arm={json.dumps(arm)}"] if arm is not None else []
         sets += [f"train.seed={seed}"] if seed is not None else []
