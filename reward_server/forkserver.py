@@ -3,7 +3,7 @@
 Why: a fresh interpreter per execution costs ~30 ms plus the setup imports; forking a process that
 has already imported them costs ~1 ms. Standard library only (it runs next to untrusted code).
 
-Isolation, chosen once at start (`isolation` = auto | namespaces | fallback):
+Isolation, chosen once at start (`isolation` = auto | namespaces | bwrap | fallback):
 - namespaces (root / CAP_SYS_ADMIN): the server unshares a mount and a network namespace once
   (no interfaces but a downed loopback: no network), remounts `/` read-only, hides the server's
   code, data and home directories under empty tmpfs (re-exposing only the Python install), mounts
@@ -11,6 +11,9 @@ Isolation, chosen once at start (`isolation` = auto | namespaces | fallback):
   child drops to a per-slot uid (so RLIMIT_NPROC bites and nothing outside its dir is writable),
   and after every run `kill(-1)` from pid 1 removes every process the run left behind, even ones
   that escaped with setsid().
+- bwrap (not root, but bubblewrap may create user namespaces): the grader starts this server
+  inside `bwrap --unshare-net --unshare-pid --as-pid-1 --ro-bind / / --tmpfs <hidden>...`; same
+  network, filesystem and pid-1 sweep as above, no per-slot uid, plus the fallback's audit hook.
 - fallback: no namespaces. The child runs in its own session with the same rlimits and a Python
   audit hook that refuses sockets, process creation, ctypes, signals to other processes, writes
   outside the working dir and reads of the hidden paths. Weaker (a determined native-code escape
@@ -348,9 +351,11 @@ class Server:
         # Private uid per slot only with namespaces: there the Python install stays reachable via
         # the re-exposed bind mount; in fallback it may sit in a home dir only its owner can enter.
         self.root = os.geteuid() == 0 and isolation == "namespaces"
+        self.pid1 = isolation in ("namespaces", "bwrap")  # we are pid 1 of a PID namespace
+        self.guard = isolation != "namespaces"  # children also get the audit-hook guard
         self.uid = int(cfg["uid"])
-        if isolation == "namespaces":
-            self.base = "/tmp"
+        if self.pid1:
+            self.base = "/tmp"  # our private tmpfs
         else:
             import tempfile
 
@@ -381,7 +386,7 @@ class Server:
                 self.shutdown()
 
     def shutdown(self) -> None:
-        if self.isolation != "namespaces":
+        if not self.pid1:
             shutil.rmtree(self.base, ignore_errors=True)
         os._exit(0)
 
@@ -394,7 +399,12 @@ class Server:
         if self.root:
             os.chown(workdir, self.uid, self.uid)
         out_path, err_path = os.path.join(self.outdir, "out"), os.path.join(self.outdir, "err")
-        flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+        for path in (out_path, err_path):  # never follow anything a previous run may have planted
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         out_fd, err_fd = os.open(out_path, flags, 0o600), os.open(err_path, flags, 0o600)
         t0 = time.perf_counter()
         pid = os.fork()
@@ -433,7 +443,7 @@ class Server:
 
     def _signal_all(self, pid: int) -> None:
         """SIGKILL the child and everything it started (without reaping)."""
-        if self.isolation == "namespaces":
+        if self.pid1:
             try:
                 os.kill(-1, signal.SIGKILL)  # from pid 1 of our PID namespace: everyone but us
             except ProcessLookupError:
@@ -448,7 +458,7 @@ class Server:
     def _kill_all(self, pid: int) -> None:
         """After the child was reaped: remove every process the run left behind, reap them too."""
         self._signal_all(pid)
-        if self.isolation == "namespaces":
+        if self.pid1:
             while True:
                 try:
                     if os.waitpid(-1, os.WNOHANG)[0] == 0:
@@ -468,9 +478,12 @@ class Server:
             os.dup2(hi[1], 4)
             os.closerange(5, 1 << 16)
             os.chdir(workdir)
-            if self.isolation == "namespaces":
-                with open("/proc/self/oom_score_adj", "w") as f:
-                    f.write("1000")
+            if self.pid1:
+                try:
+                    with open("/proc/self/oom_score_adj", "w") as f:  # first in line for the OOM killer
+                        f.write("1000")
+                except OSError:
+                    pass
             self._limits(hdr)
             if self.root:
                 os.setgroups([])
@@ -489,7 +502,7 @@ class Server:
             sys.stderr = sys.__stderr__ = open(2, "w", encoding="utf-8", errors="backslashreplace",
                                                closefd=False, buffering=1)
             sys.argv = ["main.py"]
-            if self.isolation != "namespaces":
+            if self.guard:
                 install_audit_guard(workdir, self.cfg.get("hide", []), self.cfg.get("expose", []))
             harness.run(hdr, 3, 4)
         except BaseException:
@@ -582,11 +595,20 @@ def main() -> None:
                 os._exit(2)
             detail = f"namespaces unavailable ({e}); audit-hook guard"
             libc = libc if libc is not None else None
+    elif want == "bwrap":  # started inside bubblewrap: namespaces already in place, no privileges
+        try:
+            libc = _Libc()
+        except OSError:
+            libc = None
+        isolation = "bwrap"
+        detail = ("bubblewrap: mount+net+pid namespaces without root, read-only /, hidden server paths, "
+                  "plus the audit-hook guard")
     else:
         detail = "audit-hook guard (requested)"
     if isolation == "fallback":
         detail = detail or "audit-hook guard"
-    network = "netns (no interfaces)" if isolation == "namespaces" else "socket-block (audit hook)"
+    network = {"namespaces": "netns (no interfaces)", "bwrap": "netns via bubblewrap (no interfaces)"}.get(
+        isolation, "socket-block (audit hook)")
     send_frame(sock, {"ok": True, "isolation": isolation, "network": network, "detail": detail,
                       "pid": os.getpid(), "uid": cfg["uid"]})
     server = Server(cfg, sock, isolation, libc)

@@ -33,7 +33,77 @@ from reward_server import forkserver, harness
 log = logging.getLogger("rankguard.sandbox")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VERDICT_CAP = 4 << 20
-ISOLATIONS = ("auto", "namespaces", "fallback", "fresh")
+ISOLATIONS = ("auto", "namespaces", "bwrap", "fallback", "fresh")
+
+# The fork server starts from `python -E -S -c BOOT`: its two modules arrive over a pipe, so the
+# sandbox never needs (or gets) read access to the repository.
+BOOT = """import os, sys, marshal, types
+fd = int(sys.argv[1]); blob = b''
+while True:
+    chunk = os.read(fd, 1 << 16)
+    if not chunk:
+        break
+    blob += chunk
+os.close(fd)
+srcs = marshal.loads(blob)
+pkg = types.ModuleType('reward_server'); pkg.__path__ = []; sys.modules['reward_server'] = pkg
+for name in ('harness', 'forkserver'):
+    mod = types.ModuleType('reward_server.' + name)
+    sys.modules[mod.__name__] = mod; setattr(pkg, name, mod)
+    exec(compile(srcs[name], 'reward_server/' + name + '.py', 'exec'), mod.__dict__)
+sys.argv = [sys.argv[0]] + sys.argv[2:]
+sys.modules['reward_server.forkserver'].main()
+"""
+_BWRAP_OK: bool | None = None
+_BWRAP_LOCK = threading.Lock()
+
+
+def bwrap_works() -> bool:
+    """Whether bubblewrap can create the namespaces here (probed once per process)."""
+    global _BWRAP_OK
+    with _BWRAP_LOCK:
+        if _BWRAP_OK is None:
+            _BWRAP_OK = _probe_bwrap()
+        return _BWRAP_OK
+
+
+def _probe_bwrap() -> bool:
+    exe = shutil.which("bwrap")
+    ok = False
+    if exe:
+        try:
+            ok = subprocess.run(
+                [exe, "--unshare-net", "--unshare-pid", "--as-pid-1", "--ro-bind", "/", "/", "--dev", "/dev",
+                 "--proc", "/proc", "--", "/bin/sh", "-c", "exit 0"],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                timeout=20).returncode == 0
+        except (OSError, subprocess.TimeoutExpired):
+            ok = False
+    return ok
+
+
+def _top_dirs(paths: list[str]) -> list[str]:
+    real = sorted({os.path.realpath(p) for p in paths if p and os.path.isdir(p) and p != "/"})
+    return [p for p in real if not any(p != q and p.startswith(q.rstrip("/") + "/") for q in real)]
+
+
+def bwrap_argv(hide: list[str], expose: list[str]) -> list[str]:
+    """bubblewrap wrapper: no network, own pid namespace (server = pid 1), read-only /, hidden dirs.
+
+    No --die-with-parent: its PDEATHSIG fires when the spawning *thread* exits. The server leaves
+    on its own when the control socket closes (grader gone), taking the namespace with it."""
+    argv = [shutil.which("bwrap") or "bwrap", "--unshare-net", "--unshare-pid", "--unshare-ipc",
+            "--unshare-uts", "--as-pid-1", "--ro-bind", "/", "/", "--dev", "/dev",
+            "--proc", "/proc"]
+    hidden = [h for h in _top_dirs(hide) if h not in ("/tmp", "/dev", "/proc")]
+    for h in hidden:
+        argv += ["--tmpfs", h]
+    for e in _top_dirs(expose):
+        if any(e == h or e.startswith(h.rstrip("/") + "/") for h in hidden):
+            argv += ["--ro-bind", e, e]
+    for h in hidden:
+        argv += ["--remount-ro", h]
+    return argv + ["--tmpfs", "/tmp", "--"]
 
 
 class SandboxError(RuntimeError):
@@ -266,23 +336,43 @@ class ForkServer:
         self.info: dict = {}
         self._spawn()
 
+    def _isolation(self) -> str:
+        want = self.cfg.isolation
+        if want == "auto" and os.geteuid() != 0 and bwrap_works():
+            return "bwrap"
+        if want == "bwrap" and not bwrap_works():
+            raise SandboxError("isolation='bwrap' requested but bubblewrap cannot create namespaces here")
+        return want
+
     def _spawn(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        boot_r, boot_w = os.pipe()
+        isolation = self._isolation()
+        hide, expose = default_hide() + list(self.cfg.hide), default_expose() + list(self.cfg.expose)
         conf = {
-            "fd": theirs.fileno(), "slot": self.slot, "uid": self.uid, "isolation": self.cfg.isolation,
-            "hide": default_hide() + list(self.cfg.hide), "expose": default_expose() + list(self.cfg.expose),
+            "fd": theirs.fileno(), "slot": self.slot, "uid": self.uid, "isolation": isolation,
+            "hide": hide, "expose": expose,
             "tmpfs_mb": max(64, 4 * self.cfg.fsize_mb + 16),
             # whole slot (server + the run's processes + its tmpfs files) under one memory cap
             "cgroup_bytes": (self.cfg.memory_mb + 192 + max(64, 4 * self.cfg.fsize_mb + 16)) << 20,
         }
-        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONPATH": str(REPO_ROOT),
-               "PYTHONDONTWRITEBYTECODE": "1"}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "reward_server.forkserver", json.dumps(conf)],
-            pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            env=env, cwd="/", start_new_session=True,
-        )
-        theirs.close()
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
+        python = os.path.realpath(sys.executable)  # the venv's symlink may sit in a hidden folder
+        argv = [python, "-E", "-S", "-c", BOOT, str(boot_r), json.dumps(conf)]
+        if isolation == "bwrap":
+            argv = bwrap_argv(hide, expose) + argv
+        try:
+            self.proc = subprocess.Popen(argv, pass_fds=[theirs.fileno(), boot_r], stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.DEVNULL, env=env, cwd="/", start_new_session=True)
+        finally:
+            theirs.close()
+            os.close(boot_r)
+        try:
+            with os.fdopen(boot_w, "wb") as f:
+                f.write(marshal.dumps({"harness": Path(harness.__file__).read_text(),
+                                       "forkserver": Path(forkserver.__file__).read_text()}))
+        except OSError:
+            pass  # it died at once; the hello read below reports it
         self.sock = ours
         ours.settimeout(60)
         try:

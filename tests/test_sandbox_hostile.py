@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from reward_server.grader import _Checks, compile_program, parse_gt
-from reward_server.sandbox import REPO_ROOT, ExecJob, SandboxConfig, SandboxPool
+from reward_server.sandbox import REPO_ROOT, ExecJob, SandboxConfig, SandboxPool, bwrap_works
 from shared.problems import Problem
 
 TINY = Problem(
@@ -118,7 +118,11 @@ CASES: dict[str, tuple[str, object]] = {
 
 
 def _modes() -> list[str]:
-    return ["auto", "fallback"] if os.geteuid() == 0 else ["fallback"]
+    """auto = namespaces as root, else bubblewrap when it works, else fallback; plus the others here."""
+    modes = ["auto", "fallback"]
+    if os.geteuid() == 0 and bwrap_works():
+        modes.insert(1, "bwrap")
+    return modes
 
 
 @pytest.fixture(scope="module", params=_modes())
