@@ -34,6 +34,7 @@ T = TypeVar("T", bound=WireModel)
 
 STREAMS = ("jobs", "rollouts", "graded", "dlq", "policy")
 DONE_TTL_S = 7 * 24 * 3600
+BULK_READ_SIZE = 4 << 20
 RETRYABLE = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, ConnectionResetError)
 
 _FINISH_LUA = """
@@ -89,6 +90,11 @@ class Queues:
         self.prefix = f"rg:{run_id}"
         self.r = redis.Redis.from_url(
             url, socket_connect_timeout=2.0, socket_timeout=block_ms / 1000 + 10.0, health_check_interval=30,
+            retry=Retry(ExponentialBackoff(cap=1.0, base=0.02), retries=3),
+            retry_on_error=[redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError])
+        # policy payloads are MBs: the pure-Python reply parser is ~10x faster with a large read size
+        self.r_bulk = redis.Redis.from_url(
+            url, socket_connect_timeout=2.0, socket_timeout=30.0, socket_read_size=BULK_READ_SIZE,
             retry=Retry(ExponentialBackoff(cap=1.0, base=0.02), retries=3),
             retry_on_error=[redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError])
         self._finish = self.r.register_script(_FINISH_LUA)
@@ -308,7 +314,7 @@ class Queues:
 
     def fetch_policy(self) -> tuple[str | None, bytes | None]:
         def _get():
-            pipe = self.r.pipeline(transaction=True)
+            pipe = self.r_bulk.pipeline(transaction=True)
             pipe.get(self.key("policy:tag"))
             pipe.get(self.key("policy:delta"))
             return pipe.execute()
@@ -336,6 +342,7 @@ class Queues:
     def close(self) -> None:
         try:
             self.r.close()
+            self.r_bulk.close()
         except Exception:  # noqa: BLE001 - closing a dead connection
             pass
 
