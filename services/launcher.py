@@ -109,6 +109,11 @@ class Launcher:
 
     # -- start --------------------------------------------------------------------------------------
     def start(self) -> None:
+        if not self.resume:  # a fresh run: no logs or queues of an earlier run in this folder
+            import shutil
+
+            shutil.rmtree(self.run_dir / "logs", ignore_errors=True)
+            shutil.rmtree(self.run_dir / "redis", ignore_errors=True)
         (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
         self._up_log = open(self.run_dir / "logs" / "up.log", "a")
         from learner.train_cli import ensure_toy_world

@@ -69,10 +69,24 @@ class LearnerService:
         self.counters = {"duplicates": 0, "ignored": 0, "stale_dropped": 0, "rerequested": 0}
         self.health = Health("learner")
         self.pipeline_log = Path(cfg.run_dir) / "pipeline.jsonl"
+        self._truncate_pipeline_log(learner.step)
         self.last_sync_bytes = 0
         self._last_lost_check, self._empty_checks = time.monotonic(), 0
         log.info("incarnation %d, step %d, policy version %d, max_staleness %d", self.incarnation,
                  learner.step, learner.policy_version, self.k)
+
+    def _truncate_pipeline_log(self, step: int) -> None:
+        """Rows of steps that will run again (resume) or of an earlier run (fresh start) go."""
+        if not self.pipeline_log.exists():
+            return
+        keep = []
+        for line in self.pipeline_log.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", -1) < step:
+                    keep.append(line)
+            except json.JSONDecodeError:
+                pass
+        self.pipeline_log.write_text("".join(k + "\n" for k in keep))
 
     # -- policy -------------------------------------------------------------------------------------
     def publish(self) -> float:

@@ -178,8 +178,8 @@ class Queues:
             if block:
                 self.wait_for_room(stream, len(chunk))
 
-            def _add(chunk=chunk):
-                pipe = self.r.pipeline(transaction=False)
+            def _add(chunk=chunk):  # MULTI: a blocked reader sees the whole batch at once, not the first job
+                pipe = self.r.pipeline(transaction=True)
                 for d in chunk:
                     pipe.xadd(self.key(stream), {"d": d})
                 return pipe.execute()

@@ -18,6 +18,7 @@ from shared.config import RunConfig
 from shared.schemas import Grade, GradedGroup, RolloutGroup
 
 from .procs import Health, StopFlag, exit_now, load_service_config, run_service, service_parser, set_torch_threads
+from .rollout_service import default_batch
 from .queues import Heartbeat, default_consumer, parse_policy_tag, parse_wire_id, queues_for
 
 GROUP = "reward"
@@ -104,13 +105,14 @@ class RewardWorker:
         return len(todo)
 
 
-def serve_http(cfg: RunConfig, port: int, log: logging.Logger) -> threading.Thread:
-    """The reward FastAPI app on 0.0.0.0:port in a daemon thread of this process."""
+def serve_http(cfg: RunConfig, port: int, log: logging.Logger, grader=None, problems: dict | None = None
+               ) -> threading.Thread:
+    """The reward FastAPI app on 0.0.0.0:port in a daemon thread of this process, sharing its grader."""
     import uvicorn
 
-    from reward_server import app as app_mod
+    from reward_server.app import create_app
 
-    app = app_mod.create_app(cfg) if hasattr(app_mod, "create_app") else app_mod.app
+    app = create_app(cfg, grader=grader, problems=problems)
     server = uvicorn.Server(uvicorn.Config(app, host="0.0.0.0", port=port, log_level="warning"))
     server.install_signal_handlers = lambda: None  # the worker's StopFlag owns SIGTERM
     t = threading.Thread(target=server.run, daemon=True, name="reward-http")
@@ -122,7 +124,7 @@ def serve_http(cfg: RunConfig, port: int, log: logging.Logger) -> threading.Thre
 def main(argv: list[str] | None = None) -> int:
     parser = service_parser("reward_worker", __doc__.splitlines()[0])
     parser.add_argument("--http-port", type=int, default=None, help="also serve the reward HTTP API here")
-    parser.add_argument("--batch", type=int, default=None, help="groups per read (default prompts_per_step)")
+    parser.add_argument("--batch", type=int, default=None, help="groups per read (default max(prompts_per_step, eval_problems))")
     args = parser.parse_args(argv)
 
     def body(log: logging.Logger) -> None:
@@ -133,9 +135,9 @@ def main(argv: list[str] | None = None) -> int:
         grader = make_grader(cfg)
         problems = load_problems_by_id(cfg)
         if args.http_port:
-            serve_http(cfg, args.http_port, log)
+            serve_http(cfg, args.http_port, log, grader=grader, problems=problems)
         try:
-            RewardWorker(cfg, grader, problems, q, log, batch=args.batch or cfg.train.prompts_per_step, stop=stop).run()
+            RewardWorker(cfg, grader, problems, q, log, batch=args.batch or default_batch(cfg), stop=stop).run()
         finally:
             close = getattr(grader, "close", None)
             if callable(close):

@@ -47,11 +47,16 @@ def make_engine(cfg: RunConfig, log: logging.Logger):
     return HFEngine(policy.model, policy.tokenizer, device=policy.device)
 
 
+def default_batch(cfg: RunConfig) -> int:
+    """Jobs per read: a whole train step or a whole evaluation, so one engine call samples all of it."""
+    return max(cfg.train.prompts_per_step, cfg.train.eval_problems)
+
+
 class RolloutWorker:
     def __init__(self, cfg: RunConfig, engine, queues, log: logging.Logger, batch: int | None = None,
                  stop: StopFlag | None = None):
         self.cfg, self.engine, self.q, self.log = cfg, engine, queues, log
-        self.batch = batch or cfg.train.prompts_per_step
+        self.batch = batch or default_batch(cfg)
         self.stop = stop if stop is not None else StopFlag()
         self.consumer = default_consumer("rollout")
         self.held = (-1, -1)  # (incarnation, version) of the loaded delta
@@ -127,7 +132,7 @@ class RolloutWorker:
 
 def main(argv: list[str] | None = None) -> int:
     parser = service_parser("rollout_service", __doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=None, help="jobs per generate call (default prompts_per_step)")
+    parser.add_argument("--batch", type=int, default=None, help="jobs per generate call (default max(prompts_per_step, eval_problems))")
     args = parser.parse_args(argv)
 
     def body(log: logging.Logger) -> None:

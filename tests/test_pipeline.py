@@ -44,3 +44,45 @@ def test_run_services_raises_when_a_service_fails(toy_dir, tmp_path):
         run_services(cfg, resume=False)
     st = json.loads((tmp_path / "bad" / "services.json").read_text())
     assert all(not group_members(p) for p in st["services"].values())
+
+
+def test_reward_worker_serves_http_and_stops_on_sigterm(toy_dir, tmp_path):
+    """Each reward worker is also a reward-server replica (--http-port), and leaves promptly on SIGTERM."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    from services.redis_server import RedisServer, free_port
+
+    cfg = resolve_config("toy", small_sets(toy_dir), run_dir=str(tmp_path / "run"))
+    path = cfg.save()
+    port = free_port()
+    with RedisServer(tmp_path / "redis") as srv:
+        proc = subprocess.Popen([sys.executable, "-m", "services.reward_worker", "--config", str(path),
+                                 "--redis-url", srv.url, "--http-port", str(port)],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline, body = time.monotonic() + 120, None
+            while time.monotonic() < deadline and body is None:
+                try:
+                    r = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1)
+                    body = r.json() if r.status_code == 200 else None
+                except httpx.HTTPError:
+                    time.sleep(0.2)
+                assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
+            assert body is not None
+            problems = httpx.get(f"http://127.0.0.1:{port}/problems", timeout=5).json()
+            assert len(problems) > 0
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(15) == 0
+            assert time.monotonic() - t0 < 5
+            out = proc.stdout.read().decode()
+            assert "[reward] INFO serving the reward API on :%d" % port in out and "stopping:" in out
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
