@@ -149,13 +149,16 @@ def collect(pid_status: int, rusage, wall: float, timed_out: bool, out_path: str
     stderr, err_bytes, _ = _read_capped(err_path, [])
     exit_code = os.waitstatus_to_exitcode(pid_status) if pid_status is not None else None
     sig = -exit_code if exit_code is not None and exit_code < 0 else None
-    timed_out = timed_out or sig == signal.SIGXCPU  # RLIMIT_CPU ran out
+    cpu = (rusage.ru_utime + rusage.ru_stime) if rusage is not None else 0.0
+    # RLIMIT_CPU ran out: SIGXCPU at the soft limit, SIGKILL at the hard one (if SIGXCPU was ignored)
+    timed_out = timed_out or sig == signal.SIGXCPU or (
+        sig == signal.SIGKILL and cpu >= float(hdr.get("cpu_s", float("inf"))) - 0.05)
     return {
         "exit_code": exit_code if sig is None else None,
         "signal": sig,
         "timed_out": timed_out,
         "wall_s": wall,
-        "cpu_s": (rusage.ru_utime + rusage.ru_stime) if rusage is not None else 0.0,
+        "cpu_s": cpu,
         "maxrss_kb": rusage.ru_maxrss if rusage is not None else 0,
         "stdout": stdout[-(HEAD + TAIL + 64):],
         "stderr": stderr[-TAIL:],

@@ -1,6 +1,13 @@
 """Run one check of one program in isolation: a pool of prewarmed fork servers (fast path) or a
 fresh interpreter per execution (the naive reference path, used by the benchmark).
 
+Isolation (SandboxConfig.isolation, see forkserver.py for what each gives):
+  auto        namespaces when root, else bwrap when bubblewrap works, else fallback
+  namespaces  mount+net+pid namespaces, per-slot uid, memory cgroup (needs root / CAP_SYS_ADMIN)
+  bwrap       the fork server runs inside bubblewrap (no root needed) + audit-hook guard
+  fallback    audit-hook guard only (sockets, processes, ctypes, outside writes/reads refused)
+  fresh       naive: a new interpreter per execution, no isolation beyond rlimits (benchmark only)
+
 `SandboxPool.run(job) -> ExecResult` is thread-safe; each call borrows one fork-server slot.
 The grader side owns two pipes per execution: it writes the `pre` frame at once and the `post`
 frame (hidden asserts / nonce) only when the harness reports the program loaded, and it reads the

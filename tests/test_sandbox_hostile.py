@@ -127,7 +127,7 @@ def _modes() -> list[str]:
 
 @pytest.fixture(scope="module", params=_modes())
 def results(request):
-    pool = SandboxPool(SandboxConfig(workers=2, timeout_s=1.0, isolation=request.param))
+    pool = SandboxPool(SandboxConfig(workers=4, timeout_s=1.0, isolation=request.param))
     try:
         def run(code: str):
             blob, err = compile_program(code)
@@ -136,7 +136,7 @@ def results(request):
             res = pool.run(ExecJob("gt", CK.setup, blob, {}, {"nonce": nonce, "checks": CK.gt_checks}))
             return res, parse_gt(res.verdict, nonce, CK.n)[0]
 
-        with ThreadPoolExecutor(2) as ex:
+        with ThreadPoolExecutor(4) as ex:  # most hostile runs sleep or wait for their timeout
             futs = {name: ex.submit(run, code) for name, (code, _) in CASES.items()}
             out = {name: f.result() for name, f in futs.items()}
         after = run(GOOD)  # still serving, still correct
