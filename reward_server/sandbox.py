@@ -16,6 +16,7 @@ nonce-tagged verdict lines itself, so neither ever passes through the fork serve
 from __future__ import annotations
 
 import fcntl
+import itertools
 import json
 import logging
 import marshal
@@ -61,6 +62,7 @@ for name in ('harness', 'forkserver'):
 sys.argv = [sys.argv[0]] + sys.argv[2:]
 sys.modules['reward_server.forkserver'].main()
 """
+_UID_SEQ = itertools.count()
 _BWRAP_OK: bool | None = None
 _BWRAP_LOCK = threading.Lock()
 
@@ -338,7 +340,8 @@ class ForkServer:
 
     def __init__(self, slot: int, cfg: SandboxConfig) -> None:
         self.slot, self.cfg = slot, cfg
-        self.uid = 200_000 + (os.getpid() % 100_000) * 256 + slot % 256
+        # A uid no other slot on this host uses (RLIMIT_NPROC and file ownership are per uid).
+        self.uid = 100_000 + (os.getpid() % 100_000) * 1024 + next(_UID_SEQ) % 1024
         self.proc: subprocess.Popen | None = None
         self.info: dict = {}
         self._spawn()

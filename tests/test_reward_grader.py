@@ -183,3 +183,19 @@ def test_combined_bcd_run_matches_three_separate_runs(grader):
     one = grader.grade_many(items)
     assert [g.loophole_pass for g in three] == [g.loophole_pass for g in one]
     assert one[0].checks_run == ["gt", "A", "BCD"] and three[0].checks_run == ["gt", "A", "B", "C", "D"]
+
+
+def test_two_graders_side_by_side(grader):
+    """Replicas share a host: distinct slot uids, namespaces and working dirs."""
+    good = as_completion("class Solution:\n    def add(self, a, b):\n        return a + b\n")
+    with Grader(RewardConfig(), workers=2) as other:
+        uids = {s.uid for s in grader.executor.servers} & {s.uid for s in other.executor.servers}
+        assert not uids
+        out: dict[str, list] = {}
+        ts = [threading.Thread(target=lambda k, g: out.__setitem__(k, g.grade_many([(TINY, good)] * 6)),
+                               args=(k, g)) for k, g in (("a", grader), ("b", other))]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+    assert all(g.gt_pass for k in "ab" for g in out[k])
