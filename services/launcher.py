@@ -100,7 +100,7 @@ class Launcher:
                 print(text, flush=True)
 
     def say(self, msg: str) -> None:
-        self._emit("up", msg, self._up_log)
+        self._emit("up", time.strftime("%H:%M:%S ") + msg, self._up_log)
 
     def _pump(self, child: Child) -> None:
         with open(self.run_dir / "logs" / f"{child.name}.log", "a") as f:

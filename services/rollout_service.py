@@ -141,7 +141,12 @@ def main(argv: list[str] | None = None) -> int:
         stop = StopFlag().install()
         q = queues_for(cfg, args.redis_url, args.run_id, stop=lambda: bool(stop))
         engine = make_engine(cfg, log)
-        RolloutWorker(cfg, engine, q, log, batch=args.batch, stop=stop).run()
+        try:
+            RolloutWorker(cfg, engine, q, log, batch=args.batch, stop=stop).run()
+        finally:
+            close = getattr(engine, "close", None)
+            if callable(close):
+                close()  # the vLLM engine runs in a child process
 
     return run_service("rollout", body)
 

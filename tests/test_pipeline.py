@@ -86,3 +86,18 @@ def test_reward_worker_serves_http_and_stops_on_sigterm(toy_dir, tmp_path):
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_async_max_staleness_one(toy_dir, tmp_path, monkeypatch):
+    """max_staleness=1: jobs of the next step are enqueued ahead; every trained group is at most one
+    version behind, and the learner still gets exactly one group per job."""
+    monkeypatch.setenv("RANKGUARD_CLAIM_IDLE_S", "2")
+    cfg = resolve_config("toy", small_sets(toy_dir, **{"train.steps": 4, "pipeline.max_staleness": 1,
+                                                       "train.eval_every": 0}),
+                         run_dir=str(tmp_path / "run"))
+    out = run_services(cfg, resume=False)
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    assert all(r["n_groups"] == 4 for r in rows)
+    assert all(0.0 <= r["staleness"] <= 1.0 for r in rows)
+    assert all(p["stale_dropped"] == 0 for p in metrics(out, "pipeline.jsonl"))
