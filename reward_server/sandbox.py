@@ -45,7 +45,8 @@ ISOLATIONS = ("auto", "namespaces", "bwrap", "fallback", "fresh")
 
 # The fork server starts from `python -E -S -c BOOT`: its two modules arrive over a pipe, so the
 # sandbox never needs (or gets) read access to the repository.
-BOOT = """import os, sys, marshal, types
+BOOT = """import os, sys, marshal, types, site
+site.setquit(); site.setcopyright(); site.sethelper()  # -S skipped these: exit()/quit() must exist
 fd = int(sys.argv[1]); blob = b''
 while True:
     chunk = os.read(fd, 1 << 16)
