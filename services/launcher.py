@@ -130,7 +130,8 @@ class Launcher:
         self.env = {**os.environ, REDIS_URL_ENV: self.redis_url, RUN_ID_ENV: run_id_for(self.cfg.run_dir),
                     "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
                     "OMP_NUM_THREADS": str(self.cfg.train.torch_threads),
-                    "MKL_NUM_THREADS": str(self.cfg.train.torch_threads), "TOKENIZERS_PARALLELISM": "false"}
+                    "MKL_NUM_THREADS": str(self.cfg.train.torch_threads), "TOKENIZERS_PARALLELISM": "false",
+                    "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
         p = self.cfg.pipeline
         for i in range(p.reward_workers):
             extra = ["--http-port", str(self.http_port + i)] if self.http_port else []

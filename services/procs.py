@@ -75,6 +75,7 @@ def set_torch_threads(n: int) -> None:
     os.environ.setdefault("MKL_NUM_THREADS", str(n))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no tqdm bars in service logs
     import torch
 
     torch.set_num_threads(max(1, n))
