@@ -10,6 +10,18 @@ Baselines (the unwrapped model): "frozen" = all weights frozen, gradient flows t
 embeddings (the same backward graph the adapter needs, minus delta_S); "full" = every weight
 trainable (full fine-tuning). Memory: CUDA peak allocated; on CPU, parameter + buffer bytes plus the
 bytes autograd saves for backward (unique storages), since CPU peak RSS is not attributable.
+
+Measured (2-core CPU box, heavily shared, fp32, 1 thread; timings noisy, min-of-N per module):
+- one module fwd+bwd vs the frozen nn.Linear, 64-2048 tokens: 2560x9728 1.25x, 9728x2560 1.09x,
+  2560->4096 1.60x, 512x1536 1.42x, 512x512 2.5x -- tracks the MAC ratio r(d_in+d_out)/(d_in d_out)
+  (1.26 / 1.26 / 1.63 / 1.33 / 2.0); the custom autograd Function matches plain autograd in speed.
+- whole toy model (4 layers, hidden 128, 8x128 tokens): time 0.96x (noise level; attention and
+  the lm_head dominate), saved activations +34 % (h = x Vh^T per module), state +35 %.
+- "small" (4 layers, hidden 512, 4x256): time 1.56x, peak (state + saved) 1.34x vs frozen, 0.99x
+  vs full fine-tuning; SVD build 11.3 s for 28 modules, cache reload 0.21 s.
+- qwen3-4b shape, 1 layer, CPU fp32: SVD of one 2560x9728 weight 27 s on a loaded core; 7-module
+  cache reload 0.04 s; 14,848 delta_S per layer (534,528 at 36 layers).
+Reference on one H200 (bf16, 36 layers, 8x1024): 1.19x time, peak 60.7 vs 51.0 GB, 0.37 s per SVD.
 """
 from __future__ import annotations
 

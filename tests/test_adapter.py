@@ -278,3 +278,17 @@ def test_dtype_cast_after_wrap_keeps_scale_fp32(wrapped, ids):
     assert torch.isfinite(_logits(model, ids)).all()
     model.half()
     assert mod.U.dtype == torch.float16 and mod.S.dtype == torch.float32
+
+
+def test_bf16_delta_s_grad_tracks_fp32(tiny_qwen3, ids):
+    """bf16 activations, fp32 scale grads: the flat delta_S gradient points where the fp32 one does."""
+    grads = []
+    for dtype in (torch.float32, torch.bfloat16):
+        model = copy.deepcopy(tiny_qwen3).to(dtype)
+        wrap_model(model, progress=False)
+        model(ids, labels=ids).loss.backward()
+        g = flat_delta_s_grad(model)
+        assert g.dtype == torch.float32
+        grads.append(g)
+    cos = F.cosine_similarity(grads[0], grads[1], dim=0).item()
+    assert cos > 0.99, cos
