@@ -44,7 +44,10 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """Start/stop/restart one redis-server child. `url` is valid after `start()`."""
+    """Start/stop/restart one redis-server child. `url` is valid after `start()`.
+
+    The child gets PR_SET_PDEATHSIG, which Linux ties to the *thread* that started it: call start()
+    from a thread that lives as long as the server should (the main thread, normally)."""
 
     def __init__(self, data_dir: str | Path, port: int | None = None, appendfsync: str = "everysec"):
         self.data_dir = Path(data_dir)

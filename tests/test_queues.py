@@ -148,8 +148,14 @@ def test_survives_redis_restart(tmp_path):
         d = q.read("jobs", "rollout", "c", PromptJob)[0]  # in flight when redis goes down
         q.put("jobs", job(2))
         srv.stop()
-        threading.Timer(0.5, srv.start).start()  # back on the same port half a second later
-        got = q.read("jobs", "rollout", "c", PromptJob, count=10, block_ms=50)  # blocks through the outage
+        out = []
+        reader = threading.Thread(target=lambda: out.extend(q.read("jobs", "rollout", "c", PromptJob, count=10,
+                                                                   block_ms=50)))
+        reader.start()  # blocks through the outage
+        time.sleep(0.5)
+        srv.start()  # back on the same port half a second later (from this thread: PDEATHSIG is per thread)
+        reader.join(20)
+        got = out
         assert q.reconnects >= 1
         assert [x.item.job_id for x in got] == ["j2"]  # AOF kept the queue and the group
         assert q.pending_count("jobs", "rollout") == 2  # and the pending list
@@ -157,3 +163,19 @@ def test_survives_redis_restart(tmp_path):
     finally:
         q.close()
         srv.stop()
+
+
+def test_group_recreated_when_redis_lost_it(q):
+    q.put("jobs", job(1))
+    assert [d.item.job_id for d in q.read("jobs", "rollout", "c", PromptJob)] == ["j1"]
+    q.r.flushall()  # a restart without persistence: streams and groups are gone
+    q.put("jobs", job(2))
+    assert [d.item.job_id for d in q.read("jobs", "rollout", "c", PromptJob)] == ["j2"]
+
+
+def test_wire_ids_round_trip():
+    from services.queues import parse_policy_tag, parse_wire_id, policy_tag, wire_job_id
+
+    assert parse_wire_id(wire_job_id("vanilla-s0-train3-1", 2, 1)) == ("vanilla-s0-train3-1", 2, 1)
+    assert parse_wire_id("plain") == ("plain", 0, 0)
+    assert parse_policy_tag(policy_tag(3, 17)) == (3, 17) and parse_policy_tag(None) == (-1, -1)
