@@ -9,8 +9,8 @@ a planted hack (modes A-D in turn). Arms, measured side by side in this process:
   fast       fork-server pool; B/C/D observed on one run; vulnerable checks skipped once gt passed
              (they cannot change a verdict then)
   fast-full  fork-server pool; B/C/D on one run; all checks always (3 executions per rollout)
-Verdicts (formatted, can_compile, gt_pass, pass_frac, exploited, attempted, reward) are compared
-one by one against naive. Also reports the per-execution overhead on a trivial program.
+Arms run interleaved, chunk by chunk, so load changes hit all alike. Verdicts (formatted,
+can_compile, gt_pass, pass_frac, exploited, attempted, reward) are compared one by one against naive. Also reports the per-execution overhead on a trivial program.
 A generous CPU limit keeps slow canonical solutions from turning machine load into verdict noise.
 """
 from __future__ import annotations
@@ -47,15 +47,35 @@ def build_items(limit: int | None) -> list[tuple]:
     return items
 
 
-def run_arm(name: str, items: list[tuple], workers: int, timeout: float) -> tuple[float, list]:
+def make_grader(name: str, workers: int, timeout: float) -> Grader:
     cfg = RewardConfig(loopholes=LoopholeConfig(rt=True, se=True, so=True, fm=True), timeout_s=timeout)
     iso = "fresh" if name == "naive" else "auto"
-    with Grader(cfg, workers=workers, sandbox=SandboxConfig(timeout_s=timeout, isolation=iso),
-                full_checks=name != "fast", separate_bcd=name == "naive") as g:
-        g.grade(items[1][0], items[1][1])  # warm the per-problem cache path
-        t0 = time.perf_counter()
-        grades = g.grade_many([(p, c) for p, c, _ in items])
-        return time.perf_counter() - t0, grades
+    return Grader(cfg, workers=workers, sandbox=SandboxConfig(timeout_s=timeout, isolation=iso),
+                  full_checks=name != "fast", separate_bcd=name == "naive")
+
+
+def run_arms(names: list[str], items: list[tuple], workers: int, timeout: float, chunk: int = 12
+             ) -> dict[str, tuple[float, list]]:
+    """All arms over the same items, interleaved chunk by chunk (rotating the order), so a change in
+    machine load during the run hits every arm alike. Returns arm -> (seconds, grades)."""
+    graders = {n: make_grader(n, workers, timeout) for n in names}
+    secs = {n: 0.0 for n in names}
+    grades: dict[str, list] = {n: [] for n in names}
+    try:
+        for g in graders.values():
+            g.grade(items[1][0], items[1][1])  # warm up: fork servers, per-problem cache path
+        for k, start in enumerate(range(0, len(items), chunk)):
+            part = [(p, c) for p, c, _ in items[start:start + chunk]]
+            order = names[k % len(names):] + names[:k % len(names)]
+            for n in order:
+                t0 = time.perf_counter()
+                got = graders[n].grade_many(part)
+                secs[n] += time.perf_counter() - t0
+                grades[n].extend(got)
+    finally:
+        for g in graders.values():
+            g.close()
+    return {n: (secs[n], grades[n]) for n in names}
 
 
 def exec_overhead(isolation: str, n: int) -> tuple[float, float]:
@@ -104,8 +124,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{naive[i] * 1e3:.1f} ms ({naive[i] / fast[i]:.1f}x)")
 
     results = {}
-    for arm in args.arms.split(","):
-        secs, grades = run_arm(arm, items, args.workers, args.timeout)
+    for arm, (secs, grades) in run_arms(args.arms.split(","), items, args.workers, args.timeout).items():
         results[arm] = grades
         out[arm] = {"seconds": secs, "rollouts_per_s": len(items) / secs}
         print(f"{arm:10s} {len(items)} rollouts in {secs:7.2f} s = {len(items) / secs:7.2f} rollouts/s")

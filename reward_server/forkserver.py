@@ -93,11 +93,21 @@ def recv_frame(sock: socket.socket, maxfds: int = 0):
 
 
 # ---------------------------------------------------------------- outputs (shared with the naive path)
-def _read_capped(path: str, markers: list[str]) -> tuple[str, int, list[str]]:
-    """(head+tail text, size in bytes, markers found anywhere in the file)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError:
+def _read_capped(src: str | int, markers: list[str]) -> tuple[str, int, list[str]]:
+    """(head+tail text, size in bytes, markers found anywhere): from a path, or from an fd we kept
+    open ourselves (immune to the program swapping the file for a FIFO or a symlink)."""
+    if isinstance(src, int):
+        fd = os.dup(src)
+        os.lseek(fd, 0, os.SEEK_SET)
+    else:
+        try:
+            fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            return "", 0, []
+    import stat
+
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
         return "", 0, []
     with os.fdopen(fd, "rb") as f:
         size = os.fstat(fd).st_size
@@ -143,7 +153,7 @@ def read_result_file(workdir: str, name: str, cap: int = 65536) -> str | None:
         os.close(fd)
 
 
-def collect(pid_status: int, rusage, wall: float, timed_out: bool, out_path: str, err_path: str,
+def collect(pid_status: int, rusage, wall: float, timed_out: bool, out_path: str | int, err_path: str | int,
             workdir: str, hdr: dict) -> dict:
     stdout, out_bytes, found = _read_capped(out_path, hdr.get("markers", []))
     stderr, err_bytes, _ = _read_capped(err_path, [])
@@ -413,7 +423,7 @@ class Server:
         pid = os.fork()
         if pid == 0:
             self._child(hdr, fds, out_fd, err_fd, workdir)
-        for fd in (*fds, out_fd, err_fd):
+        for fd in fds:
             os.close(fd)
         fds.clear()
         timed_out = not self._wait(pid, float(hdr.get("timeout_s", 3.0)))
@@ -422,7 +432,11 @@ class Server:
         _, status, ru = os.wait4(pid, 0)
         wall = time.perf_counter() - t0
         self._kill_all(pid)
-        res = collect(status, ru, wall, timed_out, out_path, err_path, workdir, hdr)
+        try:
+            res = collect(status, ru, wall, timed_out, out_fd, err_fd, workdir, hdr)
+        finally:
+            os.close(out_fd)
+            os.close(err_fd)
         shutil.rmtree(workdir, ignore_errors=True)
         return res
 

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 import hashlib
 import json
 import logging
@@ -142,7 +143,7 @@ class Grader:
         if sandbox is None:
             sandbox = SandboxConfig(timeout_s=reward_cfg.timeout_s, memory_mb=reward_cfg.memory_mb)
         if n:
-            sandbox.workers = n
+            sandbox = dataclasses.replace(sandbox, workers=n)
         self.sandbox_cfg = sandbox
         self.executor = make_executor(sandbox)
         self.workers = sandbox.n_workers
@@ -156,7 +157,7 @@ class Grader:
                  self.sandbox_info.get("detail", ""))
         if self.sandbox_info.get("isolation") == "fallback":
             log.warning("reward sandbox runs WITHOUT namespaces: network blocked by an in-process audit "
-                        "hook only (run as root / with CAP_SYS_ADMIN for network+mount+pid namespaces)")
+                        "hook only (run as root, or install bubblewrap, for network+mount+pid namespaces)")
 
     # ------------------------------------------------------------ public API
     def grade(self, problem: Problem, completion: str, loopholes: LoopholeConfig | None = None,
@@ -236,6 +237,9 @@ class Grader:
 
     def _run(self, job: ExecJob, name: str, extra: dict) -> ExecResult:
         res = self.executor.run(job)
+        if res.error:  # the slot was restarted; one more try gives the program a real verdict
+            log.warning("retrying a %s check after a sandbox failure: %s", name, res.error)
+            res = self.executor.run(job)
         extra["timings"][name] = round(res.wall_s, 6)
         if res.error:
             extra["error"] = res.error
