@@ -133,8 +133,8 @@ class LearnerService:
                 raise Stopped()
             self.health.beat()
             ds = self.q.read("graded", GROUP, self.consumer, GradedGroup, count=64)
+            self.q.ack_many(ds, GROUP)
             for d in ds:
-                self.q.ack(d, GROUP)
                 self._accept(d.item)
             if not ds:
                 self._check_dead_letters()
@@ -222,26 +222,30 @@ class LearnerService:
             t0 = time.perf_counter()
             groups = self.collect(("train", step))
             t_wait = time.perf_counter() - t0
+            t0 = time.perf_counter()
             row = L.train_step(groups)
-            t_pub = self.publish()
+            t = {"t_wait": t_wait, "t_train_wall": time.perf_counter() - t0, "t_publish": self.publish()}
             s = L.step
             ev = None
+            t0 = time.perf_counter()
             if (cfg.train.eval_every > 0 and s % cfg.train.eval_every == 0) or s == total:
                 ev = self.evaluate(s)
+            t1 = time.perf_counter()
             if (cfg.train.checkpoint_every > 0 and s % cfg.train.checkpoint_every == 0) or s == total:
                 L.save_checkpoint()
-            self._log_step(step, row, ev, t_wait, t_pub, time.perf_counter() - t_step)
+            t.update(t_eval=t1 - t0, t_checkpoint=time.perf_counter() - t1)
+            self._log_step(step, row, ev, t, time.perf_counter() - t_step)
         return L.finish()
 
-    def _log_step(self, step: int, row: dict, ev: dict | None, t_wait: float, t_pub: float, t_all: float) -> None:
+    def _log_step(self, step: int, row: dict, ev: dict | None, t: dict, t_all: float) -> None:
         rec = {"step": step, "policy_version": self.learner.policy_version, "incarnation": self.incarnation,
-               "t_step": t_all, "t_wait": t_wait, "t_train": row.get("t_train"), "t_publish": t_pub,
-               "sync_bytes": self.last_sync_bytes, "eval": ev is not None, **self.counters}
+               "t_step": t_all, **t, "t_train": row.get("t_train"), "sync_bytes": self.last_sync_bytes,
+               "eval": ev is not None, **self.counters}
         with self.pipeline_log.open("a") as f:
             f.write(json.dumps(rec) + "\n")
         msg = (f"step {step + 1}/{self.cfg.train.steps} reward {row.get('reward_mean', 0):.2f} "
                f"pass {row.get('pass_rate', 0) or 0:.2f} hack {row.get('hack_strict', 0) or 0:.2f} "
-               f"wait {t_wait:.2f}s train {row.get('t_train', 0):.2f}s step {t_all:.2f}s")
+               f"wait {t['t_wait']:.2f}s train {row.get('t_train', 0):.2f}s step {t_all:.2f}s")
         if ev is not None:
             msg += f" | eval pass {ev.get('pass_rate', 0) or 0:.2f} hack {ev.get('hack_strict', 0) or 0:.2f}"
         self.log.info(msg)

@@ -253,6 +253,48 @@ class Queues:
         args = [group, d.msg_id, ttl_s] + [p.pack() if isinstance(p, WireModel) else p for _, p in outputs]
         return bool(self.call(self._finish, keys=keys, args=args))
 
+    def ack_many(self, ds: list[Delivery], group: str) -> None:
+        if not ds:
+            return
+
+        def _ack():
+            pipe = self.r.pipeline(transaction=True)
+            for d in ds:
+                pipe.xack(self.key(d.stream), group, d.msg_id)
+                pipe.xdel(self.key(d.stream), d.msg_id)
+            return pipe.execute()
+
+        self.call(_ack)
+
+    def done_flags(self, stage: str, item_ids: list[str]) -> list[bool]:
+        """is_done for many ids in one round trip."""
+        if not item_ids:
+            return []
+
+        def _exists():
+            pipe = self.r.pipeline(transaction=False)
+            for i in item_ids:
+                pipe.exists(self.done_key(stage, i))
+            return pipe.execute()
+
+        return [bool(x) for x in self.call(_exists)]
+
+    def finish_many(self, items: list[tuple[Delivery, str, list[tuple[str, bytes | WireModel]]]], group: str,
+                    stage: str, ttl_s: int = DONE_TTL_S) -> list[bool]:
+        """`finish` for a batch in one round trip: [(delivery, item_id, outputs)] -> fresh flags."""
+        if not items:
+            return []
+
+        def _run():
+            pipe = self.r.pipeline(transaction=False)
+            for d, item_id, outputs in items:
+                keys = [self.done_key(stage, item_id), self.key(d.stream)] + [self.key(s) for s, _ in outputs]
+                args = [group, d.msg_id, ttl_s] + [p.pack() if isinstance(p, WireModel) else p for _, p in outputs]
+                self._finish(keys=keys, args=args, client=pipe)
+            return pipe.execute()
+
+        return [bool(x) for x in self.call(_run)]
+
     def dead_letter(self, d: Delivery, group: str, reason: str, job_id: str | None = None) -> None:
         log.error("dead-letter %s %s: %s", d.stream, d.msg_id, reason)
         fields = {"d": d.data, "stream": d.stream, "msg_id": d.msg_id, "reason": reason,

@@ -78,28 +78,30 @@ class RewardWorker:
         if hb is not None:
             hb.ids = [d.msg_id for d in deliveries]
         current_inc = parse_policy_tag(self.q.policy_tag())[0]
-        todo = []
-        for d in deliveries:
+        todo, skip = [], []
+        for d, done in zip(deliveries, self.q.done_flags(GROUP, [d.item.job_id for d in deliveries])):
             group: RolloutGroup = d.item
-            if self.q.is_done(GROUP, group.job_id):
+            if done:
                 self.stats["duplicates"] += 1
-                self.q.ack(d, GROUP)
+                skip.append(d)
             elif parse_wire_id(group.job_id)[1] < current_inc:  # from a learner that has restarted
                 self.stats["stale"] += 1
-                self.q.ack(d, GROUP)
+                skip.append(d)
             elif group.problem_id not in self.problems:  # can never be graded: dead-letter it now
                 self.stats["failed"] += 1
                 self.q.dead_letter(d, GROUP, f"cannot grade: unknown problem_id {group.problem_id!r}",
                                    job_id=group.job_id)
             else:
                 todo.append(d)
+        self.q.ack_many(skip, GROUP)
         # all completions of the batch in one grade_many call: the grader parallelises across them
-        for d, graded in zip(todo, grade_groups(self.grader, self.problems, [d.item for d in todo])):
-            self.q.wait_for_room("graded")
-            fresh = self.q.finish(d, GROUP, GROUP, d.item.job_id, [("graded", graded)])
-            self.stats["groups" if fresh else "duplicates"] += 1
-            self.stats["completions"] += len(d.item.completions)
-            self.stats["grade_s"] += graded.grade_seconds
+        graded = grade_groups(self.grader, self.problems, [d.item for d in todo])
+        self.q.wait_for_room("graded", len(todo))
+        fresh = self.q.finish_many([(d, d.item.job_id, [("graded", g)]) for d, g in zip(todo, graded)], GROUP, GROUP)
+        self.stats["groups"] += sum(fresh)
+        self.stats["duplicates"] += len(fresh) - sum(fresh)
+        self.stats["completions"] += sum(len(d.item.completions) for d in todo)
+        self.stats["grade_s"] += sum(g.grade_seconds for g in graded)
         if hb is not None:
             hb.ids = []
         return len(todo)

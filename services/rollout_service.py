@@ -104,27 +104,28 @@ class RolloutWorker:
         if hb is not None:
             hb.ids = [d.msg_id for d in deliveries]
         current_inc = parse_policy_tag(self.q.policy_tag())[0]
-        todo = []
-        for d in deliveries:
-            job: PromptJob = d.item
-            inc = parse_wire_id(job.job_id)[1]
-            if self.q.is_done(GROUP, job.job_id):
+        todo, skip = [], []
+        for d, done in zip(deliveries, self.q.done_flags(GROUP, [d.item.job_id for d in deliveries])):
+            inc = parse_wire_id(d.item.job_id)[1]
+            if done:
                 self.stats["duplicates"] += 1
-                self.q.ack(d, GROUP)
+                skip.append(d)
             elif inc < current_inc:  # left over from a learner that has since restarted
                 self.stats["stale"] += 1
-                self.q.ack(d, GROUP)
+                skip.append(d)
             else:
                 todo.append(d)
+        self.q.ack_many(skip, GROUP)
         if not todo:
             return 0
         need = max((parse_wire_id(d.item.job_id)[1], d.item.min_version) for d in todo)
         self.sync_policy(need)
         groups = {g.job_id: g for g in self.engine.generate([d.item for d in todo])}
-        for d in todo:
-            self.q.wait_for_room("rollouts")
-            fresh = self.q.finish(d, GROUP, GROUP, d.item.job_id, [("rollouts", groups[d.item.job_id])])
-            self.stats["jobs" if fresh else "duplicates"] += 1
+        self.q.wait_for_room("rollouts", len(todo))
+        fresh = self.q.finish_many([(d, d.item.job_id, [("rollouts", groups[d.item.job_id])]) for d in todo],
+                                   GROUP, GROUP)
+        self.stats["jobs"] += sum(fresh)
+        self.stats["duplicates"] += len(fresh) - sum(fresh)
         if hb is not None:
             hb.ids = []
         return len(todo)

@@ -179,3 +179,18 @@ def test_wire_ids_round_trip():
     assert parse_wire_id(wire_job_id("vanilla-s0-train3-1", 2, 1)) == ("vanilla-s0-train3-1", 2, 1)
     assert parse_wire_id("plain") == ("plain", 0, 0)
     assert parse_policy_tag(policy_tag(3, 17)) == (3, 17) and parse_policy_tag(None) == (-1, -1)
+
+
+def test_batched_finish_done_flags_and_ack(q):
+    for i in range(3):
+        q.put("jobs", job(i))
+    ds = q.read("jobs", "rollout", "a", PromptJob, count=10)
+    assert q.done_flags("rollout", ["j0", "j1", "j2"]) == [False, False, False]
+    assert q.finish(ds[1], "rollout", "rollout", "j1", [("rollouts", group("j1"))])  # j1 done alone
+    fresh = q.finish_many([(d, d.item.job_id, [("rollouts", group(d.item.job_id))]) for d in ds], "rollout", "rollout")
+    assert fresh == [True, False, True]
+    assert q.done_flags("rollout", ["j0", "j1", "j2", "j3"]) == [True, True, True, False]
+    out = q.read("rollouts", "reward", "r", RolloutGroup, count=10)
+    assert sorted(d.item.job_id for d in out) == ["j0", "j1", "j2"]  # each published once
+    q.ack_many(out, "reward")
+    assert q.backlog("rollouts") == 0 and q.backlog("jobs") == 0
