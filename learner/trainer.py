@@ -289,7 +289,7 @@ class Learner:
             return self._forward_shared(seqs, b, hidden_layer)
         return self._forward_full(seqs, b, hidden_layer)
 
-    def _forward_full(self, seqs, b, hidden_layer):
+    def _forward_full(self, seqs, b, hidden_layer=None):
         from .logprobs import token_logprobs
         L = max(len(s["prompt"]) + len(s["comp"]) for s in seqs)
         ids = torch.full((len(seqs), L), self.pad_id, dtype=torch.long)
@@ -312,7 +312,7 @@ class Learner:
             hmask[i, len(s["prompt"]): len(s["prompt"]) + len(s["comp"])] = 1.0
         return logp, hidden, hmask.to(self.device)
 
-    def _forward_shared(self, seqs, b, hidden_layer):
+    def _forward_shared(self, seqs, b, hidden_layer=None):
         from .logprobs import _LayerCapture
         dev = self.device
         keys: dict[tuple, int] = {}

@@ -274,3 +274,18 @@ def test_shared_prefix_forward_matches_full_sequences(tmp_path, base_model, art_
     assert torch.allclose(a[m], engine_lp, atol=1e-4)  # = what the engine reported while sampling
     from learner.rebound import mean_completion_activation
     assert torch.allclose(mean_completion_activation(ha, ma), mean_completion_activation(hf, mf), atol=1e-4)
+
+
+def test_shared_prefix_gradients_match_full_sequences(tmp_path, base_model, art_root):
+    ln = make_learner(make_cfg(tmp_path), base_model, art_root)
+    groups = HFEngine(ln.model, ln.tokenizer).generate(ln.make_jobs(1))
+    graded, _ = _grade_groups(RuleGrader(), ln.problems, groups)
+    seqs = ln._sequences(graded)
+    b = ln._batch(seqs)
+    grads = []
+    for fwd in (ln._forward_shared, ln._forward_full):
+        ln.model.zero_grad(set_to_none=True)
+        (fwd(seqs, b)[0] * b["mask"]).sum().backward()
+        grads.append(torch.cat([p.grad.reshape(-1).clone() for p in ln.delta_s]))
+    assert torch.allclose(grads[0], grads[1], rtol=1e-3, atol=1e-4)
+    assert float(grads[0].abs().max()) > 0
