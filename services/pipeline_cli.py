@@ -136,7 +136,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Run one service in the foreground (what `rankguard up` and docker compose start), e.g.
         `rankguard worker reward --config runs/x/config.json --redis-url redis://host:6379/0 --http-port 8100`.
-        Pass --help after the name for the service's own options."""
+        Options after the name go to the service; list them with
+        `python -m services.{learner_service,rollout_service,reward_worker} --help`."""
         if name not in WORKERS:
             raise UserError(f"unknown worker {name!r}; valid: {', '.join(WORKERS)}")
         import importlib
