@@ -176,7 +176,7 @@ def warm_start(model, tokenizer, problems: list[Problem], cfg: WarmStartConfig, 
     enc = Encoded(tokenizer, problems)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     model.train()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     losses: list[float] = []
     mix: dict[str, int] = {}
     bar = tqdm(range(cfg.steps), desc="toy warm start", disable=not progress, leave=False)
@@ -206,6 +206,8 @@ def warm_start(model, tokenizer, problems: list[Problem], cfg: WarmStartConfig, 
         "loss_first": sum(losses[:k]) / k if losses else None,
         "loss_last": sum(losses[-k:]) / k if losses else None,
         "seconds": round(time.perf_counter() - t0, 2),
+        "cpu_seconds": round(time.process_time() - c0, 2),  # all threads; wall/cpu shows contention
+        "torch_threads": torch.get_num_threads(),
         "steps": cfg.steps,
         "mix": {k_: round(v / max(1, sum(mix.values())), 4) for k_, v in sorted(mix.items())},
     }
