@@ -651,7 +651,8 @@ def run_inprocess(cfg: RunConfig, resume: bool = True, progress: bool = True, le
         from rollout.hf_engine import HFEngine
         engine = HFEngine(learner.model, learner.tokenizer, device=learner.device)
     engine.version = learner.policy_version
-    if grader is None:
+    own_grader = grader is None
+    if own_grader:
         from reward_server.grader import Grader
         grader = Grader(cfg.reward, workers=cfg.reward.workers or None)
     total = cfg.train.steps
@@ -695,4 +696,6 @@ def run_inprocess(cfg: RunConfig, resume: bool = True, progress: bool = True, le
             bar.update(1)
     finally:
         bar.close()
+        if own_grader and hasattr(grader, "close"):
+            grader.close()
     return learner.finish()
