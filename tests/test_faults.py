@@ -79,7 +79,9 @@ def test_stalled_worker_cannot_publish_twice(toy_dir, tmp_path):
         up.wait_rows(1)
         pid = st["services"]["rollout-0"]
         stop_until_holding(client(st), key(st, "jobs"), "rollout", pid)
-        up.wait_rows(2)  # rollout-1 re-claimed the stalled jobs (claim idle 2 s) and the run went on
+        held_step = len(metrics(run))  # the held jobs belong to this step (or the eval before it)
+        up.wait_for_log("rollout-1", "re-claimed")  # after claim idle (2 s) rollout-1 takes them over
+        up.wait_rows(held_step + 1)  # ... and publishes them: the run went on without rollout-0
         os.kill(pid, signal.SIGCONT)
         assert up.wait() == 0, up.output()[-3000:]
         assert_complete(run, 4)
