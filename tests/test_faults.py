@@ -73,7 +73,7 @@ def test_stalled_worker_cannot_publish_twice(toy_dir, tmp_path):
     """A rollout worker stalls holding jobs; the other takes them over and publishes. When the first
     resumes and publishes too, the atomic finish refuses: the learner sees each job once."""
     run = tmp_path / "run"
-    up = Up(run, small_sets(toy_dir, **{"pipeline.rollout_workers": 2}), steps=4)
+    up = Up(run, small_sets(toy_dir, **{"pipeline.rollout_workers": 2}), steps=8)
     try:
         st = up.state()
         up.wait_rows(1)
@@ -84,7 +84,7 @@ def test_stalled_worker_cannot_publish_twice(toy_dir, tmp_path):
         up.wait_rows(held_step + 1)  # ... and publishes them: the run went on without rollout-0
         os.kill(pid, signal.SIGCONT)
         assert up.wait() == 0, up.output()[-3000:]
-        assert_complete(run, 4)
+        assert_complete(run, 8)
         stats = [line for line in (run / "logs" / "rollout-0.log").read_text().splitlines() if "stopping:" in line]
         assert stats and "'duplicates': 0" not in stats[-1], stats  # its late publish was refused
         assert "re-claimed" in (run / "logs" / "rollout-1.log").read_text()
