@@ -111,7 +111,7 @@ def vconcept_artifact(model: nn.Module, tokenizer, cfg, pairs: Sequence, layer: 
         t, meta = _read(path)
         return t["v_concept"], meta, path
     with torch.no_grad():
-        v = concept_direction(model, tokenizer, pairs, layer)
+        v = concept_direction(model, tokenizer, pairs, layer, progress=False)
     meta = {"model_id": cfg.model.name_or_path, "layer": str(layer), "pair_set_hash": pair_set_hash(pairs)}
     _write(path, {"v_concept": v}, meta)
     return v.detach().float().cpu(), meta, path
