@@ -4,7 +4,7 @@ Every arm and seed of an experiment reuses the same file, so seeds differ only i
 their detector. Files live in `artifacts/` (or $RANKGUARD_ARTIFACTS):
 
     vhack-<model-hash>-<pairset-hash>-<modes>.safetensors      one unit [r] direction per module
-    vconcept-<model-hash>-<pairset-hash>-L<layer>.safetensors  one unit [d] residual direction
+    vconcept2-<model-hash>-<pairset-hash>-L<layer>.safetensors  [2, d]: residual direction + centre
 
 The model hash covers the model id, dtype, target set, rank and the frozen singular values, so a
 rebuilt toy model (new weights, same name) never picks up a stale direction. Extraction runs on the
@@ -106,7 +106,7 @@ def vconcept_artifact(model: nn.Module, tokenizer, cfg, pairs: Sequence, layer: 
     from learner.pairs import pair_set_hash
     from learner.rebound import concept_direction
 
-    path = artifacts_dir(root) / f"vconcept-{model_hash(model, cfg)}-{pair_set_hash(pairs)}-L{layer}.safetensors"
+    path = artifacts_dir(root) / f"vconcept2-{model_hash(model, cfg)}-{pair_set_hash(pairs)}-L{layer}.safetensors"
     if path.exists():
         t, meta = _read(path)
         return t["v_concept"], meta, path

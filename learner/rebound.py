@@ -2,7 +2,13 @@
 
 v_concept = mean residual activation (one layer at 60-75 % depth, averaged over completion tokens)
 of hack completions minus that of clean ones, from the same pairs as v_hack. Each rollout pays
-alpha * max(0, cos(h_mean, v_concept)) off its scalar reward (alpha = 0.5, their published value).
+alpha * max(0, cos(h_mean - c, v_concept)) off its scalar reward (alpha = 0.5, their published value).
+
+c is the midpoint of the hack and clean means. Raw residual activations share a large common
+component, so uncentred cos(h_mean, v_concept) came out negative for nearly every rollout on the toy
+world (penalty ~0.002, a silent no-op); centring on the pairs' midpoint makes the sign say
+"closer to the hack side than to the clean side". The concept tensor is [2, d]: row 0 the
+direction, row 1 the centre (a bare [d] direction is still accepted, uncentred).
 """
 from __future__ import annotations
 
@@ -48,12 +54,14 @@ def mean_completion_activation(hidden: Tensor, completion_mask: Tensor) -> Tenso
 @torch.no_grad()
 def concept_direction(model: nn.Module, tokenizer, pairs: Sequence[Pair], layer: int,
                       progress: bool = True) -> Tensor:
-    """v_concept [d] = mean h_mean(hack) - mean h_mean(clean) at decoder layer `layer` (train pairs)."""
+    """[2, d]: row 0 v_concept = mean h_mean(hack) - mean h_mean(clean) at decoder layer `layer`
+    (train pairs); row 1 the centre c = midpoint of the two means."""
     use = [p for p in pairs if p.split == "train"] or list(pairs)
     if not use:
         raise VHackError("no pairs for the Rebound concept direction")
     dev = next(model.parameters()).device
     total = None
+    both = None
     was_training = model.training
     model.eval()
     try:
@@ -63,20 +71,26 @@ def concept_direction(model: nn.Module, tokenizer, pairs: Sequence[Pair], layer:
                 h = hidden_at_layer(model, ids, None, layer)
                 act = mean_completion_activation(h, tmask)[0]
                 total = sign * act if total is None else total + sign * act
+                both = act if both is None else both + act
     finally:
         model.train(was_training)
-    return (total / len(use)).cpu()
+    return torch.stack([total / len(use), both / (2 * len(use))]).cpu()
 
 
 def concept_penalty(hidden: Tensor, completion_mask: Tensor, v_concept: Tensor, alpha: float = 0.5) -> Tensor:
-    """Per-rollout penalty [B] = alpha * max(0, cos(h_mean, v_concept)); subtract it from the reward."""
+    """Per-rollout penalty [B] = alpha * max(0, cos(h_mean - c, v_concept)); subtract it from the reward.
+
+    `v_concept` is [2, d] (direction, centre) from concept_direction, or a bare [d] direction."""
     h_mean = mean_completion_activation(hidden, completion_mask)
-    cos = F.cosine_similarity(h_mean, v_concept.to(h_mean.device, torch.float32)[None], dim=-1)
+    v = v_concept.to(h_mean.device, torch.float32)
+    if v.dim() == 2:
+        h_mean, v = h_mean - v[1][None], v[0]
+    cos = F.cosine_similarity(h_mean, v[None], dim=-1)
     return alpha * cos.clamp_min(0.0)
 
 
 def save_concept(path: str | Path, v_concept: Tensor, meta: Mapping[str, Any]) -> Path:
-    """safetensors {"v_concept": [d]} with metadata (model_id, layer, pair_set_hash, ...)."""
+    """safetensors {"v_concept": [2, d] or [d]} with metadata (model_id, layer, pair_set_hash, ...)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({"v_concept": v_concept.detach().float().cpu().contiguous()}, str(path),

@@ -40,14 +40,17 @@ def test_layer_for_depth_fraction(tiny_qwen3):
 def test_concept_direction_is_mean_difference_over_completion_tokens(tiny_qwen3):
     tok, pairs = ByteTok(), _pairs()
     v = concept_direction(tiny_qwen3, tok, pairs, layer=1, progress=False)
-    expected = torch.zeros(64)
+    expected, centre = torch.zeros(64), torch.zeros(64)
     for p in pairs:
         for sign, text in ((1, p.hack), (-1, p.clean)):
             ids, tmask = encode_pair_side(tok, p, text)
             h = hidden_at_layer(tiny_qwen3, ids, None, 1)[0]
             comp = h[tmask[0].sum().long().neg():]  # the completion's own positions (last n tokens)
             expected += sign * comp.mean(0) / len(pairs)
-    torch.testing.assert_close(v, expected, rtol=1e-5, atol=1e-6)
+            centre += comp.mean(0) / (2 * len(pairs))
+    assert v.shape == (2, 64)
+    torch.testing.assert_close(v[0], expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(v[1], centre, rtol=1e-5, atol=1e-6)
     with pytest.raises(VHackError, match="no pairs"):
         concept_direction(tiny_qwen3, tok, [], layer=1)
 
@@ -89,3 +92,20 @@ def test_concept_artifact_round_trip(tmp_path):
     assert torch.equal(v, v2) and meta == {"model_id": "tiny", "layer": "1"}
     with pytest.raises(VHackError, match="not 'other'"):
         load_concept(path, expect_model="other")
+
+
+def test_centred_penalty_fires_on_the_hack_side_despite_a_shared_offset():
+    """A big common activation makes raw cos negative for everything; centring restores the sign."""
+    d = 8
+    offset = torch.full((d,), -10.0)
+    direction = torch.zeros(d)
+    direction[0] = 1.0
+    hack_side = (offset + 2 * direction).expand(1, 3, d)
+    clean_side = (offset - 2 * direction).expand(1, 3, d)
+    hidden = torch.cat([hack_side, clean_side])
+    mask = torch.ones(2, 3)
+    concept = torch.stack([direction, offset])
+    pen = concept_penalty(hidden, mask, concept, alpha=0.5)
+    torch.testing.assert_close(pen, torch.tensor([0.5, 0.0]))
+    raw = concept_penalty(hidden, mask, direction, alpha=0.5)  # uncentred: the offset dominates
+    assert float(raw[0]) < 0.05
