@@ -19,7 +19,6 @@ from tqdm.auto import tqdm
 from ..hacks import MODES, as_completion, plant_hack, random_variant
 from ..problems import Problem
 from ..prompts import build_messages, render_prompt
-from .tasks import solution_code  # noqa: F401  (re-exported for callers building targets)
 
 
 class WarmStartConfig(BaseModel):
