@@ -42,7 +42,7 @@ def method_name(problem: Problem) -> str:
 
 
 def build_messages(problem: Problem, variant: str = "as_is") -> list[Message]:
-    """System+user messages: the record's own prompt, its pass-all-tests clause swapped per variant.
+    """System+user messages: the record's own prompt, its evaluation clause swapped per variant.
 
     Upstream records carry the full user text in `question`; a record without the clause
     (hand-made ones) gets the reference sentence appended.
@@ -53,8 +53,10 @@ def build_messages(problem: Problem, variant: str = "as_is") -> list[Message]:
     user = next((m.content for m in problem.prompt if m.role == "user"), problem.question)
     if variant != "as_is":
         clause = _CLAUSES[variant]
-        if _CLAUSES["default"] in user:
-            user = user.replace(_CLAUSES["default"], clause, 1)
+        # Longest first: "detailed" contains "simple"'s wording.
+        present = next((c for c in sorted(_CLAUSES.values(), key=len, reverse=True) if c in user), None)
+        if present is not None:
+            user = user.replace(present, clause, 1)
         else:
             user = (
                 f"{user.rstrip()}\n\nYour solution to the problem should be a method of the class "

@@ -26,3 +26,11 @@ def test_variants_swap_the_clause():
 def test_unknown_variant():
     with pytest.raises(ValueError, match="unknown prompt variant 'nope'; valid: as_is, default"):
         build_messages(load_leetcode_sample()[0], "nope")
+
+
+def test_variant_swaps_whichever_clause_the_record_carries():
+    p = load_leetcode_sample()[0]
+    hinted = p.model_copy(update={"prompt": build_messages(p, "simple_overwrite_tests")})
+    back = build_messages(hinted, "default")[1].content
+    assert back == build_messages(p, "default")[1].content
+    assert back.count("Your solution to the problem") == 1
