@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import functools
+import json
 import sys
 from typing import Callable, TypeVar
 
 import typer
 
-from .config import ConfigError, RunConfig, resolve_config
+from .config import RunConfig, resolve_config
 
 F = TypeVar("F", bound=Callable)
 
@@ -36,18 +37,7 @@ def friendly_errors(fn: F) -> F:
 
 
 def config_from_flags(preset: str, overrides: list[str] | None, **top) -> RunConfig:
-    """Preset + --set overrides + explicit flags (non-None ones win)."""
-    cfg = resolve_config(preset, list(overrides or []))
-    data = cfg.model_dump()
-    for dotted, value in top.items():
-        if value is None:
-            continue
-        node = data
-        *path, last = dotted.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = value
-    try:
-        return RunConfig.model_validate(data)
-    except Exception as e:  # pydantic ValidationError
-        raise ConfigError(str(e).splitlines()[0] + ": " + str(e).splitlines()[-1].strip()) from None
+    """Preset + --set overrides + explicit flags (non-None ones win), all validated in one place,
+    so a bad flag reads like a bad --set: the key, the problem and the value."""
+    flags = [f"{key}={json.dumps(value)}" for key, value in top.items() if value is not None]
+    return resolve_config(preset, [*(overrides or []), *flags])
