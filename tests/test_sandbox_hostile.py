@@ -81,8 +81,9 @@ CASES: dict[str, tuple[str, object]] = {
     "read_problem_file": (f"try:\n    open({str(REPO_ROOT / 'shared/data/leetcode_medhard_dev.jsonl')!r}).read()\n"
                           "    print('READ_OK')\nexcept Exception as e:\n    print('READ_DENIED', type(e).__name__)\n",
                           lambda r, p: "READ_OK" not in r.stdout and "READ_DENIED" in r.stdout),
-    "list_problem_data": ("import glob\nprint('FOUND', glob.glob('/work/**/*.jsonl', recursive=True)"
-                          f" + glob.glob({str(REPO_ROOT)!r} + '/**/*.jsonl', recursive=True))\n",
+    # The server's own code and data (the repo, wherever it is checked out) and home must be hidden.
+    "list_problem_data": ("import glob, os\nprint('FOUND', glob.glob(os.path.expanduser('~') + '/**/*.jsonl',"
+                          f" recursive=True) + glob.glob({str(REPO_ROOT)!r} + '/**/*.jsonl', recursive=True))\n",
                           lambda r, p: "FOUND []" in r.stdout),
     "write_outside": (f"for path in ({ESCAPE!r}, {str(REPO_ROOT / 'ESCAPED')!r}, '../escaped'):\n"
                       "    try:\n        open(path, 'w').write('x')\n        print('WROTE', path)\n"
