@@ -18,6 +18,7 @@ from pathlib import Path
 
 from analysis.hypotheses import (RULES_MARKDOWN, ArmRates, check_all, mean_sem, sem_of_difference,
                                  verdicts_markdown)
+from learner.metrics import read_jsonl  # noqa: F401 - one reader for run files (torn lines skipped)
 from shared.config import ARMS, HACK_MODES
 
 
@@ -34,22 +35,6 @@ ARM_LABELS = {
     "route": "Route",
 }
 SKIP_PARTS = {"checkpoints", "artifacts", "logs"}
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """Rows of a jsonl file; a missing file is empty, a torn line (run killed mid-write) is skipped."""
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
 
 
 @dataclass
