@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from shared.adapter import quarantine, set_flat_delta_q, set_flat_delta_s
+from rollout.engine import stop_token_ids
 from shared.schemas import Completion, DeltaSUpdate, PromptJob, RolloutGroup
 
 ROW_SEED_STRIDE = 1_000_003  # row k of a job uses seed + k * stride
@@ -107,17 +108,7 @@ class HFEngine:
         self.device = torch.device(device)
         self.version = 0
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.stop_ids = self._stop_ids(tokenizer)
-
-    @staticmethod
-    def _stop_ids(tokenizer) -> list[int]:
-        ids = []
-        if tokenizer.eos_token_id is not None:
-            ids.append(int(tokenizer.eos_token_id))
-        im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-        if isinstance(im_end, int) and im_end >= 0 and im_end != tokenizer.unk_token_id:
-            ids.append(im_end)
-        return sorted(set(ids))
+        self.stop_ids = stop_token_ids(tokenizer)
 
     # ------------------------------------------------------------------ weights
     def load_delta(self, update: DeltaSUpdate) -> None:

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.config import RunConfig
+from rollout.engine import stop_token_ids
 from shared.schemas import Completion, DeltaSUpdate, PromptJob, RolloutGroup
 
 WORKER_EXTENSION = "rollout.vllm_worker_ext.DeltaSWorkerExtension"
@@ -305,17 +306,6 @@ def _die_with_parent() -> None:
     threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
 
 
-def _stop_ids(tokenizer) -> list[int]:
-    """EOS + <|im_end|>: the same stop set as HFEngine."""
-    ids = []
-    if tokenizer.eos_token_id is not None:
-        ids.append(int(tokenizer.eos_token_id))
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    if isinstance(im_end, int) and im_end >= 0 and im_end != tokenizer.unk_token_id:
-        ids.append(im_end)
-    return sorted(set(ids))
-
-
 class _Child:
     def __init__(self, spec: dict):
         import torch
@@ -334,7 +324,7 @@ class _Child:
         t_llm = time.perf_counter() - t0
         self.setup = self.llm.collective_rpc("rg_setup", args=(json.dumps(spec["worker"]),))
         self.tokenizer = self.llm.get_tokenizer()
-        self.stop_ids = _stop_ids(self.tokenizer)
+        self.stop_ids = stop_token_ids(self.tokenizer)
         self.tmp = tempfile.mkdtemp(prefix="rankguard-delta-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
         self.info = {"llm_s": round(t_llm, 3), "setup": self.setup[0], "stop_ids": self.stop_ids,
                      "workers": len(self.setup), "device": "cuda" if on_gpu else "cpu"}
