@@ -15,6 +15,7 @@ Arms (cfg.train.arm):
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -29,7 +30,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from shared.adapter import adapter_disabled, adapter_modules, delta_s_layout, flat_delta_q, flat_delta_s, quarantine
+from shared.adapter import (adapter_disabled, adapter_modules, delta_s_layout, flat_delta_q, flat_delta_s,
+                            merged_inference, quarantine)
 from shared.config import HACK_MODES, RunConfig
 from shared.problems import Problem
 from shared.prompts import build_messages, render_prompt
@@ -363,7 +365,8 @@ class Learner:
 
     def _chunks(self, seqs: list[dict], group_aligned: bool) -> list[list[dict]]:
         mb = max(1, self.cfg.train.micro_batch)
-        if not group_aligned:
+        if not group_aligned:  # similar lengths share a chunk: less padding (the loss is a sum)
+            seqs = sorted(seqs, key=lambda s: len(s["comp"]))
             return [seqs[i: i + mb] for i in range(0, len(seqs), mb)]
         chunks: list[list[dict]] = []
         cur: list[dict] = []
@@ -380,6 +383,12 @@ class Learner:
         return chunks
 
     # ------------------------------------------------------------------ the step
+    def _ref_weights(self):
+        """Plain merged weights for the no-grad reference forward on CPU, where a tiny model's step
+        is dispatch-bound (one matmul instead of the adapter's two); on GPU the merged copy would
+        cost a second set of weights, so the adapter path stays."""
+        return merged_inference(self.model) if self.device.type == "cpu" else contextlib.nullcontext()
+
     def train_step(self, groups: Sequence[GradedGroup], timings: dict[str, float] | None = None) -> dict:
         """One optimizer step on graded groups; appends and returns the metrics row."""
         t0 = time.perf_counter()
@@ -416,7 +425,7 @@ class Learner:
                 b = self._batch(chunk)
                 ref = None
                 if cfg.beta_kl > 0 or self.measure_kl:
-                    with torch.no_grad(), adapter_disabled(self.model):
+                    with torch.no_grad(), adapter_disabled(self.model), self._ref_weights():
                         ref = self._forward(chunk, b)[0]
                 if rebound:
                     from .rebound import concept_penalty

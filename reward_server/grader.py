@@ -150,6 +150,8 @@ class Grader:
         self.sandbox_info = dict(self.executor.info)
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="grade")
         self._cache: OrderedDict[str, _Checks] = OrderedDict()
+        self._verdicts: OrderedDict[str, Grade] = OrderedDict()  # reward_cfg.verdict_cache entries
+        self.cache_hits = 0
         self._lock = threading.Lock()
         self._closed = False
         log.info("reward sandbox: isolation=%s network=%s workers=%d (%s)",
@@ -165,6 +167,34 @@ class Grader:
         t0 = time.perf_counter()
         loopholes = loopholes or self.cfg.loopholes
         code = extract_code(completion)
+        key = self._verdict_key(problem, code, loopholes)
+        if key is not None:
+            with self._lock:
+                hit = self._verdicts.get(key)
+                if hit is not None:
+                    self._verdicts.move_to_end(key)
+                    self.cache_hits += 1
+            if hit is not None:
+                return hit.model_copy(update={"rollout_id": rollout_id, "cached": True,
+                                              "seconds": time.perf_counter() - t0})
+        grade = self._grade_code(problem, code, loopholes, rollout_id, t0)
+        if key is not None:
+            with self._lock:
+                self._verdicts[key] = grade
+                while len(self._verdicts) > self.cfg.verdict_cache:
+                    self._verdicts.popitem(last=False)
+        return grade
+
+    def _verdict_key(self, problem: Problem, code: str | None, loopholes: LoopholeConfig) -> str | None:
+        """Everything a Grade depends on (the extracted code, not the prose around it); None = no cache."""
+        if not self.cfg.verdict_cache:
+            return None
+        parts = [problem.key, problem.setup_code, *problem.gt_answer, "\x01", code or "\x02",
+                 loopholes.model_dump_json()]
+        return hashlib.sha1("\x00".join(parts).encode()).hexdigest()
+
+    def _grade_code(self, problem: Problem, code: str | None, loopholes: LoopholeConfig, rollout_id: str,
+                    t0: float) -> Grade:
         formatted = code is not None
         attempted = detect(code)
         blob, compile_error = compile_program(code) if formatted else (None, "no code block")
@@ -197,8 +227,18 @@ class Grader:
     def grade_many(self, items: list[tuple[Problem, str]], loopholes: LoopholeConfig | None = None
                    ) -> list[Grade]:
         """Grade in parallel over the pool; results in input order."""
-        futs = [self.submit(p, c, loopholes) for p, c in items]
-        return [f.result() for f in futs]
+        if not self.cfg.verdict_cache:
+            return [f.result() for f in [self.submit(p, c, loopholes) for p, c in items]]
+        # identical programs in one batch run once (the cache only helps across batches otherwise)
+        lh = loopholes or self.cfg.loopholes
+        keys = [self._verdict_key(p, extract_code(c), lh) for p, c in items]
+        first: dict[str, int] = {}
+        futs = {i: self.submit(p, c, loopholes) for i, (p, c) in enumerate(items) if first.setdefault(keys[i], i) == i}
+        out = []
+        for i, k in enumerate(keys):
+            g = futs[first[k]].result()
+            out.append(g if first[k] == i else g.model_copy(update={"cached": True, "seconds": 0.0}))
+        return out
 
     def close(self) -> None:
         if self._closed:

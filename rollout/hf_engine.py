@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from shared.adapter import quarantine, set_flat_delta_q, set_flat_delta_s
+from shared.adapter import merged_inference, quarantine, set_flat_delta_q, set_flat_delta_s
 from rollout.engine import stop_token_ids
 from shared.schemas import Completion, DeltaSUpdate, PromptJob, RolloutGroup
 
@@ -129,7 +129,7 @@ class HFEngine:
             if part:
                 t0 = time.perf_counter()
                 # quarantine (route arm) is live for training rollouts only; delta_Q is 0 elsewhere
-                with quarantine(self.model, active=(mode == "train")):
+                with quarantine(self.model, active=(mode == "train")), merged_inference(self.model):
                     groups = self._generate(part)
                 share = (time.perf_counter() - t0) / len(part)
                 for g in groups:

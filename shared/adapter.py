@@ -46,6 +46,7 @@ __all__ = [
     "get_delta_s", "set_delta_s", "flat_delta_s", "set_flat_delta_s", "delta_s_layout", "delta_s_parameters",
     "get_delta_s_grads", "flat_delta_s_grad", "get_delta_q", "set_delta_q", "flat_delta_q", "set_flat_delta_q",
     "set_quarantine_active", "quarantine", "adapter_disabled", "merged_weight", "merged_state_dict",
+    "merged_inference",
 ]
 
 
@@ -115,6 +116,7 @@ class AntiPaSTOLinear(nn.Module):
         self.delta_Q = nn.Parameter(torch.zeros(r, device=dev, dtype=torch.float32), requires_grad=False)
         self.quarantine_active = False
         self.adapter_enabled = True
+        self.merged: Tensor | None = None  # plain weight for no-grad inference; see merged_inference()
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, rank: int | None = None,
@@ -177,6 +179,8 @@ class AntiPaSTOLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = x.to(self.U.dtype)
+        if self.merged is not None and not torch.is_grad_enabled():
+            return F.linear(x, self.merged, self.bias)  # one matmul instead of two (sampling)
         y = _ScaledSVDMatmul.apply(x, self.Vh, self.U, self.scale(), self.bias)
         if self.W_res is not None:
             y = y + F.linear(x, self.W_res)
@@ -385,6 +389,26 @@ def adapter_disabled(model: nn.Module) -> Iterator[nn.Module]:
 
 
 # ---------------------------------------------------------------- merging (rollout engines)
+
+@contextlib.contextmanager
+def merged_inference(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside, no-grad forwards use one plain weight U diag(scale) Vh (+ W_res) per module.
+
+    Why: sampling is many small decode steps, where the adapter's two matmuls and their glue cost
+    ~2x a Linear; the weight is merged from the *current* scale (delta_S, quarantine, adapter
+    switch as set on entry), so grad-enabled forwards inside still take the adapter path.
+    """
+    mods = _mods(model)
+    with torch.no_grad():
+        for m in mods.values():
+            W = (m.U.float() * m.scale().float()) @ m.Vh.float()
+            m.merged = (W if m.W_res is None else W + m.W_res.float()).to(m.U.dtype)
+    try:
+        yield model
+    finally:
+        for m in mods.values():
+            m.merged = None
+
 
 @torch.no_grad()
 def merged_weight(module: AntiPaSTOLinear, delta: Tensor | None = None, include_quarantine: bool = False,

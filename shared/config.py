@@ -65,6 +65,9 @@ class RewardConfig(_Strict):
     memory_mb: int = 1024
     workers: int = 0  # 0 = one per core
     url: str | None = None  # reward server base URL; None = grade in-process
+    # Verdicts remembered by (problem, extracted code, loopholes); identical programs are then run
+    # once. 0 = off. Assumes deterministic programs (a random/time-based one keeps its first verdict).
+    verdict_cache: int = Field(default=0, ge=0)
 
 
 class SamplingConfig(_Strict):
@@ -145,10 +148,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "toy": {
         "model": {"name_or_path": "toy", "dtype": "float32"},
         "problems": "toy",
-        "reward": {"loopholes": {"rt": True, "se": True, "so": True, "fm": True}, "prompt_variant": "as_is"},
+        "reward": {"loopholes": {"rt": True, "se": True, "so": True, "fm": True}, "prompt_variant": "as_is",
+                   "verdict_cache": 8192},
         "sampling": {"group_size": 8, "max_new_tokens": 64},
         "train": {"lr": 1e-2, "weight_decay": 0.0, "warmup_steps": 0, "steps": 200, "prompts_per_step": 8,
-                  "beta_kl": 0.0, "micro_batch": 64, "eval_every": 25},
+                  "beta_kl": 0.0, "micro_batch": 16, "eval_every": 25},
         "pipeline": {"engine": "hf"},
     },
     "lite": {
