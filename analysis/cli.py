@@ -37,8 +37,11 @@ def register(app: typer.Typer) -> None:
         set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
         report: bool = typer.Option(True, help="Write the report when the runs end."),
         progress: bool = typer.Option(True, help="Show the live progress display."),
+        parallel: int = typer.Option(1, min=1, help="Runs at once (services mode). On the 2-core toy box, 2 "
+                                                    "keeps both cores busy while one run's stages wait on "
+                                                    "each other; on a GPU box keep 1 per GPU."),
     ) -> None:
-        """Run every (arm, seed) one at a time into OUT/<arm>/seed<k>/, then write the report.
+        """Run every (arm, seed) into OUT/<arm>/seed<k>/ (--parallel at a time), then write the report.
 
         Finished runs (DONE marker and the same config) are skipped, interrupted ones resumed. v_hack is extracted once per pair-set + model + modes before the runs, and every run reads the cached file.
 
@@ -48,7 +51,7 @@ def register(app: typer.Typer) -> None:
 
         _sigterm_as_interrupt()
         rec = run_experiment(preset=preset, arms=arms, seeds=seeds, out=out, mode=mode, steps=steps,
-                             overrides=set_ or [], report=report, progress=progress)
+                             overrides=set_ or [], report=report, progress=progress, parallel=parallel)
         failed = [f"{r['arm']}/seed{r['seed']}" for r in rec["runs"] if r["status"] == "failed"]
         typer.echo(f"experiment {rec['status']} in {rec['wall_s']:.1f} s: {rec['out']}/experiment.json")
         if rec.get("report"):

@@ -125,8 +125,9 @@ def run_state(run: PlannedRun) -> str:
     return "done" if (run.run_dir / "DONE").exists() else "resume"
 
 
-def default_run_fn(mode: str, progress: bool = False) -> RunFn:
-    """The real run: in one process (learner.trainer) or through the services (services.launcher)."""
+def default_run_fn(mode: str, progress: bool = False, stop: threading.Event | None = None) -> RunFn:
+    """The real run: in one process (learner.trainer) or through the services (services.launcher).
+    `stop` (services) shuts a run down from another thread, as Ctrl-C would."""
     if mode == "inprocess":
         from learner.trainer import run_inprocess
 
@@ -134,7 +135,7 @@ def default_run_fn(mode: str, progress: bool = False) -> RunFn:
     if mode == "services":
         from services.launcher import run_services
 
-        return lambda cfg: run_services(cfg, resume=True)
+        return lambda cfg: run_services(cfg, resume=True, stop=stop)
     raise ExperimentError(f"unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
 
 
@@ -288,11 +289,19 @@ class Experiment:
     prepare_fn: PrepareFn | None = None
     report: bool = True
     progress: bool = True
+    parallel: int = 1  # runs at once (services mode: each run is its own process tree)
     record: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ExperimentError(f"unknown mode {self.mode!r}; valid modes: {', '.join(MODES)}")
+        if self.parallel < 1:
+            raise ExperimentError(f"parallel must be >= 1, got {self.parallel}")
+        if self.parallel > 1 and self.mode != "services":
+            raise ExperimentError("--parallel > 1 needs --mode services (in-process runs share one "
+                                  "interpreter, its RNG and torch threads)")
+        self._stop = threading.Event()
+        self._lock = threading.RLock()  # record writes from parallel run threads
         self.arms = parse_arms(self.arms)
         self.seeds = parse_seeds(self.seeds)
         self.out = Path(self.out)
@@ -300,19 +309,21 @@ class Experiment:
         self.steps_per_run = self.runs[0].cfg.train.steps
 
     def _write_record(self) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
-        tmp = self.out / "experiment.json.tmp"
-        tmp.write_text(json.dumps(self.record, indent=2, default=str))
-        os.replace(tmp, self.out / "experiment.json")
+        with self._lock:
+            self.out.mkdir(parents=True, exist_ok=True)
+            tmp = self.out / "experiment.json.tmp"
+            tmp.write_text(json.dumps(self.record, indent=2, default=str))
+            os.replace(tmp, self.out / "experiment.json")
 
     def run(self) -> dict:
         states = {r.name: run_state(r) for r in self.runs}  # fail fast on a foreign folder
-        run_fn = self.run_fn or default_run_fn(self.mode, progress=not self.progress)
+        run_fn = self.run_fn or default_run_fn(self.mode, progress=not self.progress, stop=self._stop)
         previous = self._previous_entries()
         t0 = time.time()
         self.record = {
             "preset": self.preset, "mode": self.mode, "arms": self.arms, "seeds": self.seeds,
             "steps": self.steps_per_run, "overrides": list(self.overrides), "out": str(self.out),
+            "parallel": self.parallel,
             "git_commit": git_commit(), "started": _now(), "finished": None, "status": "running",
             "prepare_s": None, "wall_s": None,
             "runs": [self._initial_entry(r, states[r.name], previous.get((r.arm, r.seed))) for r in self.runs],
@@ -374,68 +385,100 @@ class Experiment:
         return next(x for x in self.record["runs"] if x["arm"] == run.arm and x["seed"] == run.seed)
 
     def _run_all(self, todo: list[PlannedRun], run_fn: RunFn) -> None:
+        from concurrent.futures import ThreadPoolExecutor, wait
+
         from rich.console import Console
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                    TimeRemainingColumn)
 
-        n_total, n_done = len(self.runs), len(self.runs) - len(todo)
+        n_total = len(self.runs)
+        self._n_done = n_total - len(todo)
         console = Console(stderr=True)
         columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    TextColumn("ETA"), TimeRemainingColumn()]
         resumed = {r.name: min(last_logged_step(r.run_dir), self.steps_per_run) for r in todo}
         total_steps = sum(self.steps_per_run - s for s in resumed.values())
+        done_steps = {r.name: 0 for r in todo}  # steps each run has added in this invocation
         with Progress(*columns, console=console, disable=not self.progress, transient=False) as prog:
-            overall = prog.add_task(f"runs {n_done}/{n_total} done (steps to do)", total=max(total_steps, 1))
-            steps_before = 0
-            for run in todo:
-                entry = self._entry(run)
+            overall = prog.add_task(f"runs {self._n_done}/{n_total} done (steps to do)", total=max(total_steps, 1))
+
+            def one(run: PlannedRun) -> None:
+                if self._stop.is_set():
+                    return
                 start_step = resumed[run.name]
                 current = prog.add_task(f"{run.name}", total=self.steps_per_run, completed=start_step)
 
-                def on_step(step: int, text: str, _cur=current, _base=steps_before, _start=start_step,
-                            _name=run.name) -> None:
+                def on_step(step: int, text: str) -> None:
                     step = min(step, self.steps_per_run)
-                    prog.update(_cur, completed=step, description=f"{_name} {text}".rstrip())
-                    prog.update(overall, completed=_base + max(step - _start, 0))
+                    prog.update(current, completed=step, description=f"{run.name} {text}".rstrip())
+                    done_steps[run.name] = max(step - start_step, 0)
+                    prog.update(overall, completed=sum(done_steps.values()))
 
                 console.log(f"start {run.name} ({'resume' if start_step else 'new'}, {run.run_dir})")
-                entry.update(status="running", started=_now())
-                self._write_record()
-                if not (run.run_dir / "config.json").exists():
-                    run.cfg.save()  # the run's identity on disk: what the skip/resume check compares
-                watcher = _StepWatcher(run.run_dir, on_step)
-                watcher.start()
-                t = time.time()
-                try:
-                    run_fn(run.cfg)
-                    entry["status"] = "finished" if (run.run_dir / "DONE").exists() else "ended_without_DONE"
-                except KeyboardInterrupt:
-                    entry["status"] = "interrupted"
-                    raise
-                except Exception as e:  # noqa: BLE001 - record, go on with the other runs
-                    entry.update(status="failed", error=f"{type(e).__name__}: {e}")
-                    console.log(f"[red]{run.name} failed: {type(e).__name__}: {e}")
-                finally:
-                    watcher.stop()
-                    entry["wall_s"] = round(time.time() - t, 3)
-                    entry["finished"] = _now()
-                    entry["timing"] = _timing(run.run_dir)
-                    self._write_record()
-                steps_before += self.steps_per_run - start_step
-                n_done += 1
-                prog.update(overall, completed=steps_before,
-                            description=f"runs {n_done}/{n_total} done (steps to do)")
-                prog.update(current, completed=min(last_logged_step(run.run_dir), self.steps_per_run))
+                entry = self._run_one(run, run_fn, on_step, console)
+                done_steps[run.name] = self.steps_per_run - start_step
+                with self._lock:
+                    self._n_done += 1
+                prog.update(overall, completed=sum(done_steps.values()),
+                            description=f"runs {self._n_done}/{n_total} done (steps to do)")
                 prog.remove_task(current)
                 console.log(f"end {run.name}: {entry['status']} in {entry['wall_s']:.1f} s")
+
+            if self.parallel == 1:
+                for run in todo:
+                    one(run)
+                return
+            pool = ThreadPoolExecutor(self.parallel, thread_name_prefix="run")
+            futures = [pool.submit(one, run) for run in todo]
+            try:
+                wait(futures)
+            except KeyboardInterrupt:
+                self._stop.set()  # every live run shuts its services down, then its thread returns
+                console.log("interrupted: stopping the runs in flight")
+                wait(futures)
+                raise
+            finally:
+                pool.shutdown(wait=True)
+            for f in futures:
+                f.result()  # a KeyboardInterrupt recorded in a worker surfaces here
+
+    def _run_one(self, run: PlannedRun, run_fn: RunFn, on_step: Callable[[int, str], None], console) -> dict:
+        entry = self._entry(run)
+        with self._lock:
+            entry.update(status="running", started=_now())
+            self._write_record()
+        if not (run.run_dir / "config.json").exists():
+            run.cfg.save()  # the run's identity on disk: what the skip/resume check compares
+        watcher = _StepWatcher(run.run_dir, on_step)
+        watcher.start()
+        t = time.time()
+        outcome: dict[str, Any] = {}
+        try:
+            run_fn(run.cfg)
+            outcome["status"] = "finished" if (run.run_dir / "DONE").exists() else "ended_without_DONE"
+        except KeyboardInterrupt:
+            outcome["status"] = "interrupted"
+            raise
+        except Exception as e:  # noqa: BLE001 - record, go on with the other runs
+            outcome.update(status="interrupted" if self._stop.is_set() else "failed",
+                           error=f"{type(e).__name__}: {e}")
+            if not self._stop.is_set():
+                console.log(f"[red]{run.name} failed: {type(e).__name__}: {e}")
+        finally:
+            watcher.stop()
+            with self._lock:
+                entry.update(outcome, wall_s=round(time.time() - t, 3), finished=_now(), timing=_timing(run.run_dir))
+                self._write_record()
+        on_step(last_logged_step(run.run_dir), "")
+        return entry
 
 
 def run_experiment(preset: str = "toy", arms: str | Sequence[str] = "vanilla,projected", seeds: str | int = 3,
                    out: str | Path | None = None, mode: str = "services", steps: int | None = None,
                    overrides: Sequence[str] = (), run_fn: RunFn | None = None, prepare_fn: PrepareFn | None = None,
-                   report: bool = True, progress: bool = True) -> dict:
+                   report: bool = True, progress: bool = True, parallel: int = 1) -> dict:
     """Run (or finish) an arms × seeds experiment into OUT and write OUT/experiment.json + the report."""
     exp = Experiment(preset=preset, arms=arms, seeds=seeds, out=Path(out or f"runs/exp-{preset}"), mode=mode,
                      steps=steps, overrides=list(overrides), run_fn=run_fn, prepare_fn=prepare_fn, report=report,
-                     progress=progress)
+                     progress=progress, parallel=parallel)
     return exp.run()

@@ -64,8 +64,10 @@ def kill_group(pid: int, sig: int) -> None:
 class Launcher:
     def __init__(self, cfg: RunConfig, resume: bool = False, console: bool = True, progress: bool = True,
                  restart_workers: int = 0, grace_s: float = 10.0, http_port: int | None = None,
-                 on_line: Callable[[str, str], None] | None = None):
+                 on_line: Callable[[str, str], None] | None = None, stop: threading.Event | None = None):
+        """stop: set it (from another thread) to shut the run down as Ctrl-C would (exit code 130)."""
         self.cfg = cfg
+        self.stop = stop
         self.run_dir = Path(cfg.run_dir)
         self.resume, self.console, self.show_progress = resume, console, progress and console
         self.restart_workers, self.grace_s, self.http_port = restart_workers, grace_s, http_port
@@ -174,6 +176,8 @@ class Launcher:
         rc = 0
         try:
             while True:
+                if self._stop_signal is None and self.stop is not None and self.stop.is_set():
+                    self._stop_signal = signal.SIGINT
                 if self._stop_signal is not None:
                     self.say(f"got {signal.Signals(self._stop_signal).name}; shutting down")
                     rc = 128 + self._stop_signal

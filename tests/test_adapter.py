@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from shared.adapter import (AdapterError, AntiPaSTOLinear, adapter_disabled, adapter_modules, delta_s_layout,
+                            merged_inference,
                             delta_s_parameters, flat_delta_q, flat_delta_s, flat_delta_s_grad, get_delta_q,
                             get_delta_s, merged_state_dict, merged_weight, quarantine, set_delta_q, set_delta_s,
                             set_flat_delta_q, set_flat_delta_s, set_quarantine_active, wrap_model)
@@ -226,6 +227,30 @@ def test_merged_weight_reproduces_forward(tiny_qwen3, wrapped, ids):
     torch.testing.assert_close(_logits(plain, ids), _logits(model, ids), rtol=1e-4, atol=1e-4)
     with pytest.raises(AdapterError, match=r"delta has shape \(3,\), expected \(64,\)"):
         merged_weight(mod, delta=torch.zeros(3))
+
+
+def test_merged_inference_matches_adapter_and_keeps_training_path(wrapped, ids):
+    model, _ = wrapped
+    _randomize(model, scale=0.1)
+    set_flat_delta_q(model, torch.full_like(flat_delta_s(model), 0.05))
+    base = _logits(model, ids)
+    with quarantine(model, True):
+        routed = _logits(model, ids)
+        with merged_inference(model):  # merged from the scale as set on entry (quarantine included)
+            torch.testing.assert_close(_logits(model, ids), routed, rtol=1e-4, atol=1e-4)
+    with merged_inference(model):
+        assert all(m.merged is not None for m in adapter_modules(model).values())
+        torch.testing.assert_close(_logits(model, ids), base, rtol=1e-4, atol=1e-4)
+        loss = model(ids).logits.float().pow(2).mean()  # grad-enabled: adapter path, delta_S gets grads
+        loss.backward()
+    assert all(m.merged is None for m in adapter_modules(model).values())
+    assert all(m.delta_S.grad is not None and m.delta_S.grad.abs().sum() > 0
+               for m in adapter_modules(model).values())
+    with adapter_disabled(model), merged_inference(model):
+        off = _logits(model, ids)
+    with adapter_disabled(model):
+        torch.testing.assert_close(off, _logits(model, ids), rtol=1e-4, atol=1e-4)
+    assert (off - base).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("rank", [8, 40])

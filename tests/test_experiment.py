@@ -152,3 +152,40 @@ def test_cli_bad_arm_is_one_error_line(tmp_path):
     assert lines == [f"error: unknown arm 'bogus'; valid arms: {', '.join(ARMS)}"]
     r = CliRunner().invoke(app, ["experiment", "--help"])
     assert r.exit_code == 0 and "--seeds" in r.output and "skipped" in r.output
+
+
+def test_parallel_runs_overlap_and_all_finish(tmp_path):
+    import threading
+    import time
+
+    live, peak, lock = [0], [0], threading.Lock()
+    inner = FakeTrainer()
+
+    def fake(cfg: RunConfig) -> dict:
+        with lock:
+            live[0] += 1
+            peak[0] = max(peak[0], live[0])
+        try:
+            time.sleep(0.3)  # long enough that two runs must overlap
+            return inner(cfg)
+        finally:
+            with lock:
+                live[0] -= 1
+
+    rec = run_experiment(preset="toy", out=tmp_path, mode="services", steps=4, arms="vanilla,projected", seeds=2,
+                         overrides=["train.eval_every=2"], run_fn=fake, prepare_fn=lambda c: None,
+                         progress=False, report=False, parallel=2)
+    assert peak[0] == 2 and sorted(c for c, _ in inner.calls) == sorted(
+        ["vanilla/seed0", "projected/seed0", "vanilla/seed1", "projected/seed1"])
+    on_disk = json.loads((tmp_path / "experiment.json").read_text())
+    assert on_disk["parallel"] == 2 and on_disk["status"] == "finished"
+    assert all(r["status"] == "finished" and r["timing"]["steps_logged"] == 4 for r in on_disk["runs"])
+
+
+def test_parallel_needs_services_mode(tmp_path):
+    with pytest.raises(ExperimentError, match="--parallel > 1 needs --mode services"):
+        run_experiment(preset="toy", out=tmp_path, mode="inprocess", arms="vanilla", run_fn=FakeTrainer(),
+                       progress=False, parallel=2)
+    with pytest.raises(ExperimentError, match="parallel must be >= 1, got 0"):
+        run_experiment(preset="toy", out=tmp_path, mode="services", arms="vanilla", run_fn=FakeTrainer(),
+                       progress=False, parallel=0)
