@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from shared.adapter import merged_inference, quarantine, set_flat_delta_q, set_flat_delta_s
+from rollout.fast_decode import Qwen3Decoder, unsupported
+from shared.adapter import adapter_modules, merged_inference, quarantine, set_flat_delta_q, set_flat_delta_s
 from rollout.engine import stop_token_ids
 from shared.schemas import Completion, DeltaSUpdate, PromptJob, RolloutGroup
 
@@ -102,13 +103,16 @@ class SeededSampler:
 class HFEngine:
     """rollout.engine.Engine on a transformers causal LM + its KV cache. `model` is AntiPaSTO-wrapped (shared or own)."""
 
-    def __init__(self, model: nn.Module, tokenizer, device: str | torch.device = "cpu"):
+    def __init__(self, model: nn.Module, tokenizer, device: str | torch.device = "cpu", fast_decode: bool = True):
+        """fast_decode: use rollout.fast_decode when the model is a wrapped Qwen3 (same samples, less glue)."""
         self.model = model
         self.tokenizer = tokenizer
         self.device = torch.device(device)
         self.version = 0
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.stop_ids = stop_token_ids(tokenizer)
+        # the lean loop needs merged weights: wrapped models only (generate() merges them)
+        self.fast = fast_decode and unsupported(model) is None and bool(adapter_modules(model))
 
     # ------------------------------------------------------------------ weights
     def load_delta(self, update: DeltaSUpdate) -> None:
@@ -163,14 +167,13 @@ class HFEngine:
         was_training = self.model.training
         self.model.eval()
         try:
-            pos = (attn.cumsum(-1) - 1).clamp_min(0)
-            out = self.model(input_ids=ids.to(dev), attention_mask=attn.to(dev), position_ids=pos.to(dev),
-                             use_cache=True, logits_to_keep=1)
-            cache = out.past_key_values
-            cache.reorder_cache(fan.to(dev))  # one prefill per prompt, n rows each
-            logits = out.logits[:, -1, :][fan.to(dev)]
-            mask = attn[fan].to(dev)
-            next_pos = (pos[fan, -1] + 1).to(dev)
+            if self.fast:  # lean Qwen3 loop over merged weights (rollout.fast_decode)
+                dec = Qwen3Decoder(self.model, max_len=width + int(limits.max()) + 1)
+            else:
+                dec = _TransformersDecoder(self.model)
+            logits = dec.prefill(ids.to(dev), attn.to(dev))
+            dec.keep(fan.to(dev))  # one prefill per prompt, n rows each
+            logits = logits[fan.to(dev)]
             live = torch.arange(len(rows))
             toks: list[list[int]] = [[] for _ in rows]
             lps: list[list[float]] = [[] for _ in rows]
@@ -191,14 +194,9 @@ class HFEngine:
                     break
                 if bool(finished.any()):
                     keep = (~finished).nonzero().squeeze(1)
-                    cache.reorder_cache(keep.to(dev))
-                    live, tok, mask, next_pos = live[keep], tok[keep.to(dev)], mask[keep.to(dev)], next_pos[keep.to(dev)]
-                mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
-                out = self.model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                                 past_key_values=cache, use_cache=True)
-                cache = out.past_key_values
-                logits = out.logits[:, -1, :]
-                next_pos = next_pos + 1
+                    dec.keep(keep.to(dev))
+                    live, tok = live[keep], tok[keep.to(dev)]
+                logits = dec.step(tok)
         finally:
             self.model.train(was_training)
         return self._to_groups(jobs, rows, toks, lps, reasons)
@@ -214,6 +212,30 @@ class HFEngine:
                          prompt_ids=list(j.prompt_ids), completions=comps[j.job_id], split=j.split)
             for j in jobs
         ]
+
+
+class _TransformersDecoder:
+    """The same prefill / step / keep interface on the model's own forward and KV cache (any causal LM)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def prefill(self, ids: Tensor, attn: Tensor) -> Tensor:
+        pos = (attn.cumsum(-1) - 1).clamp_min(0)
+        out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
+        self.cache, self.mask, self.next_pos = out.past_key_values, attn, pos[:, -1] + 1
+        return out.logits[:, -1, :]
+
+    def keep(self, rows: Tensor) -> None:
+        self.cache.reorder_cache(rows)
+        self.mask, self.next_pos = self.mask[rows], self.next_pos[rows]
+
+    def step(self, tok: Tensor) -> Tensor:
+        self.mask = torch.cat([self.mask, self.mask.new_ones((self.mask.shape[0], 1))], dim=1)
+        out = self.model(input_ids=tok[:, None], attention_mask=self.mask, position_ids=self.next_pos[:, None],
+                         past_key_values=self.cache, use_cache=True)
+        self.cache, self.next_pos = out.past_key_values, self.next_pos + 1
+        return out.logits[:, -1, :]
 
 
 def groups_by_job(groups: Iterable[RolloutGroup]) -> dict[str, RolloutGroup]:

@@ -17,7 +17,7 @@ import time
 from shared.config import RunConfig
 from shared.schemas import Grade, GradedGroup, RolloutGroup
 
-from .procs import Health, StopFlag, exit_now, load_service_config, run_service, service_parser, set_torch_threads
+from .procs import Health, StopFlag, exit_now, load_service_config, run_service, service_parser
 from .rollout_service import default_batch
 from .queues import Heartbeat, default_consumer, parse_policy_tag, parse_wire_id, queues_for
 
@@ -25,7 +25,7 @@ GROUP = "reward"
 
 
 def load_problems_by_id(cfg: RunConfig) -> dict:
-    from shared.modeling import load_problem_sets
+    from shared.problems import load_problem_sets
 
     train, held = load_problem_sets(cfg)
     return {p.key: p for p in list(train) + list(held)}
@@ -60,7 +60,8 @@ class RewardWorker:
         self.cfg, self.grader, self.problems, self.q, self.log = cfg, grader, problems, queues, log
         self.batch, self.stop = batch, stop if stop is not None else StopFlag()
         self.consumer = default_consumer("reward")
-        self.stats = {"groups": 0, "completions": 0, "duplicates": 0, "stale": 0, "failed": 0, "grade_s": 0.0}
+        self.stats = {"groups": 0, "completions": 0, "duplicates": 0, "stale": 0, "failed": 0, "grade_s": 0.0,
+                      "cache_hits": 0}
 
     def run(self) -> None:
         self.log.info("waiting for rollouts (consumer %s)", self.consumer)
@@ -102,6 +103,7 @@ class RewardWorker:
         self.stats["duplicates"] += len(fresh) - sum(fresh)
         self.stats["completions"] += sum(len(d.item.completions) for d in todo)
         self.stats["grade_s"] += sum(g.grade_seconds for g in graded)
+        self.stats["cache_hits"] += sum(bool(getattr(x, "cached", False)) for g in graded for x in g.grades)
         if hb is not None:
             hb.ids = []
         return len(todo)
@@ -131,7 +133,6 @@ def main(argv: list[str] | None = None) -> int:
 
     def body(log: logging.Logger) -> None:
         cfg = load_service_config(args.config)
-        set_torch_threads(cfg.train.torch_threads)
         stop = StopFlag().install()
         q = queues_for(cfg, args.redis_url, args.run_id, stop=lambda: bool(stop))
         grader = make_grader(cfg)

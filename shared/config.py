@@ -151,7 +151,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "reward": {"loopholes": {"rt": True, "se": True, "so": True, "fm": True}, "prompt_variant": "as_is",
                    "verdict_cache": 8192},
         "sampling": {"group_size": 8, "max_new_tokens": 48},
-        "train": {"lr": 1e-2, "weight_decay": 0.0, "warmup_steps": 0, "steps": 200, "prompts_per_step": 4,
+        "train": {"lr": 1e-2, "weight_decay": 0.0, "warmup_steps": 0, "steps": 200, "prompts_per_step": 3,
                   "beta_kl": 0.0, "micro_batch": 16, "eval_every": 25},
         "pipeline": {"engine": "hf"},
     },

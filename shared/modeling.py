@@ -5,7 +5,6 @@ rollout engine and `rankguard adapter report` see identical module names and SVD
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import logging
 import os
@@ -19,15 +18,14 @@ from torch import nn
 
 from shared.adapter import wrap_model
 from shared.config import RunConfig
-from shared.problems import Problem, ProblemFormatError, load_leetcode_sample, load_problems
+from shared.problems import (EVAL_SHARE, TOY_EVAL_FILE, TOY_TRAIN_FILE, Problem, ProblemFormatError,  # noqa: F401
+                             load_leetcode_sample, load_problem_sets, load_problems, split_problems)
 from shared.svd_cache import CacheStats, SVDCache
 
 log = logging.getLogger("rankguard.modeling")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOY_MODEL_SUBDIR = "model"
-TOY_TRAIN_FILE, TOY_EVAL_FILE = "problems_train.jsonl", "problems_eval.jsonl"
-EVAL_SHARE = 4  # a problem is held out for eval when sha1(id) % EVAL_SHARE == 0 (~25 %)
 
 
 class ModelLoadError(ValueError):
@@ -147,32 +145,3 @@ def load_policy(cfg: RunConfig, wrap: bool = True, device: str | torch.device | 
         policy.wrap_s = time.perf_counter() - t0
         policy.cache_stats = cache.stats
     return policy
-
-
-def _is_eval(problem: Problem) -> bool:
-    return int(hashlib.sha1(problem.key.encode()).hexdigest(), 16) % EVAL_SHARE == 0
-
-
-def split_problems(problems: list[Problem]) -> tuple[list[Problem], list[Problem]]:
-    """Deterministic ~75/25 train/eval split by a hash of each problem id (stable across runs)."""
-    train = [p for p in problems if not _is_eval(p)]
-    held = [p for p in problems if _is_eval(p)]
-    return train, held
-
-
-def load_problem_sets(cfg: RunConfig) -> tuple[list[Problem], list[Problem]]:
-    """(train, eval) problems: "toy" -> the built toy files; "leetcode" -> bundled sample; else a jsonl path."""
-    src = cfg.problems
-    if src == "toy":
-        root = Path(cfg.toy.dir)
-        train_f, eval_f = root / TOY_TRAIN_FILE, root / TOY_EVAL_FILE
-        for f in (train_f, eval_f):
-            if not f.exists():
-                raise ProblemFormatError(f"toy problems not found at {f}; run `rankguard toy build` first")
-        return load_problems(train_f), load_problems(eval_f)
-    if src == "leetcode":
-        return split_problems(load_leetcode_sample())
-    path = Path(src).expanduser()
-    if not path.exists():
-        raise ProblemFormatError(f"problem set {src!r} not found; use 'toy', 'leetcode' or a jsonl path")
-    return split_problems(load_problems(path))

@@ -1,11 +1,15 @@
 """Coding problems in rl-rewardhacking's jsonl record format (LeetCode and the toy world alike)."""
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from shared.config import RunConfig
 
 BUNDLED_LEETCODE = Path(__file__).parent / "data" / "leetcode_medhard_dev.jsonl"
 
@@ -101,3 +105,38 @@ def save_problems(problems: Iterable[Problem], path: str | Path) -> None:
 def load_leetcode_sample() -> list[Problem]:
     """The 58 bundled medium/hard LeetCode problems."""
     return load_problems(BUNDLED_LEETCODE)
+
+
+# ---------------------------------------------------------------- train / eval sets of a run
+# (here, not in shared.modeling, so services that only grade never import torch)
+TOY_TRAIN_FILE, TOY_EVAL_FILE = "problems_train.jsonl", "problems_eval.jsonl"
+EVAL_SHARE = 4  # a problem is held out for eval when sha1(id) % EVAL_SHARE == 0 (~25 %)
+
+
+def _is_eval(problem: Problem) -> bool:
+    return int(hashlib.sha1(problem.key.encode()).hexdigest(), 16) % EVAL_SHARE == 0
+
+
+def split_problems(problems: list[Problem]) -> tuple[list[Problem], list[Problem]]:
+    """Deterministic ~75/25 train/eval split by a hash of each problem id (stable across runs)."""
+    train = [p for p in problems if not _is_eval(p)]
+    held = [p for p in problems if _is_eval(p)]
+    return train, held
+
+
+def load_problem_sets(cfg: "RunConfig") -> tuple[list[Problem], list[Problem]]:
+    """(train, eval) problems: "toy" -> the built toy files; "leetcode" -> bundled sample; else a jsonl path."""
+    src = cfg.problems
+    if src == "toy":
+        root = Path(cfg.toy.dir)
+        train_f, eval_f = root / TOY_TRAIN_FILE, root / TOY_EVAL_FILE
+        for f in (train_f, eval_f):
+            if not f.exists():
+                raise ProblemFormatError(f"toy problems not found at {f}; run `rankguard toy build` first")
+        return load_problems(train_f), load_problems(eval_f)
+    if src == "leetcode":
+        return split_problems(load_leetcode_sample())
+    path = Path(src).expanduser()
+    if not path.exists():
+        raise ProblemFormatError(f"problem set {src!r} not found; use 'toy', 'leetcode' or a jsonl path")
+    return split_problems(load_problems(path))
