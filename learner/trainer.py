@@ -119,6 +119,9 @@ class Learner:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         # prompt-shared forward (KV cache fan-out) unless training runs with gradient checkpointing
         self.shared_prefix = not cfg.model.gradient_checkpointing
+        from shared.fast_decode import unsupported
+        self.lean_ref = (self.shared_prefix and self.device.type == "cpu" and unsupported(self.model) is None
+                         and bool(adapter_modules(self.model)))
         self._prompts: dict[str, tuple[str, list[int]]] = {}
 
         # Directions are extracted on the untouched model (delta_S = 0), before any checkpoint loads.
@@ -314,9 +317,9 @@ class Learner:
             hmask[i, len(s["prompt"]): len(s["prompt"]) + len(s["comp"])] = 1.0
         return logp, hidden, hmask.to(self.device)
 
-    def _forward_shared(self, seqs, b, hidden_layer=None):
-        from .logprobs import _LayerCapture
-        dev = self.device
+    def _shared_inputs(self, seqs, b):
+        """Distinct prompts (left-padded) + the fan-out to their sequences + one completion block per
+        sequence that starts with the last prompt token (its output scores completion token 0)."""
         keys: dict[tuple, int] = {}
         for s in seqs:
             keys.setdefault(tuple(s["prompt"]), len(keys))
@@ -330,7 +333,6 @@ class Learner:
         ppos = (patt.cumsum(-1) - 1).clamp_min(0)
         fan = torch.tensor([keys[tuple(s["prompt"])] for s in seqs])
         C = b["C"]
-        # the completion pass starts at the last prompt token, whose output scores completion token 0
         cid = torch.full((len(seqs), C + 1), self.pad_id, dtype=torch.long)
         catt = torch.zeros((len(seqs), C + 1), dtype=torch.long)
         for i, s in enumerate(seqs):
@@ -338,6 +340,35 @@ class Learner:
             cid[i, 0] = s["prompt"][-1]
             cid[i, 1: 1 + c] = torch.tensor(s["comp"], dtype=torch.long)
             catt[i, : 1 + c] = 1
+        return pid, patt, ppos, fan, cid, catt, W, C
+
+    @torch.no_grad()
+    def _ref_logp(self, seqs, b) -> Tensor:
+        """Reference-policy (delta_S = 0) log-probs [B, C] of the completion tokens, for the KL.
+
+        On CPU with a Qwen3 model it runs shared.fast_decode's lean loop over merged weights (the
+        toy step is dispatch-bound; same shared-prefix layout); elsewhere the usual forward."""
+        with adapter_disabled(self.model):
+            if not self.lean_ref:
+                return self._forward(seqs, b)[0]
+            from shared.fast_decode import Qwen3Decoder
+
+            dev = self.device
+            pid, patt, ppos, fan, cid, catt, W, C = self._shared_inputs(seqs, b)
+            with merged_inference(self.model):
+                dec = Qwen3Decoder(self.model, max_len=W + C + 1)
+                if W > 1:
+                    dec.prefill(pid[:, :-1].to(dev), patt[:, :-1].to(dev))
+                    dec.keep(fan.to(dev))
+                else:
+                    dec.reset(len(seqs))
+                logits = dec.extend(cid.to(dev), catt.to(dev))[:, :-1].float()
+            return -torch.nn.functional.cross_entropy(logits.transpose(1, 2), cid[:, 1:].to(dev), reduction="none")
+
+    def _forward_shared(self, seqs, b, hidden_layer=None):
+        from .logprobs import _LayerCapture
+        dev = self.device
+        pid, patt, ppos, fan, cid, catt, W, C = self._shared_inputs(seqs, b)
         body = self.model.model
         cap = _LayerCapture(self.model, hidden_layer) if hidden_layer is not None else None
         try:
@@ -383,12 +414,6 @@ class Learner:
         return chunks
 
     # ------------------------------------------------------------------ the step
-    def _ref_weights(self):
-        """Plain merged weights for the no-grad reference forward on CPU, where a tiny model's step
-        is dispatch-bound (one matmul instead of the adapter's two); on GPU the merged copy would
-        cost a second set of weights, so the adapter path stays."""
-        return merged_inference(self.model) if self.device.type == "cpu" else contextlib.nullcontext()
-
     def train_step(self, groups: Sequence[GradedGroup], timings: dict[str, float] | None = None) -> dict:
         """One optimizer step on graded groups; appends and returns the metrics row."""
         t0 = time.perf_counter()
@@ -425,8 +450,7 @@ class Learner:
                 b = self._batch(chunk)
                 ref = None
                 if cfg.beta_kl > 0 or self.measure_kl:
-                    with torch.no_grad(), adapter_disabled(self.model), self._ref_weights():
-                        ref = self._forward(chunk, b)[0]
+                    ref = self._ref_logp(chunk, b)
                 if rebound:
                     from .rebound import concept_penalty
                     logp, hidden, hmask = self._forward(chunk, b, hidden_layer=self.rebound_layer)

@@ -407,7 +407,8 @@ class Server:
         if len(fds) != 2:
             return {"error": f"expected 2 fds, got {len(fds)}"}
         workdir = os.path.join(self.base, "w")
-        shutil.rmtree(workdir, ignore_errors=True)
+        if os.path.lexists(workdir):  # normally removed after the previous run (see _clear)
+            _clear(workdir)
         os.mkdir(workdir, 0o700)
         if self.root:
             os.chown(workdir, self.uid, self.uid)
@@ -437,7 +438,7 @@ class Server:
         finally:
             os.close(out_fd)
             os.close(err_fd)
-        shutil.rmtree(workdir, ignore_errors=True)
+        _clear(workdir)
         return res
 
     def _wait(self, pid: int, timeout: float) -> bool:
@@ -550,6 +551,21 @@ class Server:
                 soft, hard = resource.getrlimit(res)
                 if hard == resource.RLIM_INFINITY or val[0] <= hard:
                     resource.setrlimit(res, (val[0], hard))
+
+
+def _clear(workdir: str) -> None:
+    """Remove a run's working directory: one rmdir when the program left nothing (the usual case)."""
+    try:
+        os.rmdir(workdir)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        shutil.rmtree(workdir, ignore_errors=True)
+        if os.path.lexists(workdir):  # e.g. a planted symlink named like the dir: never follow it
+            try:
+                os.unlink(workdir)
+            except OSError:
+                pass
 
 
 def fcntl_dup_high(fd: int, low: int = 10) -> int:

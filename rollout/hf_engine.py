@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from rollout.fast_decode import Qwen3Decoder, unsupported
+from shared.fast_decode import Qwen3Decoder, unsupported
 from shared.adapter import adapter_modules, merged_inference, quarantine, set_flat_delta_q, set_flat_delta_s
 from rollout.engine import stop_token_ids
 from shared.schemas import Completion, DeltaSUpdate, PromptJob, RolloutGroup
@@ -104,7 +104,7 @@ class HFEngine:
     """rollout.engine.Engine on a transformers causal LM + its KV cache. `model` is AntiPaSTO-wrapped (shared or own)."""
 
     def __init__(self, model: nn.Module, tokenizer, device: str | torch.device = "cpu", fast_decode: bool = True):
-        """fast_decode: use rollout.fast_decode when the model is a wrapped Qwen3 (same samples, less glue)."""
+        """fast_decode: use shared.fast_decode when the model is a wrapped Qwen3 (same samples, less glue)."""
         self.model = model
         self.tokenizer = tokenizer
         self.device = torch.device(device)
@@ -167,7 +167,7 @@ class HFEngine:
         was_training = self.model.training
         self.model.eval()
         try:
-            if self.fast:  # lean Qwen3 loop over merged weights (rollout.fast_decode)
+            if self.fast:  # lean Qwen3 loop over merged weights (shared.fast_decode)
                 dec = Qwen3Decoder(self.model, max_len=width + int(limits.max()) + 1)
             else:
                 dec = _TransformersDecoder(self.model)

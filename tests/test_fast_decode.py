@@ -1,4 +1,4 @@
-"""rollout.fast_decode against the transformers forward: same logits (prefill with left padding,
+"""shared.fast_decode against the transformers forward: same logits (prefill with left padding,
 decode steps, dropped rows), GQA and an AntiPaSTO-wrapped model with delta_S set; the engine's
 samples do not change when it switches path."""
 from __future__ import annotations
@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from rollout.fast_decode import Qwen3Decoder, unsupported
+from shared.fast_decode import Qwen3Decoder, unsupported
 from shared.adapter import flat_delta_s, merged_inference, set_flat_delta_s, wrap_model
 
 

@@ -289,3 +289,22 @@ def test_shared_prefix_gradients_match_full_sequences(tmp_path, base_model, art_
         grads.append(torch.cat([p.grad.reshape(-1).clone() for p in ln.delta_s]))
     assert torch.allclose(grads[0], grads[1], rtol=1e-3, atol=1e-4)
     assert float(grads[0].abs().max()) > 0
+
+
+def test_lean_reference_logprobs_match_the_model_forward(tmp_path, base_model, art_root):
+    ln = make_learner(make_cfg(tmp_path), base_model, art_root)
+    assert ln.lean_ref  # CPU + Qwen3 + wrapped
+    eng = HFEngine(ln.model, ln.tokenizer)
+    one_step(ln, eng)  # delta_S != 0 now: the reference must still be the delta_S = 0 policy
+    eng.version = ln.policy_version
+    groups = eng.generate(ln.make_jobs(ln.step))
+    graded, _ = _grade_groups(RuleGrader(), ln.problems, groups)
+    seqs = ln._sequences(graded)
+    b = ln._batch(seqs)
+    lean = ln._ref_logp(seqs, b)
+    ln.lean_ref = False
+    plain = ln._ref_logp(seqs, b)
+    mask = b["mask"].bool()
+    torch.testing.assert_close(lean[mask], plain[mask], rtol=1e-4, atol=1e-4)
+    policy = ln._forward(seqs, b)[0].detach()
+    assert (policy[mask] - plain[mask]).abs().max() > 1e-4  # and it is not the current policy

@@ -78,8 +78,9 @@ class Qwen3Decoder:
     def _norm(self, x: Tensor, w: Tensor) -> Tensor:
         return F.rms_norm(x, (x.shape[-1],), w, self.eps)
 
-    def _forward(self, ids: Tensor, pos: Tensor, start: int, mask: Tensor) -> Tensor:
-        """ids/pos [B, T] written at cache slots start..start+T; mask [B, 1, T, start+T] (True = attend)."""
+    def _forward(self, ids: Tensor, pos: Tensor, start: int, mask: Tensor, every: bool = False) -> Tensor:
+        """ids/pos [B, T] written at cache slots start..start+T; mask [B, 1, T, start+T] (True = attend).
+        Logits of the last position [B, V], or of every position [B, T, V] with `every`."""
         B, T = ids.shape
         h = self.inner.embed_tokens(ids)
         cos, sin = self.inner.rotary_emb(h, pos)
@@ -100,18 +101,23 @@ class Qwen3Decoder:
             h = h + F.linear(o.transpose(1, 2).reshape(B, T, self.q_size), L["wo"], L["bo"])
             g, u = F.linear(self._norm(h, L["ln2"]), L["wgu"]).chunk(2, dim=-1)
             h = h + F.linear(F.silu(g) * u, L["wd"])
-        return self.model.lm_head(self._norm(h[:, -1], self.inner.norm.weight))
+        return self.model.lm_head(self._norm(h if every else h[:, -1], self.inner.norm.weight))
+
+    def reset(self, batch: int) -> None:
+        """An empty cache for `batch` rows (prefill does this itself)."""
+        w = self.layers[0]["wqkv"]
+        shape = (batch, self.kv_heads, self.max_len, self.head_dim)
+        self.k = [torch.zeros(shape, dtype=w.dtype, device=w.device) for _ in self.layers]
+        self.v = [torch.zeros(shape, dtype=w.dtype, device=w.device) for _ in self.layers]
+        self.valid = torch.zeros((batch, self.max_len), dtype=torch.bool, device=w.device)
+        self.cur, self.next_pos = 0, torch.zeros(batch, dtype=torch.long, device=w.device)
 
     def prefill(self, ids: Tensor, attn: Tensor) -> Tensor:
         """Left-padded prompts ids/attn [B, P] -> logits of the last position [B, V]."""
         B, P = ids.shape
         if P >= self.max_len:
             raise ValueError(f"prompt length {P} leaves no room in a cache of {self.max_len}")
-        w = self.layers[0]["wqkv"]
-        shape = (B, self.kv_heads, self.max_len, self.head_dim)
-        self.k = [torch.zeros(shape, dtype=w.dtype, device=w.device) for _ in self.layers]
-        self.v = [torch.zeros(shape, dtype=w.dtype, device=w.device) for _ in self.layers]
-        self.valid = torch.zeros((B, self.max_len), dtype=torch.bool, device=ids.device)
+        self.reset(B)
         self.valid[:, :P] = attn.bool()
         self.pos = (attn.cumsum(-1) - 1).clamp_min(0)
         causal = torch.ones((P, P), dtype=torch.bool, device=ids.device).tril()
@@ -130,6 +136,22 @@ class Qwen3Decoder:
                                self.valid[:, None, None, : self.cur + 1])
         self.cur += 1
         self.next_pos = self.next_pos + 1
+        return logits
+
+    def extend(self, ids: Tensor, attn: Tensor) -> Tensor:
+        """Append a right-padded block ids/attn [B, T] after what the cache holds -> logits [B, T, V]
+        (every position; the learner's scoring pass over completions)."""
+        B, T = ids.shape
+        start, end = self.cur, self.cur + T
+        if end > self.max_len:
+            raise ValueError(f"block of {T} does not fit a cache of {self.max_len} holding {start}")
+        self.valid[:, start:end] = attn.bool()
+        block = torch.ones((T, T), dtype=torch.bool, device=ids.device).tril()[None] & self.valid[:, None, start:end]
+        block = block | torch.eye(T, dtype=torch.bool, device=ids.device)[None]
+        mask = torch.cat([self.valid[:, None, :start].expand(B, T, start), block], dim=-1)
+        pos = self.next_pos[:, None] + torch.arange(T, device=ids.device)[None]
+        logits = self._forward(ids, pos, start, mask[:, None], every=True)
+        self.cur, self.next_pos = end, self.next_pos + T
         return logits
 
     def keep(self, rows: Tensor) -> None:
