@@ -169,6 +169,7 @@ class ExecResult:
     wall_s: float = 0.0
     cpu_s: float = 0.0
     maxrss_kb: int = 0
+    minflt: int = 0  # minor page faults of the check (copy-on-write after fork dominates its cost)
     stdout: str = ""
     stderr: str = ""
     stdout_bytes: int = 0
