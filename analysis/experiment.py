@@ -93,8 +93,19 @@ def plan_runs(preset: str, arms: Sequence[str], seeds: Sequence[int], out: Path,
     return runs
 
 
+def _field_default(dotted: str) -> Any:
+    """The RunConfig field default for a dotted key (KeyError when there is no such field)."""
+    node: Any = RunConfig
+    for part in dotted.split("."):
+        field_info = node.model_fields[part]
+        node = field_info.annotation
+    return field_info.get_default(call_default_factory=True)
+
+
 def config_diff(stored: dict, planned: dict, prefix: str = "") -> list[str]:
-    """Dotted keys where a stored config.json differs from the planned one."""
+    """Dotted keys where a stored config.json differs from the planned one. A key missing on disk
+    whose planned value is the field's default is no difference: the file predates the field, and
+    the run behaved as the default says."""
     diffs = []
     for key in sorted(set(stored) | set(planned)):
         dotted = prefix + key
@@ -103,9 +114,18 @@ def config_diff(stored: dict, planned: dict, prefix: str = "") -> list[str]:
             diffs += config_diff(a, b, dotted + ".")
         elif dotted in FILLED_BY_RUN and b is None:
             continue
+        elif key not in stored and _is_default(dotted, b):
+            continue
         elif a != b:
             diffs.append(f"{dotted}: {a!r} (on disk) != {b!r} (planned)")
     return diffs
+
+
+def _is_default(dotted: str, value: Any) -> bool:
+    try:
+        return _field_default(dotted) == value
+    except (KeyError, AttributeError):
+        return False
 
 
 def run_state(run: PlannedRun) -> str:

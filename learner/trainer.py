@@ -115,7 +115,7 @@ class Learner:
         self.delta_q = [m.delta_Q for m in mods.values()]
         self.arm = cfg.train.arm
         self.route = self.arm == "route"
-        self.measure_kl = measure_kl if measure_kl is not None else bool(getattr(cfg.train, "measure_kl", True))
+        self.measure_kl = measure_kl if measure_kl is not None else cfg.train.measure_kl
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         # prompt-shared forward (KV cache fan-out) unless training runs with gradient checkpointing
         self.shared_prefix = not cfg.model.gradient_checkpointing

@@ -447,7 +447,7 @@ def redis_url_for(cfg, override: str | None = None) -> str:
 def queues_for(cfg, redis_url: str | None = None, run_id: str | None = None, **kw) -> Queues:
     return Queues(redis_url_for(cfg, redis_url), run_id or run_id_for(cfg.run_dir),
                   max_queue=cfg.pipeline.max_queue, max_deliveries=cfg.pipeline.max_deliveries,
-                  claim_idle_s=getattr(cfg.pipeline, "claim_idle_s", None), **kw)
+                  claim_idle_s=cfg.pipeline.claim_idle_s, **kw)
 
 
 def wire_job_id(job_id: str, incarnation: int, attempt: int = 0) -> str:

@@ -104,6 +104,7 @@ class TrainConfig(_Strict):
     eval_problems: int = 32
     eval_samples: int = 4
     torch_threads: int = 1
+    measure_kl: bool = True  # reference forward every step for the reported KL (beta_kl > 0 needs it anyway)
 
 
 class PipelineConfig(_Strict):
@@ -115,6 +116,7 @@ class PipelineConfig(_Strict):
     reward_workers: int = 1
     max_queue: int = 64
     max_deliveries: int = 3
+    claim_idle_s: float | None = None  # take over unacked work idle this long; None = $RANKGUARD_CLAIM_IDLE_S or 15
 
 
 class RunConfig(_Strict):

@@ -189,3 +189,17 @@ def test_parallel_needs_services_mode(tmp_path):
     with pytest.raises(ExperimentError, match="parallel must be >= 1, got 0"):
         run_experiment(preset="toy", out=tmp_path, mode="services", arms="vanilla", run_fn=FakeTrainer(),
                        progress=False, parallel=0)
+
+
+def test_config_written_before_a_field_existed_still_matches():
+    from analysis.experiment import config_diff
+    from shared.config import resolve_config
+
+    planned = resolve_config("toy").model_dump(mode="json")
+    old = json.loads(json.dumps(planned))
+    del old["train"]["measure_kl"], old["pipeline"]["claim_idle_s"]  # a config.json from before these fields
+    assert config_diff(old, planned) == []
+    changed = resolve_config("toy", ["train.measure_kl=false"]).model_dump(mode="json")
+    assert config_diff(old, changed) == ["train.measure_kl: None (on disk) != False (planned)"]
+    assert config_diff(planned, resolve_config("toy", ["train.lr=0.5"]).model_dump(mode="json")) == [
+        "train.lr: 0.01 (on disk) != 0.5 (planned)"]
