@@ -339,6 +339,7 @@ class Experiment:
         states = {r.name: run_state(r) for r in self.runs}  # fail fast on a foreign folder
         run_fn = self.run_fn or default_run_fn(self.mode, progress=not self.progress, stop=self._stop)
         previous = self._previous_entries()
+        history = self._history()
         t0 = time.time()
         self.record = {
             "preset": self.preset, "mode": self.mode, "arms": self.arms, "seeds": self.seeds,
@@ -347,6 +348,7 @@ class Experiment:
             "git_commit": git_commit(), "started": _now(), "finished": None, "status": "running",
             "prepare_s": None, "wall_s": None,
             "runs": [self._initial_entry(r, states[r.name], previous.get((r.arm, r.seed))) for r in self.runs],
+            "history": history,
         }
         self._write_record()
         todo = [r for r in self.runs if states[r.name] != "done"]
@@ -384,13 +386,26 @@ class Experiment:
             self._write_record()
         return self.record
 
+    def _previous(self) -> dict:
+        try:
+            old = json.loads((self.out / "experiment.json").read_text())
+            return old if isinstance(old, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
     def _previous_entries(self) -> dict[tuple[str, int], dict]:
         """Per-run entries of an earlier invocation's experiment.json (to keep the timings of skipped runs)."""
         try:
-            old = json.loads((self.out / "experiment.json").read_text())
-            return {(e["arm"], int(e["seed"])): e for e in old.get("runs", [])}
-        except (OSError, ValueError, KeyError, TypeError):
+            return {(e["arm"], int(e["seed"])): e for e in self._previous().get("runs", [])}
+        except (KeyError, TypeError, ValueError):
             return {}
+
+    def _history(self) -> list[dict]:
+        """Every earlier invocation's start, end, wall time and status (a re-run keeps the first totals)."""
+        old = self._previous()
+        keep = {k: old.get(k) for k in ("started", "finished", "wall_s", "prepare_s", "status", "git_commit",
+                                        "parallel")}
+        return list(old.get("history", [])) + ([keep] if old.get("started") else [])
 
     @staticmethod
     def _initial_entry(run: PlannedRun, state: str, prev: dict | None) -> dict:

@@ -83,6 +83,9 @@ def test_runs_then_skips_finished(tmp_path):
     # the skipped runs keep the timings recorded when they ran
     assert [r["wall_s"] for r in rec2["runs"]] == [r["wall_s"] for r in on_disk["runs"]]
     assert rec2["runs"][0]["timing"]["steps_logged"] == 4
+    # the first invocation's totals survive the re-run in its history
+    assert [h["wall_s"] for h in rec2["history"]] == [on_disk["wall_s"]]
+    assert rec2["history"][0]["status"] == "finished" and rec2["history"][0]["started"] == on_disk["started"]
 
 
 def test_interrupted_run_resumes_where_it_stopped(tmp_path):
