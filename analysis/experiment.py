@@ -338,8 +338,8 @@ class Experiment:
     def run(self) -> dict:
         states = {r.name: run_state(r) for r in self.runs}  # fail fast on a foreign folder
         run_fn = self.run_fn or default_run_fn(self.mode, progress=not self.progress, stop=self._stop)
-        previous = self._previous_entries()
-        history = self._history()
+        old = self._previous()
+        previous, history = self._previous_entries(old), self._history(old)
         t0 = time.time()
         self.record = {
             "preset": self.preset, "mode": self.mode, "arms": self.arms, "seeds": self.seeds,
@@ -387,22 +387,24 @@ class Experiment:
         return self.record
 
     def _previous(self) -> dict:
+        """An earlier invocation's experiment.json ({} when there is none or it is unreadable)."""
         try:
             old = json.loads((self.out / "experiment.json").read_text())
             return old if isinstance(old, dict) else {}
         except (OSError, ValueError):
             return {}
 
-    def _previous_entries(self) -> dict[tuple[str, int], dict]:
+    @staticmethod
+    def _previous_entries(old: dict) -> dict[tuple[str, int], dict]:
         """Per-run entries of an earlier invocation's experiment.json (to keep the timings of skipped runs)."""
         try:
-            return {(e["arm"], int(e["seed"])): e for e in self._previous().get("runs", [])}
+            return {(e["arm"], int(e["seed"])): e for e in old.get("runs", [])}
         except (KeyError, TypeError, ValueError):
             return {}
 
-    def _history(self) -> list[dict]:
+    @staticmethod
+    def _history(old: dict) -> list[dict]:
         """Every earlier invocation's start, end, wall time and status (a re-run keeps the first totals)."""
-        old = self._previous()
         keep = {k: old.get(k) for k in ("started", "finished", "wall_s", "prepare_s", "status", "git_commit",
                                         "parallel")}
         return list(old.get("history", [])) + ([keep] if old.get("started") else [])

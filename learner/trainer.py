@@ -15,7 +15,6 @@ Arms (cfg.train.arm):
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -122,6 +121,7 @@ class Learner:
         from shared.fast_decode import unsupported
         self.lean_ref = (self.shared_prefix and self.device.type == "cpu" and unsupported(self.model) is None
                          and bool(adapter_modules(self.model)))
+        self._ref_dec = None  # see _ref_decoder
         self._prompts: dict[str, tuple[str, list[int]]] = {}
 
         # Directions are extracted on the untouched model (delta_S = 0), before any checkpoint loads.
@@ -348,22 +348,29 @@ class Learner:
 
         On CPU with a Qwen3 model it runs shared.fast_decode's lean loop over merged weights (the
         toy step is dispatch-bound; same shared-prefix layout); elsewhere the usual forward."""
-        with adapter_disabled(self.model):
-            if not self.lean_ref:
+        if not self.lean_ref:
+            with adapter_disabled(self.model):
                 return self._forward(seqs, b)[0]
+        dev = self.device
+        pid, patt, ppos, fan, cid, catt, W, C = self._shared_inputs(seqs, b)
+        dec = self._ref_decoder()
+        dec.max_len = W + C + 1
+        if W > 1:
+            dec.prefill(pid[:, :-1].to(dev), patt[:, :-1].to(dev))
+            dec.keep(fan.to(dev))
+        else:
+            dec.reset(len(seqs))
+        logits = dec.extend(cid.to(dev), catt.to(dev))[:, :-1].float()
+        return -torch.nn.functional.cross_entropy(logits.transpose(1, 2), cid[:, 1:].to(dev), reduction="none")
+
+    def _ref_decoder(self):
+        """The lean decoder over the delta_S = 0 weights, merged once: they never change during a run."""
+        if self._ref_dec is None:
             from shared.fast_decode import Qwen3Decoder
 
-            dev = self.device
-            pid, patt, ppos, fan, cid, catt, W, C = self._shared_inputs(seqs, b)
-            with merged_inference(self.model):
-                dec = Qwen3Decoder(self.model, max_len=W + C + 1)
-                if W > 1:
-                    dec.prefill(pid[:, :-1].to(dev), patt[:, :-1].to(dev))
-                    dec.keep(fan.to(dev))
-                else:
-                    dec.reset(len(seqs))
-                logits = dec.extend(cid.to(dev), catt.to(dev))[:, :-1].float()
-            return -torch.nn.functional.cross_entropy(logits.transpose(1, 2), cid[:, 1:].to(dev), reduction="none")
+            with adapter_disabled(self.model), merged_inference(self.model):
+                self._ref_dec = Qwen3Decoder(self.model, max_len=1)
+        return self._ref_dec
 
     def _forward_shared(self, seqs, b, hidden_layer=None):
         from .logprobs import _LayerCapture

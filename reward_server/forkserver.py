@@ -423,8 +423,7 @@ class Server:
         if len(fds) != 2:
             return {"error": f"expected 2 fds, got {len(fds)}"}
         workdir = os.path.join(self.base, "w")
-        if os.path.lexists(workdir):  # normally removed after the previous run (see _clear)
-            _clear(workdir)
+        _clear(workdir)  # normally already gone: removed after the previous run
         os.mkdir(workdir, 0o700)
         if self.root:
             os.chown(workdir, self.uid, self.uid)

@@ -164,10 +164,14 @@ class Grader:
     # ------------------------------------------------------------ public API
     def grade(self, problem: Problem, completion: str, loopholes: LoopholeConfig | None = None,
               rollout_id: str = "") -> Grade:
-        t0 = time.perf_counter()
         loopholes = loopholes or self.cfg.loopholes
         code = extract_code(completion)
-        key = self._verdict_key(problem, code, loopholes)
+        return self._grade_once(problem, code, self._verdict_key(problem, code, loopholes), loopholes, rollout_id)
+
+    def _grade_once(self, problem: Problem, code: str | None, key: str | None, loopholes: LoopholeConfig,
+                    rollout_id: str = "") -> Grade:
+        """The remembered verdict for `key` (verdict cache), else a sandboxed grade that is then remembered."""
+        t0 = time.perf_counter()
         if key is not None:
             with self._lock:
                 hit = self._verdicts.get(key)
@@ -226,19 +230,16 @@ class Grader:
 
     def grade_many(self, items: list[tuple[Problem, str]], loopholes: LoopholeConfig | None = None
                    ) -> list[Grade]:
-        """Grade in parallel over the pool; results in input order."""
-        if not self.cfg.verdict_cache:
-            return [f.result() for f in [self.submit(p, c, loopholes) for p, c in items]]
-        # identical programs in one batch run once (the cache only helps across batches otherwise)
+        """Grade in parallel over the pool; results in input order. With the verdict cache on,
+        identical programs in the batch run once (the cache alone would only help across batches)."""
         lh = loopholes or self.cfg.loopholes
-        keys = [self._verdict_key(p, extract_code(c), lh) for p, c in items]
+        codes = [extract_code(c) for _, c in items]
+        keys = [self._verdict_key(p, code, lh) for (p, _), code in zip(items, codes)]
         first: dict[str, int] = {}
-        futs = {i: self.submit(p, c, loopholes) for i, (p, c) in enumerate(items) if first.setdefault(keys[i], i) == i}
-        out = []
-        for i, k in enumerate(keys):
-            g = futs[first[k]].result()
-            out.append(g if first[k] == i else g.model_copy(update={"cached": True, "seconds": 0.0}))
-        return out
+        owner = [i if k is None else first.setdefault(k, i) for i, k in enumerate(keys)]
+        futs = {i: self._pool.submit(self._grade_once, items[i][0], codes[i], keys[i], lh) for i in set(owner)}
+        return [futs[i].result() if o == i else futs[o].result().model_copy(update={"cached": True, "seconds": 0.0})
+                for i, o in enumerate(owner)]
 
     def close(self) -> None:
         if self._closed:

@@ -49,7 +49,10 @@ def _bias(mods: list[nn.Module]) -> Tensor | None:
 
 
 class Qwen3Decoder:
-    """prefill(ids, attn) -> last logits; step(tokens) -> next logits; keep(rows) drops finished rows."""
+    """prefill(ids, attn) -> last logits; step(tokens) -> next logits; keep(rows) drops finished rows.
+
+    `max_len` is the cache length the next prefill/reset allocates; a decoder may be reused for
+    batches of other lengths by setting it between uses (the weights are gathered once)."""
 
     def __init__(self, model: nn.Module, max_len: int):
         reason = unsupported(model)

@@ -175,7 +175,7 @@ def test_parallel_runs_overlap_and_all_finish(tmp_path):
             with lock:
                 live[0] -= 1
 
-    rec = run_experiment(preset="toy", out=tmp_path, mode="services", steps=4, arms="vanilla,projected", seeds=2,
+    run_experiment(preset="toy", out=tmp_path, mode="services", steps=4, arms="vanilla,projected", seeds=2,
                          overrides=["train.eval_every=2"], run_fn=fake, prepare_fn=lambda c: None,
                          progress=False, report=False, parallel=2)
     assert peak[0] == 2 and sorted(c for c, _ in inner.calls) == sorted(

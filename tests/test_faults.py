@@ -2,7 +2,6 @@
 kill -9 of a rollout or reward worker mid-batch, a stalled worker whose work was taken over, Redis
 killed and restarted, the learner killed then --resume, and no orphans after Ctrl-C / kill -9 of
 the launcher / a crashed worker."""
-import json
 import os
 import signal
 import time
@@ -10,7 +9,7 @@ import time
 import pytest
 import redis
 
-from pipeline_helpers import (Up, consumer_pid, metrics, quick_toy_dir, small_sets, stop_until_holding,
+from pipeline_helpers import (Up, metrics, quick_toy_dir, small_sets, stop_until_holding,
                               wait_all_dead)
 
 pytestmark = pytest.mark.slow

@@ -1,5 +1,4 @@
 """Rebound baseline: layer choice, concept direction (mean-diff), penalty formula, artifact."""
-import copy
 
 import pytest
 import torch

@@ -259,12 +259,16 @@ def test_stale_groups_get_truncated_is_weights(tmp_path, base_model, art_root):
     assert "is_weight_mean" not in ln.train_step([fresh])
 
 
+def sampled_batch(ln, engine, step):
+    """(sequences, batch tensors) of one sampled and graded step, as train_step builds them."""
+    graded, _ = _grade_groups(RuleGrader(), ln.problems, engine.generate(ln.make_jobs(step)))
+    seqs = ln._sequences(graded)
+    return seqs, ln._batch(seqs)
+
+
 def test_shared_prefix_forward_matches_full_sequences(tmp_path, base_model, art_root):
     ln = make_learner(make_cfg(tmp_path), base_model, art_root)
-    groups = HFEngine(ln.model, ln.tokenizer).generate(ln.make_jobs(0))
-    graded, _ = _grade_groups(RuleGrader(), ln.problems, groups)
-    seqs = ln._sequences(graded)
-    b = ln._batch(seqs)
+    seqs, b = sampled_batch(ln, HFEngine(ln.model, ln.tokenizer), 0)
     with torch.no_grad():
         a, ha, ma = ln._forward_shared(seqs, b, hidden_layer=1)
         f, hf, mf = ln._forward_full(seqs, b, hidden_layer=1)
@@ -278,10 +282,7 @@ def test_shared_prefix_forward_matches_full_sequences(tmp_path, base_model, art_
 
 def test_shared_prefix_gradients_match_full_sequences(tmp_path, base_model, art_root):
     ln = make_learner(make_cfg(tmp_path), base_model, art_root)
-    groups = HFEngine(ln.model, ln.tokenizer).generate(ln.make_jobs(1))
-    graded, _ = _grade_groups(RuleGrader(), ln.problems, groups)
-    seqs = ln._sequences(graded)
-    b = ln._batch(seqs)
+    seqs, b = sampled_batch(ln, HFEngine(ln.model, ln.tokenizer), 1)
     grads = []
     for fwd in (ln._forward_shared, ln._forward_full):
         ln.model.zero_grad(set_to_none=True)
@@ -297,10 +298,7 @@ def test_lean_reference_logprobs_match_the_model_forward(tmp_path, base_model, a
     eng = HFEngine(ln.model, ln.tokenizer)
     one_step(ln, eng)  # delta_S != 0 now: the reference must still be the delta_S = 0 policy
     eng.version = ln.policy_version
-    groups = eng.generate(ln.make_jobs(ln.step))
-    graded, _ = _grade_groups(RuleGrader(), ln.problems, groups)
-    seqs = ln._sequences(graded)
-    b = ln._batch(seqs)
+    seqs, b = sampled_batch(ln, eng, ln.step)
     lean = ln._ref_logp(seqs, b)
     ln.lean_ref = False
     plain = ln._ref_logp(seqs, b)
