@@ -401,8 +401,7 @@ def merged_inference(model: nn.Module) -> Iterator[nn.Module]:
     mods = _mods(model)
     with torch.no_grad():
         for m in mods.values():
-            W = (m.U.float() * m.scale().float()) @ m.Vh.float()
-            m.merged = (W if m.W_res is None else W + m.W_res.float()).to(m.U.dtype)
+            m.merged = _merge(m, m.scale().float(), m.U.dtype)
     try:
         yield model
     finally:
@@ -424,10 +423,15 @@ def merged_weight(module: AntiPaSTOLinear, delta: Tensor | None = None, include_
     s = module.S + d.to(module.S.device, torch.float32)
     if include_quarantine:
         s = s + module.delta_Q
-    W = (module.U.float() * s) @ module.Vh.float()
+    return _merge(module, s, dtype or module.weight_dtype)
+
+
+def _merge(module: AntiPaSTOLinear, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """U diag(scale) Vh (+ W_res) in fp32, cast to `dtype`."""
+    W = (module.U.float() * scale) @ module.Vh.float()
     if module.W_res is not None:
         W = W + module.W_res.float()
-    return W.to(dtype or module.weight_dtype)
+    return W.to(dtype)
 
 
 @torch.no_grad()
