@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict
 
 from ..config import ToyConfig
 from ..problems import Problem, load_problems, save_problems
-from . import tasks
+from . import prebuilt, tasks
 from .model import make_model, param_count
 from .tokenizer import train_tokenizer
 from .warmstart import QUICK_WARM, WarmStartConfig, auto_threads, corpus_texts, sample_completions, warm_start
@@ -53,6 +53,7 @@ class ToyArtifacts(BaseModel):
     param_count: int
     stats: dict[str, Any]
     cached: bool  # True when this call reused an existing build
+    shipped: bool = False  # True when this call unpacked the shipped build (shared/toy/prebuilt/)
 
 
 def resolve_warm(warm: WarmStartConfig | None = None) -> WarmStartConfig:
@@ -100,11 +101,11 @@ def toy_status(directory: str | Path, expect: str | None = None) -> tuple[bool, 
     return True, "ok", meta
 
 
-def _artifacts(root: Path, meta: dict, cached: bool) -> ToyArtifacts:
+def _artifacts(root: Path, meta: dict, cached: bool, shipped: bool = False) -> ToyArtifacts:
     return ToyArtifacts(dir=root, model_dir=root / MODEL_DIR, train_problems=root / TRAIN_FILE,
                         eval_problems=root / EVAL_FILE, fingerprint=meta["fingerprint"],
                         seconds=meta["seconds"], param_count=meta["param_count"], stats=meta["stats"],
-                        cached=cached)
+                        cached=cached, shipped=shipped)
 
 
 @contextlib.contextmanager
@@ -144,16 +145,33 @@ def build_toy(cfg: ToyConfig | None = None, force: bool = False, warm: WarmStart
         ok, reason, meta = toy_status(root, fp)  # someone may have built it while we waited
         if ok and not force:
             return _artifacts(root, meta, cached=True)
-        say(f"building toy world in {root} ({'forced' if force else reason})")
         _remove_leftovers(root)
         tmp = root.parent / f".{root.name}.tmp-{uuid.uuid4().hex[:8]}"
         try:
-            with _torch_threads(warm.threads or auto_threads()):
-                meta = _build_into(tmp, cfg, warm, fp, progress, say)
+            shipped = not force and _unpack_shipped(fp, tmp)
+            if shipped:
+                meta = json.loads((tmp / BUILD_FILE).read_text())
+                say(f"toy world {fp}: unpacked the shipped build into {root} "
+                    "(`rankguard toy build --force` builds it from source)")
+            else:
+                say(f"building toy world in {root} ({'forced' if force else reason})")
+                with _torch_threads(warm.threads or auto_threads()):
+                    meta = _build_into(tmp, cfg, warm, fp, progress, say)
             _swap_into_place(tmp, root)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    return _artifacts(root, meta, cached=False)
+    return _artifacts(root, meta, cached=False, shipped=shipped)
+
+
+def _unpack_shipped(fp: str, tmp: Path) -> bool:
+    """The shipped archive for `fp` unpacked into tmp and checked like any finished build."""
+    if not prebuilt.unpack(fp, tmp):
+        return False
+    ok, reason, _ = toy_status(tmp, fp)
+    if not ok:
+        raise ToyBuildError(f"shipped toy world {prebuilt.archive_path(fp)} is unusable ({reason}); "
+                            "run `rankguard toy build --force` to build from source")
+    return True
 
 
 def _remove_leftovers(root: Path) -> None:

@@ -99,8 +99,26 @@ def build(
         _fail(str(e).splitlines()[0])
         return
     meta = json.loads((art.dir / "build.json").read_text())
-    console.print(f"{'reused' if art.cached else 'built'} {art.dir} (model: {art.model_dir})")
+    how = "reused" if art.cached else "unpacked the shipped" if art.shipped else "built"
+    console.print(f"{how} {art.dir} (model: {art.model_dir})")
     console.print(stats_table(meta))
+
+
+@toy_app.command("pack")
+def pack(
+    dir: Optional[str] = typer.Option(None, "--dir", help="Finished build to ship (default .cache/toy)."),
+) -> None:
+    """Ship a finished build as shared/toy/prebuilt/toy-<fingerprint>.tar.xz (maintainers: after a
+    change of the default toy world, `rankguard toy build --force --threads 1` then this)."""
+    from . import prebuilt
+    from .build import toy_status
+
+    root = Path(dir or _toy_config(None, None).dir)
+    ok, reason, _ = toy_status(root)
+    if not ok:
+        _fail(f"{root} is not a finished build ({reason})")
+    out = prebuilt.pack(root)
+    console.print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB) and {prebuilt.MANIFEST}")
 
 
 @toy_app.command("show")
