@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -17,19 +16,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from analysis.hypotheses import mean_sem  # noqa: E402
-
-if TYPE_CHECKING:
-    from analysis.report import ArmSummary
+from analysis.rundata import ArmSummary  # noqa: E402
+from analysis.rundata import label as _label  # noqa: E402
 
 ARM_COLORS = {"vanilla": "#444444", "projected": "#1f77b4", "projected_nomag": "#17becf",
               "rebound": "#d62728", "weak": "#2ca02c", "route": "#9467bd"}
 ARM_MARKERS = {"vanilla": "s", "projected": "o", "projected_nomag": "D", "rebound": "^", "weak": "v", "route": "P"}
-
-
-def _label(arm: str) -> str:
-    from analysis.report import ARM_LABELS
-
-    return ARM_LABELS.get(arm, arm)
 
 
 def pareto_frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -42,7 +34,7 @@ def pareto_frontier(points: list[tuple[float, float]]) -> list[tuple[float, floa
     return sorted(front)
 
 
-def plot_pareto(summaries: dict[str, "ArmSummary"], path: Path) -> Path:
+def plot_pareto(summaries: dict[str, ArmSummary], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7.5, 5.8), dpi=120)
     all_pts = []
     for i, (arm, s) in enumerate(summaries.items()):
@@ -123,7 +115,7 @@ def _band_panel(ax, summaries, rows_of, key: str, scale: float, ylabel: str, tit
     return drew
 
 
-def plot_trajectories(summaries: dict[str, "ArmSummary"], path: Path) -> Path:
+def plot_trajectories(summaries: dict[str, ArmSummary], path: Path) -> Path:
     """Hack % and pass % at each evaluation, per arm, mean ± SEM band across seeds."""
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), dpi=110)
     evals = lambda r: r.evals  # noqa: E731
@@ -141,7 +133,7 @@ def plot_trajectories(summaries: dict[str, "ArmSummary"], path: Path) -> Path:
     return path
 
 
-def plot_diagnostics(summaries: dict[str, "ArmSummary"], path: Path) -> Path:
+def plot_diagnostics(summaries: dict[str, ArmSummary], path: Path) -> Path:
     """Projection diagnostics per training step (metrics.jsonl): mean cos_align and frac fired."""
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), dpi=110)
     metrics = lambda r: r.metrics  # noqa: E731
