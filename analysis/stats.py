@@ -198,12 +198,10 @@ def train_hack_curve(run: RunRecord) -> tuple[list[int], list[float]]:
 def centred_mean(values: Sequence[float], window: int = SMOOTH_WINDOW) -> list[float]:
     """Moving mean over `window` points centred on each (odd window; truncated at the ends)."""
     x = np.asarray(values, dtype=float)
-    if len(x) == 0:
-        return []
-    k = np.ones(2 * (window // 2) + 1)
-    sums = np.convolve(x, k, mode="same")
-    counts = np.convolve(np.ones_like(x), k, mode="same")
-    return (sums / counts).tolist()
+    half, idx = window // 2, np.arange(len(x))
+    csum = np.concatenate([[0.0], np.cumsum(x)])
+    lo, hi = np.maximum(idx - half, 0), np.minimum(idx + half + 1, len(x))
+    return ((csum[hi] - csum[lo]) / (hi - lo)).tolist()
 
 
 @dataclass
