@@ -280,3 +280,23 @@ def test_rankguard_report_cli_end_to_end(grid, tmp_path):
         assert (out / name).exists(), name
     assert (out / "per_seed.csv").read_text() == (root / "per_seed.csv").read_text()  # deterministic
     assert (out / "paired.csv").read_text() == (root / "paired.csv").read_text()
+
+
+def test_readme_results_quotes_the_paired_sections(grid, tmp_path):
+    root, _ = grid
+    runs = [{"arm": a, "seed": s, "status": "finished", "wall_s": 10.0} for a in ("vanilla", "projected") for s in range(4)]
+    (root / "experiment.json").write_text(json.dumps({"arms": ["vanilla", "projected", "rebound"], "seeds": [0, 1, 2, 3],
+                                                      "steps": 100, "mode": "inprocess", "wall_s": 600.0,
+                                                      "prepare_s": 5.0, "git_commit": "abc", "runs": runs}))
+    docs = tmp_path / "docs"
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / "readme_results.py"), str(root), str(docs)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "every run in one process" in out and "**10.0 min wall**" in out
+    assert "| Ours (b) | Hack % (last eval) | 4 |" in out  # the paired table
+    assert "| Arm | step 0 | step 50 | step 100 |" in out  # per-step table
+    assert "| Ours (b) | 50 % | 2 | +0 |" in out  # crossing table
+    assert "- Vanilla's training strict hack rate" in out and "Ceiling arm `oracle`" in out
+    for name in ("paired.csv", "per_seed.csv", "per_step.csv", "paired_diff.png", "report.md"):
+        assert (docs / name).exists(), name
