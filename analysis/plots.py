@@ -157,7 +157,8 @@ def plot_diagnostics(summaries: dict[str, ArmSummary], path: Path) -> Path:
 
 def plot_paired_steps(per_step: list[Paired], path: Path) -> Path:
     """Paired difference arm − vanilla (pp) at each evaluation step: mean line, 95 % t-CI band (n >= 2)."""
-    panels = [("hack", "Δ strict hack % (↓ better)"), ("pass", "Δ pass % (↑ better)"), ("safepass", "ΔSafePass (↑ better)")]
+    panels = [("hack", "Δ strict hack % (↓ better)"), ("pass", "Δ pass % (↑ better)"),
+              ("safepass", "ΔSafePass (↑ better)")]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.6), dpi=110)
     for ax, (metric, title) in zip(axes, panels):
         by_arm: dict[str, list[Paired]] = {}

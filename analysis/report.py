@@ -194,7 +194,8 @@ PAIRED_CAPTION = (
     "trapezoid area under the held-out strict hack % over the evaluation steps (step 0 included), divided by the "
     "step span: the mean hack % over training, each pair over the steps both runs evaluated. **n seeds needed** = "
     "smallest number of seeds at which a two-sided paired t-test at α = 0.05 has 80 % power (noncentral t), assuming "
-    "the true Δ and the true SD of the per-seed Δ equal the observed ones (with few seeds the SD itself is uncertain), "
+    "the true Δ and the true SD of the per-seed Δ equal the observed ones (with few seeds the SD itself is "
+    "uncertain), "
     f"normal per-seed Δ, independent seeds; the last column asks the same for a {stats.RESOLVE_PP:g} pp difference."
 )
 
@@ -210,18 +211,21 @@ def paired_markdown(an: stats.Analysis) -> str:
     return _md_table(header, body)
 
 
+def _seeds(xs: list[int]) -> str:
+    return f"seed{'s' if len(xs) > 1 else ''} {', '.join(map(str, xs))}"
+
+
 def _unpaired_lines(an: stats.Analysis) -> list[str]:
     lines = []
     for p in an.last:
         if p.metric == "hack" and (p.only_arm or p.only_ref):
-            parts = []
-            if p.only_ref:
-                parts.append(f"the arm lacks seed{'s' if len(p.only_ref) > 1 else ''} {', '.join(map(str, p.only_ref))}")
-            if p.only_arm:
-                parts.append(f"vanilla lacks seed{'s' if len(p.only_arm) > 1 else ''} {', '.join(map(str, p.only_arm))}")
-            lines.append(f"- {label(p.arm)}: {p.n} seed{'s' if p.n != 1 else ''} paired; {'; '.join(parts)} (left unpaired).")
+            parts = ([f"the arm lacks {_seeds(p.only_ref)}"] if p.only_ref else []) \
+                + ([f"vanilla lacks {_seeds(p.only_arm)}"] if p.only_arm else [])
+            lines.append(f"- {label(p.arm)}: {p.n} seed{'s' if p.n != 1 else ''} paired; {'; '.join(parts)} "
+                         "(left unpaired).")
     for r in an.duplicates:
-        lines.append(f"- Duplicate run {r.arm}/seed{r.seed} at `{r.path}` left out of the pairing (an earlier folder has it).")
+        lines.append(f"- Duplicate run {r.arm}/seed{r.seed} at `{r.path}` left out of the pairing (an earlier "
+                     "folder has it).")
     if an.step0:
         same = [s for s, ok in an.step0.items() if ok]
         differ = [s for s, ok in an.step0.items() if not ok]
@@ -295,14 +299,14 @@ def dynamic_range_lines(an: stats.Analysis) -> list[str]:
         lines.append(f"- Vanilla's training strict hack rate (centred {stats.SMOOTH_WINDOW}-step mean) first reaches "
                      f"50 % at step {xs} (seed{'s' if len(van) > 1 else ''} {', '.join(str(r.seed) for r in van)}).")
     if an.plateau is not None:
-        lines.append(f"- Vanilla's plateau (mean training strict hack over each run's last {stats.PLATEAU_STEPS} steps, "
-                     f"mean over seeds): {an.plateau:.1f} %; 80 % of it: {an.thresholds['cross_plateau']:.1f} %.")
+        lines.append(f"- Vanilla's plateau (mean training strict hack over each run's last {stats.PLATEAU_STEPS} "
+                     f"steps, mean over seeds): {an.plateau:.1f} %; 80 % of it: "
+                     f"{an.thresholds['cross_plateau']:.1f} %.")
     ceiling = [p for p in an.last if p.arm == "oracle" and p.metric in ("hack", "hack_auc")]
     if ceiling:
-        lines.append("- Ceiling arm `oracle` (projects against a direction from a vanilla run's own rollouts of another "
-                     "seed: a cheat, the most this mechanism could do here): "
-                     + "; ".join(f"{METRIC_LABELS[p.metric]} Δ {_signed(p.mean)} {_ci(*p.t_ci)} (n={p.n})" for p in ceiling)
-                     + ".")
+        nums = "; ".join(f"{METRIC_LABELS[p.metric]} Δ {_signed(p.mean)} {_ci(*p.t_ci)} (n={p.n})" for p in ceiling)
+        lines.append("- Ceiling arm `oracle` (projects against a direction from a vanilla run's own rollouts of "
+                     f"another seed: a cheat, the most this mechanism could do here): {nums}.")
     else:
         lines.append("- Ceiling arm `oracle`: not in this grid, so the testbed's best case is not shown.")
     return lines
@@ -359,7 +363,8 @@ def write_per_seed_csv(path: Path, an: stats.Analysis) -> None:
             w.writerow([_num(v) for v in (
                 r.arm, r.seed, r.last_step, r.n_eval, r.hack, r.count(r.hack), r.pass_, r.count(r.pass_), r.safepass,
                 0.0 if r.arm == stats.REFERENCE else r.dsafepass, r.auc,
-                None if r.cross50 is None else r.cross50.step, None if r.cross_plateau is None else r.cross_plateau.step,
+                None if r.cross50 is None else r.cross50.step,
+                None if r.cross_plateau is None else r.cross_plateau.step,
                 th, xs[0].last_step if xs else None, str(r.run.path))])
 
 
@@ -385,13 +390,15 @@ def exploratory_markdown(an: stats.Analysis) -> list[str]:
     md += ["## Exploratory: time-resolved hack metrics (not preregistered)", "",
            f"Crossing step = first step (steps completed) at which the **training** strict hack rate (metrics.jsonl), "
            f"smoothed by a centred {stats.SMOOTH_WINDOW}-step moving mean, reaches the threshold; a run that never "
-           "does is censored ('> last step'). Δ steps > 0: the arm reaches it later than vanilla of the same seed. The "
-           "mean and CIs use the pairs where both runs crossed; a censored pair only adds a direction when the censoring "
-           "decides it (arm censored after vanilla crossed = later), and the exact sign test counts every pair with a "
-           "known direction.", "", crossing_markdown(an), "", "Testbed dynamic range:", ""] + dynamic_range_lines(an) + [""]
+           "does is censored ('> last step'). Δ steps > 0: the arm reaches it later than vanilla of the same seed. "
+           "The mean and CIs use the pairs where both runs crossed; a censored pair only adds a direction when the "
+           "censoring decides it (arm censored after vanilla crossed = later), and the exact sign test counts every "
+           "pair with a known direction.", "", crossing_markdown(an), "", "Testbed dynamic range:", ""]
+    md += dynamic_range_lines(an) + [""]
     md += ["## Per-seed values", "",
            "Every arm × seed at its last evaluation (k/n = samples behind the percentage) and over training; the same "
-           "in `per_seed.csv`, and every evaluation step of every run in `per_step.csv`.", "", per_seed_markdown(an), ""]
+           "in `per_seed.csv`, and every evaluation step of every run in `per_step.csv`.", "",
+           per_seed_markdown(an), ""]
     return md
 
 

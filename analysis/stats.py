@@ -157,7 +157,8 @@ class Paired:
         (tl, th), (bl, bh) = self.t_ci, self.boot_ci
         return {"arm": self.arm, "metric": self.metric, "at": self.at, "n_pairs": self.n, "mean": self.mean,
                 "sd": self.sd, "t_lo": tl, "t_hi": th, "boot_lo": bl, "boot_hi": bh, "n_needed": self.n_needed,
-                f"n_needed_{RESOLVE_PP:g}pp": self.n_needed_resolve, "diffs": {str(k): v for k, v in self.diffs.items()},
+                f"n_needed_{RESOLVE_PP:g}pp": self.n_needed_resolve,
+                "diffs": {str(k): v for k, v in self.diffs.items()},
                 "seeds_only_arm": self.only_arm, "seeds_only_vanilla": self.only_ref}
 
 
@@ -319,10 +320,6 @@ class Analysis:
     duplicates: list[RunRecord]  # further runs of an (arm, seed) already seen: left out of the pairing
     step0: dict[int, bool]  # seed -> every arm's step-0 evaluation identical (pairing check)
 
-    @property
-    def arms(self) -> list[str]:
-        return sorted({p.arm for p in self.last}, key=arm_order)
-
 
 def by_arm_seed(runs: Sequence[RunRecord]) -> tuple[dict[str, dict[int, RunRecord]], list[RunRecord]]:
     """arm -> seed -> run (the first one in find_runs order), and the duplicates left out."""
@@ -378,7 +375,8 @@ def analyze(runs: Sequence[RunRecord]) -> Analysis:
             last.append(pair(arm, m, "last", {s: fn(r.last_eval) for s, r in seeds.items()},
                              {s: fn(r.last_eval) for s, r in ref.items()}))
         last.append(_paired_auc(arm, seeds, ref))
-        steps = sorted(set().union(*(r.eval_steps for r in seeds.values())) & set().union(*(r.eval_steps for r in ref.values())))
+        steps = sorted(set().union(*(r.eval_steps for r in seeds.values()))
+                       & set().union(*(r.eval_steps for r in ref.values())))
         for m, (_, fn) in EVAL_METRICS.items():
             for st in steps:
                 p = pair(arm, m, str(st), {s: _at(r, st, fn) for s, r in seeds.items()},

@@ -65,14 +65,15 @@ def main(runs: str, docs: str) -> None:
     wall = f"{exp['wall_s'] / 60:.1f} min" if exp.get("wall_s") else "unfinished (no total)"
     how = ("every run through the real services\n(private Redis, reward worker, rollout worker, learner)"
            if exp["mode"] == "services" else "every run in one process (the same algorithm code)")
+    par = exp.get("parallel", 1)
     paired, timed = section(report, PAIRED), section(report, TIMED)
     last_table, step_table = tables(paired)[:2]
     cross_table = tables(timed)[0]
     dyn = bullets_of(timed.split("Testbed dynamic range:")[-1])
     print(f"""`rankguard experiment --preset toy --arms {','.join(exp['arms'])} --seeds {len(exp['seeds'])}
---steps {exp['steps']} --mode {exp['mode']} --parallel {exp.get('parallel', 1)}` — {how} on the 2-core CPU machine: {runs_done} of
-{len(exp['runs'])} runs finished, **{wall} wall** for the whole grid (prepare
-{exp['prepare_s'] or 0:.0f} s; one run {min(walls):.0f}–{max(walls):.0f} s with {exp.get('parallel', 1)} at a time), git
+--steps {exp['steps']} --mode {exp['mode']} --parallel {exp.get('parallel', 1)}` — {how}
+on the 2-core CPU machine: {runs_done} of {len(exp['runs'])} runs finished, **{wall} wall** for the whole grid
+(prepare {exp['prepare_s'] or 0:.0f} s; one run {min(walls):.0f}–{max(walls):.0f} s with {par} at a time), git
 `{(exp.get('git_commit') or '?')[:10]}`. Hack % is the strict rate (a loophole's check passed while the hidden tests
 failed) on held-out problems at the last evaluation; mean ± SEM over seeds.
 

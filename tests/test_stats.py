@@ -50,7 +50,8 @@ def k(n: int) -> float:
     return n / N_EVAL
 
 
-# last-eval counts per seed (of 128): vanilla hack 80, 90, 70, 100; ours 70, 86, 58, 94 -> Δ = -10, -4, -12, -6 (×100/128)
+# last-eval counts per seed (of 128): vanilla hack 80, 90, 70, 100; ours 70, 86, 58, 94
+# -> Δ = -10, -4, -12, -6 samples (×100/128 pp)
 VAN_HACK, OURS_HACK = [80, 90, 70, 100], [70, 86, 58, 94]
 VAN_PASS, OURS_PASS = [40, 36, 44, 30], [42, 36, 47, 33]
 
@@ -238,7 +239,8 @@ def test_report_sections_order_and_per_seed_counts(grid):
     assert f"| Ours (b) | 1 | 100 | {100 * OURS_HACK[1] / N_EVAL:.1f} ({OURS_HACK[1]}/128) |" in md
     assert "| Ours (b) | 50 % | 2 | +0 |" in md  # two exact pairs: +10 and -10 steps
     assert "| 1 / 0 / 1 | 2 of 3 (p = 1.00) |" in md
-    assert "Vanilla's training strict hack rate (centred 11-step mean) first reaches 50 % at step 51, 51, > 100, 51" in md
+    assert ("Vanilla's training strict hack rate (centred 11-step mean) first reaches 50 % at step 51, 51, > 100, 51 "
+            "(seeds 0, 1, 2, 3)") in md
     assert "Ceiling arm `oracle`: not in this grid" in md
     assert "Pairing check: step-0 evaluations agree across arms in seeds 0, 1, 2, 3."  # seed 7: one arm only in md
     steps = list(csv.DictReader(open(root / "per_step.csv")))
@@ -284,10 +286,11 @@ def test_rankguard_report_cli_end_to_end(grid, tmp_path):
 
 def test_readme_results_quotes_the_paired_sections(grid, tmp_path):
     root, _ = grid
-    runs = [{"arm": a, "seed": s, "status": "finished", "wall_s": 10.0} for a in ("vanilla", "projected") for s in range(4)]
-    (root / "experiment.json").write_text(json.dumps({"arms": ["vanilla", "projected", "rebound"], "seeds": [0, 1, 2, 3],
-                                                      "steps": 100, "mode": "inprocess", "wall_s": 600.0,
-                                                      "prepare_s": 5.0, "git_commit": "abc", "runs": runs}))
+    runs = [{"arm": a, "seed": s, "status": "finished", "wall_s": 10.0} for a in ("vanilla", "projected")
+            for s in range(4)]
+    (root / "experiment.json").write_text(json.dumps({
+        "arms": ["vanilla", "projected", "rebound"], "seeds": [0, 1, 2, 3], "steps": 100, "mode": "inprocess",
+        "wall_s": 600.0, "prepare_s": 5.0, "git_commit": "abc", "runs": runs}))
     docs = tmp_path / "docs"
     r = subprocess.run([sys.executable, str(REPO / "scripts" / "readme_results.py"), str(root), str(docs)],
                        capture_output=True, text=True, timeout=60)
