@@ -370,7 +370,7 @@ def write_per_seed_csv(path: Path, an: stats.Analysis) -> None:
 
 def write_per_step_csv(path: Path, runs: list[RunRecord]) -> None:
     """Every evaluation of every run (percentages), so per-step coincidences can be checked by eye."""
-    keys = [("hack", "hack_strict"), ("pass", "pass_rate")] + [(k, e) for k, e, _ in MODE_COLUMNS]
+    keys = [("hack", "hack_strict"), ("pass", "pass_rate")] + [(k, e) for k, e, _ in MODE_COLUMNS if k != "strict"]
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["arm", "seed", "step", "n"] + [k for k, _ in keys])
