@@ -382,19 +382,22 @@ def write_per_step_csv(path: Path, runs: list[RunRecord]) -> None:
 
 def exploratory_markdown(an: stats.Analysis) -> list[str]:
     md = ["## Exploratory: paired differences vs vanilla (not preregistered)", "", PAIRED_CAPTION, ""]
-    if not an.last:
-        return md + ["No arm to pair with vanilla (vanilla or every other arm is missing).", ""]
-    md += [paired_markdown(an), ""] + _unpaired_lines(an) + [""]
-    md += ["Hack % Δ (arm − vanilla, pp) at every evaluation step, mean [95 % CI (t)]; pass and ΔSafePass per step "
-           "are in `paired.csv` and `paired_diff.png`:", "", per_step_markdown(an, "hack"), ""]
+    if an.last:
+        md += [paired_markdown(an), ""] + _unpaired_lines(an) + [""]
+        md += ["Hack % Δ (arm − vanilla, pp) at every evaluation step, mean [95 % CI (t)]; pass and ΔSafePass per "
+               "step are in `paired.csv` and `paired_diff.png`:", "", per_step_markdown(an, "hack"), ""]
+    else:
+        md += ["No arm to pair with vanilla (vanilla or every other arm is missing).", ""]
     md += ["## Exploratory: time-resolved hack metrics (not preregistered)", "",
            f"Crossing step = first step (steps completed) at which the **training** strict hack rate (metrics.jsonl), "
            f"smoothed by a centred {stats.SMOOTH_WINDOW}-step moving mean, reaches the threshold; a run that never "
            "does is censored ('> last step'). Δ steps > 0: the arm reaches it later than vanilla of the same seed. "
            "The mean and CIs use the pairs where both runs crossed; a censored pair only adds a direction when the "
            "censoring decides it (arm censored after vanilla crossed = later), and the exact sign test counts every "
-           "pair with a known direction.", "", crossing_markdown(an), "", "Testbed dynamic range:", ""]
-    md += dynamic_range_lines(an) + [""]
+           "pair with a known direction.", ""]
+    if an.crossings:
+        md += [crossing_markdown(an), ""]
+    md += ["Testbed dynamic range:", ""] + dynamic_range_lines(an) + [""]
     md += ["## Per-seed values", "",
            "Every arm × seed at its last evaluation (k/n = samples behind the percentage) and over training; the same "
            "in `per_seed.csv`, and every evaluation step of every run in `per_step.csv`.", "",

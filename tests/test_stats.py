@@ -303,3 +303,13 @@ def test_readme_results_quotes_the_paired_sections(grid, tmp_path):
     assert "- Vanilla's training strict hack rate" in out and "Ceiling arm `oracle`" in out
     for name in ("paired.csv", "per_seed.csv", "per_step.csv", "paired_diff.png", "report.md"):
         assert (docs / name).exists(), name
+
+
+def test_without_vanilla_there_is_nothing_to_pair_but_per_seed_values_stay(tmp_path):
+    write_run(tmp_path, "projected", 0, {0: (0.0, 0.3), 10: (0.25, 0.5)}, ramp(0, n=10))
+    res = build_report(tmp_path)
+    md = res["report_md"].read_text()
+    assert "No arm to pair with vanilla" in md and res["analysis"].last == [] and res["analysis"].plateau is None
+    assert "| Ours (b) | 0 | 10 | 25.0 (32/128) | 50.0 (64/128) | +25.0 | — | 12.5 | > 10 |" in md
+    assert (tmp_path / "paired_diff.png").exists()
+    assert list(csv.DictReader(open(res["paired_csv"]))) == []
