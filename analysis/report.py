@@ -328,12 +328,10 @@ PAIRED_COLUMNS = ["arm", "metric", "at", "n_pairs", "mean", "sd", "t_lo", "t_hi"
 def write_paired_csv(path: Path, an: stats.Analysis) -> None:
     """Every paired number: last eval, hack AUC, each evaluation step, crossing steps (Δ in steps)."""
     def row(p: stats.Paired, extra: dict | None = None) -> list:
-        (tl, th), (bl, bh) = p.t_ci, p.boot_ci
-        d = {"arm": p.arm, "metric": p.metric, "at": p.at, "n_pairs": p.n, "mean": p.mean, "sd": p.sd, "t_lo": tl,
-             "t_hi": th, "boot_lo": bl, "boot_hi": bh, "n_needed": p.n_needed,
-             f"n_needed_{stats.RESOLVE_PP:g}pp": None if extra else p.n_needed_resolve,
-             "seeds": " ".join(map(str, sorted(p.diffs))), "seeds_only_arm": " ".join(map(str, p.only_arm)),
-             "seeds_only_vanilla": " ".join(map(str, p.only_ref)), **(extra or {})}
+        d = {**p.to_dict(), **(extra or {})}
+        if extra:  # crossing Δ is in steps: a "5 pp" question does not apply
+            d[f"n_needed_{stats.RESOLVE_PP:g}pp"] = None
+        d.update({k: " ".join(map(str, d[k])) for k in ("seeds", "seeds_only_arm", "seeds_only_vanilla")})
         return [_num(d.get(c)) for c in PAIRED_COLUMNS]
 
     with open(path, "w", newline="") as f:

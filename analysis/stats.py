@@ -154,12 +154,12 @@ class Paired:
         return seeds_needed(RESOLVE_PP, self.sd)
 
     def to_dict(self) -> dict:
+        """The numbers of one row of paired.csv."""
         (tl, th), (bl, bh) = self.t_ci, self.boot_ci
         return {"arm": self.arm, "metric": self.metric, "at": self.at, "n_pairs": self.n, "mean": self.mean,
                 "sd": self.sd, "t_lo": tl, "t_hi": th, "boot_lo": bl, "boot_hi": bh, "n_needed": self.n_needed,
                 f"n_needed_{RESOLVE_PP:g}pp": self.n_needed_resolve,
-                "diffs": {str(k): v for k, v in self.diffs.items()},
-                "seeds_only_arm": self.only_arm, "seeds_only_vanilla": self.only_ref}
+                "seeds": sorted(self.diffs), "seeds_only_arm": self.only_arm, "seeds_only_vanilla": self.only_ref}
 
 
 def pair(arm: str, metric: str, at: str, values: dict[int, float | None], ref: dict[int, float | None]) -> Paired:
