@@ -1,4 +1,5 @@
-"""Report figures (matplotlib Agg): Pareto plot of hack % vs pass %, trajectories, projection diagnostics.
+"""Report figures (matplotlib Agg): Pareto plot of hack % vs pass %, trajectories, projection diagnostics,
+paired differences vs vanilla over steps.
 
 Pareto: one point per (arm × seed) at its last evaluation, the non-dominated frontier (higher pass,
 lower hack) drawn as a step line, arm means with SEM error bars, Rebound annotated. Good = bottom
@@ -8,7 +9,6 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -17,19 +17,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from analysis.hypotheses import mean_sem  # noqa: E402
-
-if TYPE_CHECKING:
-    from analysis.report import ArmSummary
+from analysis.rundata import ArmSummary  # noqa: E402
+from analysis.rundata import label as _label  # noqa: E402
+from analysis.stats import Paired  # noqa: E402
 
 ARM_COLORS = {"vanilla": "#444444", "projected": "#1f77b4", "projected_nomag": "#17becf",
               "rebound": "#d62728", "weak": "#2ca02c", "route": "#9467bd"}
 ARM_MARKERS = {"vanilla": "s", "projected": "o", "projected_nomag": "D", "rebound": "^", "weak": "v", "route": "P"}
-
-
-def _label(arm: str) -> str:
-    from analysis.report import ARM_LABELS
-
-    return ARM_LABELS.get(arm, arm)
 
 
 def pareto_frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -42,7 +36,7 @@ def pareto_frontier(points: list[tuple[float, float]]) -> list[tuple[float, floa
     return sorted(front)
 
 
-def plot_pareto(summaries: dict[str, "ArmSummary"], path: Path) -> Path:
+def plot_pareto(summaries: dict[str, ArmSummary], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7.5, 5.8), dpi=120)
     all_pts = []
     for i, (arm, s) in enumerate(summaries.items()):
@@ -123,7 +117,7 @@ def _band_panel(ax, summaries, rows_of, key: str, scale: float, ylabel: str, tit
     return drew
 
 
-def plot_trajectories(summaries: dict[str, "ArmSummary"], path: Path) -> Path:
+def plot_trajectories(summaries: dict[str, ArmSummary], path: Path) -> Path:
     """Hack % and pass % at each evaluation, per arm, mean ± SEM band across seeds."""
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), dpi=110)
     evals = lambda r: r.evals  # noqa: E731
@@ -141,7 +135,7 @@ def plot_trajectories(summaries: dict[str, "ArmSummary"], path: Path) -> Path:
     return path
 
 
-def plot_diagnostics(summaries: dict[str, "ArmSummary"], path: Path) -> Path:
+def plot_diagnostics(summaries: dict[str, ArmSummary], path: Path) -> Path:
     """Projection diagnostics per training step (metrics.jsonl): mean cos_align and frac fired."""
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), dpi=110)
     metrics = lambda r: r.metrics  # noqa: E731
@@ -155,6 +149,45 @@ def plot_diagnostics(summaries: dict[str, "ArmSummary"], path: Path) -> Path:
     if handles:
         fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 3), fontsize=8, frameon=False)
     fig.suptitle("Projection diagnostics (dotted: 'active' thresholds 0.2 and 0.4)")
+    fig.tight_layout(rect=(0, 0.1 if handles else 0, 1, 1))
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_paired_steps(per_step: list[Paired], path: Path) -> Path:
+    """Paired difference arm − vanilla (pp) at each evaluation step: mean line, 95 % t-CI band (n >= 2)."""
+    panels = [("hack", "Δ strict hack % (↓ better)"), ("pass", "Δ pass % (↑ better)"),
+              ("safepass", "ΔSafePass (↑ better)")]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6), dpi=110)
+    for ax, (metric, title) in zip(axes, panels):
+        by_arm: dict[str, list[Paired]] = {}
+        for p in per_step:
+            if p.metric == metric:
+                by_arm.setdefault(p.arm, []).append(p)
+        for i, (arm, ps) in enumerate(by_arm.items()):
+            ps = sorted(ps, key=lambda p: int(p.at))
+            c = ARM_COLORS.get(arm, "#8c564b")
+            steps = [int(p.at) for p in ps]
+            ax.plot(steps, [p.mean for p in ps], color=c, marker=ARM_MARKERS.get(arm, "o"), ms=4,
+                    lw=max(1.2, 2.6 - 0.4 * i), label=f"{_label(arm)} (n={max(p.n for p in ps)})", zorder=3 + i)
+            band = [(int(p.at), *p.t_ci) for p in ps if p.n >= 2]
+            if band:
+                xs, lo, hi = zip(*band)
+                ax.fill_between(xs, lo, hi, color=c, alpha=0.15, lw=0)
+        ax.axhline(0.0, color="#444444", lw=1, ls="--")
+        ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel("arm − vanilla, same seed (pp)")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        if not by_arm:
+            ax.text(0.5, 0.5, "nothing to pair with vanilla", ha="center", va="center", transform=ax.transAxes,
+                    color="#888")
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 3), fontsize=8, frameon=False)
+    fig.suptitle("Paired difference vs vanilla at each evaluation (mean, 95 % t-CI band over seeds; exploratory)")
     fig.tight_layout(rect=(0, 0.1 if handles else 0, 1, 1))
     fig.savefig(path)
     plt.close(fig)

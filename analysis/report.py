@@ -5,6 +5,10 @@ docs/ARCHITECTURE.md), takes each run's LAST evaluation from `evals.jsonl`, and 
 `report.md`, `report.csv`, `hack_modes.csv`, `verdicts.json`, `pareto.png`, `trajectories.png`
 and `diagnostics.png`. Unfinished runs are used as they stand and flagged.
 
+After the preregistered part, exploratory sections (analysis.stats): paired arm − vanilla differences
+per seed with t and bootstrap CIs at the last and at every evaluation, hack AUC and crossing steps,
+seeds needed, a per-seed table; files `paired.csv`, `per_seed.csv`, `per_step.csv`, `paired_diff.png`.
+
 Rates in evals.jsonl are fractions in [0, 1]; the report shows percentages. Cells are mean ± SEM
 across seeds (SEM = std(ddof=1)/sqrt(n), "±—" for a single seed).
 """
@@ -13,138 +17,21 @@ from __future__ import annotations
 import csv
 import json
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from analysis.hypotheses import (RULES_MARKDOWN, ArmRates, check_all, mean_sem, sem_of_difference,
+from analysis import stats
+from analysis.hypotheses import (RULES_MARKDOWN, ArmRates, check_all, sem_of_difference,
                                  verdicts_markdown)
-from learner.metrics import read_jsonl  # noqa: F401 - one reader for run files (torn lines skipped)
-from shared.config import ARMS, HACK_MODES
+from analysis.rundata import (ARM_LABELS, HEADLINE, MODE_COLUMNS, ArmSummary, RunRecord, find_runs,
+                              label, load_run, read_jsonl, summarize)
+from analysis.rundata import pct as _pct
+
+__all__ = ["ARM_LABELS", "HEADLINE", "MODE_COLUMNS", "ArmSummary", "ReportError", "RunRecord", "build_report",
+           "find_runs", "load_run", "read_jsonl", "summarize"]  # read_jsonl: analysis.experiment reads runs with it
 
 
 class ReportError(ValueError):
     """The folder holds nothing a report can be built from."""
-
-
-ARM_LABELS = {
-    "vanilla": "Vanilla (a)",
-    "projected": "Ours (b)",
-    "projected_nomag": "Ours, no mag-preserve (c)",
-    "rebound": "Rebound (d)",
-    "weak": "Ours, weak detector (A,B only)",
-    "route": "Route",
-}
-SKIP_PARTS = {"checkpoints", "artifacts", "logs"}
-
-
-@dataclass
-class RunRecord:
-    path: Path
-    arm: str
-    seed: int
-    preset: str
-    planned_steps: int
-    done: bool
-    evals: list[dict] = field(default_factory=list)
-    metrics: list[dict] = field(default_factory=list)
-
-    @property
-    def last_eval(self) -> dict | None:
-        return max(self.evals, key=lambda r: r.get("step", -1)) if self.evals else None
-
-    @property
-    def last_eval_step(self) -> int | None:
-        return None if self.last_eval is None else int(self.last_eval.get("step", -1))
-
-    @property
-    def finished(self) -> bool:
-        return self.done
-
-
-def load_run(path: Path) -> RunRecord:
-    cfg = json.loads((path / "config.json").read_text())
-    train = cfg.get("train", {})
-    return RunRecord(path=path, arm=train.get("arm", "?"), seed=int(train.get("seed", 0)),
-                     preset=cfg.get("preset", "?"), planned_steps=int(train.get("steps", 0)),
-                     done=(path / "DONE").exists(), evals=read_jsonl(path / "evals.jsonl"),
-                     metrics=read_jsonl(path / "metrics.jsonl"))
-
-
-def find_runs(runs_dir: Path) -> list[RunRecord]:
-    """Every run folder (holding config.json) below runs_dir, in arm order then seed order."""
-    runs_dir = Path(runs_dir)
-    paths = sorted({p.parent for p in runs_dir.rglob("config.json")
-                    if not SKIP_PARTS & set(p.relative_to(runs_dir).parts[:-1])})
-    runs = [load_run(p) for p in paths]
-    return sorted(runs, key=lambda r: (arm_order(r.arm), r.seed, str(r.path)))
-
-
-def arm_order(arm: str) -> tuple[int, str]:
-    return (ARMS.index(arm) if arm in ARMS else len(ARMS), arm)
-
-
-def _pct(row: dict, key: str) -> float | None:
-    v = row.get(key)
-    return None if v is None or not math.isfinite(float(v)) else 100.0 * float(v)
-
-
-def _raw(row: dict, key: str) -> float | None:
-    v = row.get(key)
-    return None if v is None or not math.isfinite(float(v)) else float(v)
-
-
-# (column key, eval key, header, is percentage)
-HEADLINE = [
-    ("hack", "hack_strict", "Hack %↓", True),
-    ("pass", "pass_rate", "Pass %↑", True),
-    ("kl", "kl", "KL↓", False),
-    ("cos_mean", "cos_mean", "mean·cos", False),
-    ("frac_fired", "frac_fired", "frac·fired", False),
-    ("grad_norm", "grad_norm", "‖g‖", False),
-]
-MODE_COLUMNS = ([(f"strict_{m}", f"hack_strict_{m}", f"strict {m}") for m in HACK_MODES]
-                + [("strict", "hack_strict", "strict any")]
-                + [(f"loose_{m}", f"hack_loose_{m}", f"loose {m}") for m in HACK_MODES]
-                + [("loose", "hack_loose", "loose any")])
-
-
-@dataclass
-class ArmSummary:
-    """Per-seed last-eval values of one arm and their mean/SEM."""
-
-    arm: str
-    runs: list[RunRecord]
-    values: dict[str, list[float | None]]  # column key -> per-seed values (percent for rates)
-
-    def stat(self, key: str) -> tuple[float | None, float | None, int]:
-        return mean_sem(self.values.get(key, []))
-
-    @property
-    def n(self) -> int:
-        return len(self.runs)
-
-    @property
-    def finished(self) -> bool:
-        return all(r.finished for r in self.runs)
-
-
-def summarize(runs: list[RunRecord]) -> dict[str, ArmSummary]:
-    """Arm -> summary, over the runs that have at least one evaluation."""
-    by_arm: dict[str, list[RunRecord]] = {}
-    for r in runs:
-        if r.last_eval is not None:
-            by_arm.setdefault(r.arm, []).append(r)
-    out = {}
-    for arm in sorted(by_arm, key=arm_order):
-        rs = by_arm[arm]
-        vals: dict[str, list] = {}
-        for key, ekey, _, is_pct in HEADLINE:
-            vals[key] = [(_pct if is_pct else _raw)(r.last_eval, ekey) for r in rs]
-        for key, ekey, _ in MODE_COLUMNS:
-            vals[key] = [_pct(r.last_eval, ekey) for r in rs]
-        vals["safepass"] = [None if h is None or p is None else p - h for h, p in zip(vals["hack"], vals["pass"])]
-        out[arm] = ArmSummary(arm, rs, vals)
-    return out
 
 
 def headline_rows(summaries: dict[str, ArmSummary]) -> list[dict]:
@@ -281,6 +168,241 @@ def _runs_table(runs: list[RunRecord]) -> str:
     return _md_table(["arm", "seed", "status", "steps logged", "last eval step", "hack %", "pass %", "folder"], body)
 
 
+# ------------------------------------------------------------------ exploratory: paired, time-resolved
+def _signed(x: float | None, digits: int = 1) -> str:
+    return "—" if x is None else f"{x:+.{digits}f}"
+
+
+def _ci(lo: float | None, hi: float | None, digits: int = 1) -> str:
+    return "—" if lo is None else f"[{lo:+.{digits}f}, {hi:+.{digits}f}]"
+
+
+def _n_needed(n: float | None) -> str:
+    if n is None:
+        return "— (needs ≥ 2 pairs)"
+    return "∞ (Δ = 0)" if math.isinf(n) else str(int(n))
+
+
+METRIC_LABELS = {"hack": "Hack %", "pass": "Pass %", "safepass": "ΔSafePass", "hack_auc": "Hack AUC % (training)"}
+PAIRED_CAPTION = (
+    "Exploratory, not preregistered (the verdicts above stay the spec's). A seed fixes the problem draws, the "
+    "sampling seeds and the held-out evaluation draws for every arm, so each arm is compared with vanilla **of the "
+    "same seed**: Δ = arm − vanilla per seed, in percentage points; only seeds both arms have are paired. "
+    f"95 % CI (t) = mean ± t·SD/√n; 95 % CI (bootstrap) = percentile bootstrap over seeds ({stats.N_BOOT} "
+    f"resamples, RNG seed {stats.BOOT_SEED}; with few seeds it is too narrow, since it only reshuffles the seeds seen: "
+    "read the t interval). ΔSafePass = (pass − hack)_arm − (pass − hack)_vanilla. Hack AUC = "
+    "trapezoid area under the held-out strict hack % over the evaluation steps (step 0 included), divided by the "
+    "step span: the mean hack % over training, each pair over the steps both runs evaluated. **n seeds needed** = "
+    "smallest number of seeds at which a two-sided paired t-test at α = 0.05 has 80 % power (noncentral t), assuming "
+    "the true Δ and the true SD of the per-seed Δ equal the observed ones (with few seeds the SD itself is "
+    "uncertain), "
+    f"normal per-seed Δ, independent seeds; the last column asks the same for a {stats.RESOLVE_PP:g} pp difference."
+)
+
+
+def paired_markdown(an: stats.Analysis) -> str:
+    header = ["Arm", "Metric", "n pairs", "mean Δ", "95 % CI (t)", "95 % CI (bootstrap)", "SD of Δ",
+              "n seeds needed (observed Δ)", f"n seeds for {stats.RESOLVE_PP:g} pp"]
+    body = []
+    for p in an.last:
+        what = METRIC_LABELS[p.metric] + (" (last eval)" if p.at == "last" else "")
+        body.append([label(p.arm), what, str(p.n), _signed(p.mean), _ci(*p.t_ci), _ci(*p.boot_ci),
+                     "—" if p.sd is None else f"{p.sd:.1f}", _n_needed(p.n_needed), _n_needed(p.n_needed_resolve)])
+    return _md_table(header, body)
+
+
+def _seeds(xs: list[int]) -> str:
+    return f"seed{'s' if len(xs) > 1 else ''} {', '.join(map(str, xs))}"
+
+
+def _unpaired_lines(an: stats.Analysis) -> list[str]:
+    lines = []
+    for p in an.last:
+        if p.metric == "hack" and (p.only_arm or p.only_ref):
+            parts = ([f"the arm lacks {_seeds(p.only_ref)}"] if p.only_ref else []) \
+                + ([f"vanilla lacks {_seeds(p.only_arm)}"] if p.only_arm else [])
+            lines.append(f"- {label(p.arm)}: {p.n} seed{'s' if p.n != 1 else ''} paired; {'; '.join(parts)} "
+                         "(left unpaired).")
+    for r in an.duplicates:
+        lines.append(f"- Duplicate run {r.arm}/seed{r.seed} at `{r.path}` left out of the pairing (an earlier "
+                     "folder has it).")
+    if an.step0:
+        same = [s for s, ok in an.step0.items() if ok]
+        differ = [s for s, ok in an.step0.items() if not ok]
+        if differ:
+            lines.append(f"- **Pairing check failed**: the step-0 evaluations (same initial policy, same draws) differ "
+                         f"between arms in seed{'s' if len(differ) > 1 else ''} {', '.join(map(str, differ))}: those "
+                         "arms do not share their evaluation noise, so pairing removes less of it than assumed.")
+        if same:
+            lines.append(f"- Pairing check: step-0 evaluations agree across arms in seed{'s' if len(same) > 1 else ''} "
+                         f"{', '.join(map(str, same))}.")
+    return lines
+
+
+def per_step_markdown(an: stats.Analysis, metric: str = "hack") -> str:
+    """Arm × evaluation step: mean Δ [t CI]; '(n=k)' where fewer seeds are paired than at the last eval."""
+    full = {p.arm: p.n for p in an.last if p.metric == metric}
+    cells: dict[str, dict[int, str]] = {}
+    for p in an.per_step:
+        if p.metric == metric:
+            cell = _signed(p.mean) + ("" if p.n < 2 else f" {_ci(*p.t_ci)}")
+            cells.setdefault(p.arm, {})[int(p.at)] = cell + ("" if p.n == full.get(p.arm) else f" (n={p.n})")
+    steps = sorted({s for c in cells.values() for s in c})
+    body = [[label(arm)] + [c.get(s, "—") for s in steps] for arm, c in cells.items()]
+    return _md_table(["Arm"] + [f"step {s}" for s in steps], body)
+
+
+def crossing_markdown(an: stats.Analysis) -> str:
+    header = ["Arm", "Threshold (training hack)", "n both crossed", "mean Δ steps", "95 % CI (t)",
+              "95 % CI (bootstrap)", "censored: arm later / earlier / undecided", "arm later in (sign test)"]
+    body = []
+    for c in an.crossings:
+        what = ("50 %" if c.name == "cross50" else f"{c.threshold:.1f} % (80 % of vanilla's plateau)")
+        known = c.n_later + c.n_earlier
+        sign = "—" if c.sign_p is None else f"{c.n_later} of {known} (p = {c.sign_p:.2f})"
+        body.append([label(c.arm), what, str(c.exact.n), _signed(c.exact.mean, 0), _ci(*c.exact.t_ci, 0),
+                     _ci(*c.exact.boot_ci, 0), f"{len(c.later)} / {len(c.earlier)} / {len(c.undetermined)}", sign])
+    return _md_table(header, body)
+
+
+def _x(c: stats.Crossing | None) -> str:
+    return "—" if c is None else c.text()
+
+
+def per_seed_markdown(an: stats.Analysis) -> str:
+    th = an.thresholds.get("cross_plateau")
+    header = ["Arm", "seed", "last eval step", "Hack % (k/n)", "Pass % (k/n)", "SafePass", "ΔSafePass vs vanilla",
+              "Hack AUC %", "train hack ≥ 50 % at step"] + ([f"≥ {th:.1f} % at step"] if th is not None else [])
+
+    def kn(r: stats.SeedRow, v: float | None) -> str:
+        k = r.count(v)
+        return "—" if v is None else f"{v:.1f}" + ("" if k is None else f" ({k}/{r.n_eval})")
+
+    body = []
+    for r in an.seeds:
+        row = [label(r.arm), str(r.seed), str(r.last_step), kn(r, r.hack), kn(r, r.pass_),
+               "—" if r.safepass is None else f"{r.safepass:+.1f}",
+               "0 (ref)" if r.arm == stats.REFERENCE else _signed(r.dsafepass),
+               "—" if r.auc is None else f"{r.auc:.1f}", _x(r.cross50)]
+        if th is not None:
+            row.append(_x(r.cross_plateau))
+        body.append(row)
+    return _md_table(header, body)
+
+
+def dynamic_range_lines(an: stats.Analysis) -> list[str]:
+    """How far the testbed moves (section 3 of issue 13): vanilla's 50 % crossing, its plateau, the ceiling arm."""
+    van = [r for r in an.seeds if r.arm == stats.REFERENCE]
+    lines = []
+    if van:
+        xs = ", ".join(_x(r.cross50) for r in van)
+        lines.append(f"- Vanilla's training strict hack rate (centred {stats.SMOOTH_WINDOW}-step mean) first reaches "
+                     f"50 % at step {xs} (seed{'s' if len(van) > 1 else ''} {', '.join(str(r.seed) for r in van)}).")
+    if an.plateau is not None:
+        lines.append(f"- Vanilla's plateau (mean training strict hack over each run's last {stats.PLATEAU_STEPS} "
+                     f"steps, mean over seeds): {an.plateau:.1f} %; 80 % of it: "
+                     f"{an.thresholds['cross_plateau']:.1f} %.")
+    ceiling = [p for p in an.last if p.arm == "oracle" and p.metric in ("hack", "hack_auc")]
+    if ceiling:
+        nums = "; ".join(f"{METRIC_LABELS[p.metric]} Δ {_signed(p.mean)} {_ci(*p.t_ci)} (n={p.n})" for p in ceiling)
+        lines.append("- Ceiling arm `oracle` (projects against a direction from a vanilla run's own rollouts of "
+                     f"another seed: a cheat, the most this mechanism could do here): {nums}.")
+    else:
+        lines.append("- Ceiling arm `oracle`: not in this grid, so the testbed's best case is not shown.")
+    return lines
+
+
+def _num(x):
+    if x is None:
+        return ""
+    if isinstance(x, float) and math.isinf(x):
+        return "inf"
+    return x
+
+
+PAIRED_COLUMNS = ["arm", "metric", "at", "n_pairs", "mean", "sd", "t_lo", "t_hi", "boot_lo", "boot_hi", "n_needed",
+                  f"n_needed_{stats.RESOLVE_PP:g}pp", "threshold", "n_later", "n_earlier", "n_censored_later",
+                  "n_censored_earlier", "n_undetermined", "sign_p", "seeds", "seeds_only_arm", "seeds_only_vanilla"]
+
+
+def write_paired_csv(path: Path, an: stats.Analysis) -> None:
+    """Every paired number: last eval, hack AUC, each evaluation step, crossing steps (Δ in steps)."""
+    def row(p: stats.Paired, extra: dict | None = None) -> list:
+        d = {**p.to_dict(), **(extra or {})}
+        if extra:  # crossing Δ is in steps: a "5 pp" question does not apply
+            d[f"n_needed_{stats.RESOLVE_PP:g}pp"] = None
+        d.update({k: " ".join(map(str, d[k])) for k in ("seeds", "seeds_only_arm", "seeds_only_vanilla")})
+        return [_num(d.get(c)) for c in PAIRED_COLUMNS]
+
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(PAIRED_COLUMNS)
+        for p in an.last + an.per_step:
+            w.writerow(row(p))
+        for c in an.crossings:
+            w.writerow(row(c.exact, {"threshold": c.threshold, "n_later": c.n_later, "n_earlier": c.n_earlier,
+                                     "n_censored_later": len(c.later), "n_censored_earlier": len(c.earlier),
+                                     "n_undetermined": len(c.undetermined), "sign_p": c.sign_p}))
+
+
+PER_SEED_COLUMNS = ["arm", "seed", "last_eval_step", "n_eval", "hack", "hack_count", "pass", "pass_count", "safepass",
+                    "dsafepass", "hack_auc", "cross50_step", "cross_plateau_step", "cross_plateau_threshold",
+                    "train_steps", "folder"]
+
+
+def write_per_seed_csv(path: Path, an: stats.Analysis) -> None:
+    """One row per arm × seed; a crossing step left empty means censored (never reached by train_steps)."""
+    th = an.thresholds.get("cross_plateau")
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(PER_SEED_COLUMNS)
+        for r in an.seeds:
+            xs = [x for x in (r.cross50, r.cross_plateau) if x is not None]
+            w.writerow([_num(v) for v in (
+                r.arm, r.seed, r.last_step, r.n_eval, r.hack, r.count(r.hack), r.pass_, r.count(r.pass_), r.safepass,
+                0.0 if r.arm == stats.REFERENCE else r.dsafepass, r.auc,
+                None if r.cross50 is None else r.cross50.step,
+                None if r.cross_plateau is None else r.cross_plateau.step,
+                th, xs[0].last_step if xs else None, str(r.run.path))])
+
+
+def write_per_step_csv(path: Path, runs: list[RunRecord]) -> None:
+    """Every evaluation of every run (percentages), so per-step coincidences can be checked by eye."""
+    keys = [("hack", "hack_strict"), ("pass", "pass_rate")] + [(k, e) for k, e, _ in MODE_COLUMNS if k != "strict"]
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["arm", "seed", "step", "n"] + [k for k, _ in keys])
+        for r in runs:
+            for st in r.eval_steps:
+                e = r.eval_at(st)
+                w.writerow([r.arm, r.seed, st, _num(e.get("n"))] + [_num(_pct(e, ek)) for _, ek in keys])
+
+
+def exploratory_markdown(an: stats.Analysis) -> list[str]:
+    md = ["## Exploratory: paired differences vs vanilla (not preregistered)", "", PAIRED_CAPTION, ""]
+    if an.last:
+        md += [paired_markdown(an), ""] + _unpaired_lines(an) + [""]
+        md += ["Hack % Δ (arm − vanilla, pp) at every evaluation step, mean [95 % CI (t)]; pass and ΔSafePass per "
+               "step are in `paired.csv` and `paired_diff.png`:", "", per_step_markdown(an, "hack"), ""]
+    else:
+        md += ["No arm to pair with vanilla (vanilla or every other arm is missing).", ""]
+    md += ["## Exploratory: time-resolved hack metrics (not preregistered)", "",
+           f"Crossing step = first step (steps completed) at which the **training** strict hack rate (metrics.jsonl), "
+           f"smoothed by a centred {stats.SMOOTH_WINDOW}-step moving mean, reaches the threshold; a run that never "
+           "does is censored ('> last step'). Δ steps > 0: the arm reaches it later than vanilla of the same seed. "
+           "The mean and CIs use the pairs where both runs crossed; a censored pair only adds a direction when the "
+           "censoring decides it (arm censored after vanilla crossed = later), and the exact sign test counts every "
+           "pair with a known direction.", ""]
+    if an.crossings:
+        md += [crossing_markdown(an), ""]
+    md += ["Testbed dynamic range:", ""] + dynamic_range_lines(an) + [""]
+    md += ["## Per-seed values", "",
+           "Every arm × seed at its last evaluation (k/n = samples behind the percentage) and over training; the same "
+           "in `per_seed.csv`, and every evaluation step of every run in `per_step.csv`.", "",
+           per_seed_markdown(an), ""]
+    return md
+
+
 def build_report(runs_dir: str | Path, out_dir: str | Path | None = None, plots: bool = True) -> dict:
     """Write the report files for runs_dir (into out_dir, default runs_dir); returns paths and verdicts."""
     runs_dir = Path(runs_dir)
@@ -309,13 +431,19 @@ def build_report(runs_dir: str | Path, out_dir: str | Path | None = None, plots:
     verdicts = check_all(arm_rates, preset=preset)
     (out / "verdicts.json").write_text(json.dumps({k: v.to_dict() for k, v in verdicts.items()}, indent=2))
 
+    analysis = stats.analyze(runs)
+    write_paired_csv(out / "paired.csv", analysis)
+    write_per_seed_csv(out / "per_seed.csv", analysis)
+    write_per_step_csv(out / "per_step.csv", [r.run for r in analysis.seeds])
+
     figures = {}
     if plots:
-        from analysis.plots import plot_diagnostics, plot_pareto, plot_trajectories
+        from analysis.plots import plot_diagnostics, plot_paired_steps, plot_pareto, plot_trajectories
 
         figures = {"pareto": plot_pareto(summaries, out / "pareto.png"),
                    "trajectories": plot_trajectories(summaries, out / "trajectories.png"),
-                   "diagnostics": plot_diagnostics(summaries, out / "diagnostics.png")}
+                   "diagnostics": plot_diagnostics(summaries, out / "diagnostics.png"),
+                   "paired_diff": plot_paired_steps(analysis.per_step, out / "paired_diff.png")}
 
     md = [f"# rankguard report: `{runs_dir}`", ""]
     meta = [f"preset **{preset}**"]
@@ -331,10 +459,12 @@ def build_report(runs_dir: str | Path, out_dir: str | Path | None = None, plots:
     md += ["## Preregistered check (spec §7)", "",
            "Decided on each run's last evaluation; Hack % = strict hack rate (any mode).", "",
            verdicts_markdown(verdicts), "", RULES_MARKDOWN, ""]
+    md += exploratory_markdown(analysis)
     if figures:
         md += ["## Figures", ""] + [f"![{k}]({Path(p).name})" for k, p in figures.items()] + [""]
     md += ["## Runs", "", _runs_table(runs), ""]
     (out / "report.md").write_text("\n".join(md))
     return {"report_md": out / "report.md", "report_csv": out / "report.csv", "hack_modes_csv": out / "hack_modes.csv",
-            "verdicts_json": out / "verdicts.json", "figures": figures, "rows": rows,
-            "verdicts": {k: v.to_dict() for k, v in verdicts.items()}}
+            "verdicts_json": out / "verdicts.json", "paired_csv": out / "paired.csv",
+            "per_seed_csv": out / "per_seed.csv", "per_step_csv": out / "per_step.csv", "figures": figures,
+            "rows": rows, "verdicts": {k: v.to_dict() for k, v in verdicts.items()}, "analysis": analysis}

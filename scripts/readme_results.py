@@ -13,8 +13,12 @@ import shutil
 import sys
 from pathlib import Path
 
-ARTIFACTS = ["report.md", "report.csv", "hack_modes.csv", "verdicts.json", "experiment.json",
-             "pareto.png", "trajectories.png", "diagnostics.png"]
+SMOOTH = 11  # analysis.stats.SMOOTH_WINDOW (this script reads report.md only, no project imports)
+
+ARTIFACTS = ["report.md", "report.csv", "hack_modes.csv", "verdicts.json", "experiment.json", "paired.csv",
+             "per_seed.csv", "per_step.csv", "pareto.png", "trajectories.png", "diagnostics.png", "paired_diff.png"]
+PAIRED = "Exploratory: paired differences vs vanilla (not preregistered)"
+TIMED = "Exploratory: time-resolved hack metrics (not preregistered)"
 
 
 def section(text: str, title: str) -> str:
@@ -25,7 +29,25 @@ def section(text: str, title: str) -> str:
 
 
 def table(block: str) -> str:
-    return "\n".join(line for line in block.splitlines() if line.startswith("|"))
+    return tables(block)[0]
+
+
+def tables(block: str) -> list[str]:
+    """The markdown tables of a section, in order (a table = consecutive lines starting with '|')."""
+    out, cur = [], []
+    for line in block.splitlines() + [""]:
+        if line.startswith("|"):
+            cur.append(line)
+        elif cur:
+            out.append("\n".join(cur))
+            cur = []
+    if not out:
+        raise SystemExit("report.md section has no table")
+    return out
+
+
+def bullets_of(block: str) -> str:
+    return "\n".join(line for line in block.splitlines() if line.startswith("- "))
 
 
 def main(runs: str, docs: str) -> None:
@@ -41,11 +63,17 @@ def main(runs: str, docs: str) -> None:
     runs_done = sum(r["status"] in ("finished", "skipped") for r in exp["runs"])
     walls = [r["wall_s"] for r in exp["runs"] if r.get("wall_s")] or [0.0]
     wall = f"{exp['wall_s'] / 60:.1f} min" if exp.get("wall_s") else "unfinished (no total)"
+    how = ("every run through the real services\n(private Redis, reward worker, rollout worker, learner)"
+           if exp["mode"] == "services" else "every run in one process (the same algorithm code)")
+    par = exp.get("parallel", 1)
+    paired, timed = section(report, PAIRED), section(report, TIMED)
+    last_table, step_table = tables(paired)[:2]
+    cross_table = tables(timed)[0]
+    dyn = bullets_of(timed.split("Testbed dynamic range:")[-1])
     print(f"""`rankguard experiment --preset toy --arms {','.join(exp['arms'])} --seeds {len(exp['seeds'])}
---steps {exp['steps']} --mode {exp['mode']} --parallel {exp.get('parallel', 1)}` — every run through the real services
-(private Redis, reward worker, rollout worker, learner) on the 2-core CPU machine: {runs_done} of
-{len(exp['runs'])} runs finished, **{wall} wall** for the whole grid (prepare
-{exp['prepare_s'] or 0:.0f} s; one run {min(walls):.0f}–{max(walls):.0f} s with {exp.get('parallel', 1)} at a time), git
+--steps {exp['steps']} --mode {exp['mode']} --parallel {exp.get('parallel', 1)}` — {how}
+on the 2-core CPU machine: {runs_done} of {len(exp['runs'])} runs finished, **{wall} wall** for the whole grid
+(prepare {exp['prepare_s'] or 0:.0f} s; one run {min(walls):.0f}–{max(walls):.0f} s with {par} at a time), git
 `{(exp.get('git_commit') or '?')[:10]}`. Hack % is the strict rate (a loophole's check passed while the hidden tests
 failed) on held-out problems at the last evaluation; mean ± SEM over seeds.
 
@@ -61,6 +89,31 @@ Preregistered verdicts (spec thresholds; `{dst}/verdicts.json`):
 
 ![Pareto]({dst}/pareto.png)
 ![Trajectories]({dst}/trajectories.png)
+
+Exploratory, not preregistered — paired by seed (arm − vanilla of the same seed, pp; t and bootstrap 95 % CIs;
+"n seeds needed" = seeds for 80 % power at α = 0.05 if the observed Δ and SD were true):
+
+{last_table}
+
+{bullets_of(paired)}
+
+Hack % Δ at every evaluation step, mean [95 % CI (t)]:
+
+{step_table}
+
+![Paired difference over steps]({dst}/paired_diff.png)
+
+When the training hack rate (centred {SMOOTH}-step mean) first reaches 50 % / 80 % of vanilla's plateau, arm − vanilla
+in steps (censored runs: direction only):
+
+{cross_table}
+
+Testbed dynamic range:
+
+{dyn}
+
+Per-seed values (last eval, AUC, crossing steps): [{dst}/per_seed.csv]({dst}/per_seed.csv); every evaluation of
+every run: [{dst}/per_step.csv]({dst}/per_step.csv).
 
 Full report: [{dst}/report.md]({dst}/report.md).""")
 
