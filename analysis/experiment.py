@@ -149,7 +149,7 @@ def default_run_fn(mode: str, progress: bool = False, stop: threading.Event | No
     """The real run: in one process (learner.trainer) or through the services (services.launcher).
     `stop` (services) shuts a run down from another thread, as Ctrl-C would."""
     if mode == "inprocess":
-        from learner.trainer import run_inprocess
+        from services.sources import run_inprocess
 
         return lambda cfg: run_inprocess(cfg, resume=True, progress=progress)
     if mode == "services":

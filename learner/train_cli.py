@@ -63,7 +63,7 @@ def register(app: typer.Typer) -> None:
         cfg = resolve_config(preset, sets + [f"run_dir={json.dumps(name)}"])
         ensure_toy_world(cfg)
         cfg.save()
-        from learner.trainer import run_inprocess
+        from services.sources import run_inprocess
 
         summary = run_inprocess(cfg, resume=resume, progress=progress)
         ev = summary.get("final_eval") or {}

@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from services.learner_service import LearnerService
+from learner.loop import run_training
+from services.sources import RedisSource as LearnerService
 from services.procs import StopFlag
 from services.queues import Queues, parse_wire_id
 from services.redis_server import RedisServer
@@ -152,7 +153,7 @@ def test_on_policy_loop_one_group_per_job(rig):
     learner = FakeLearner(rig.cfg)
     svc = LearnerService(rig.cfg, learner, rig.queues(), log)
     rig.start_workers()
-    assert svc.run() == {"steps": 3}
+    assert run_training(learner, svc) == {"steps": 3}
     assert [[j for j, _ in step] for step in learner.trained] == [[f"s{s}-{i}" for i in range(3)] for s in range(3)]
     # strictly on-policy: every group sampled with the version current at its step
     assert [{v for _, v in step} for step in learner.trained] == [{0}, {1}, {2}]
@@ -181,7 +182,7 @@ def test_duplicates_and_old_incarnations_are_ignored(rig):
         orig_accept(gg)  # the same message delivered again
 
     svc._accept = accept_twice
-    svc.run()
+    run_training(learner, svc)
     assert svc.counters["ignored"] >= 1 + 3 * 3  # the old one + every second copy
     assert [len(s) for s in learner.trained] == [3, 3, 3]
 
@@ -194,7 +195,7 @@ def test_stale_group_is_dropped_and_rerequested(server, tmp_path):
         rig.engine.lag["s3-1"] = 0  # sampled with version 0, trained at version 3 > 0 + 1
         svc = LearnerService(rig.cfg, learner, rig.queues(), log)
         rig.start_workers()
-        svc.run()
+        run_training(learner, svc)
         assert svc.counters["stale_dropped"] == 1 and svc.counters["rerequested"] == 1
         for step, groups in enumerate(learner.trained):
             assert len(groups) == 3
@@ -208,7 +209,7 @@ def test_dead_lettered_job_is_rerequested(rig):
     rig.engine.bad_problem.add("s1-2")  # first attempt: the reward worker cannot grade it -> DLQ
     svc = LearnerService(rig.cfg, learner, rig.queues(), log)
     rig.start_workers()
-    svc.run()
+    run_training(learner, svc)
     assert svc.counters["rerequested"] == 1
     assert [len(s) for s in learner.trained] == [3, 3, 3]
     dlq = rig.queues().dead_letters()
@@ -231,7 +232,7 @@ def test_lost_jobs_are_rerequested(rig):
     t = threading.Thread(target=lose_then_start)
     t.start()
     t0 = time.monotonic()
-    svc.run()
+    run_training(learner, svc)
     t.join()
     assert lost.is_set() and svc.counters["rerequested"] == 2  # the two eval jobs
     assert [len(s) for s in learner.trained] == [3, 3, 3]

@@ -8,7 +8,8 @@ import torch
 
 from learner.checkpoint import list_checkpoints
 from learner.metrics import EVAL_KEYS, METRIC_KEYS, read_jsonl
-from learner.trainer import Learner, _grade_groups, run_inprocess
+from learner.trainer import Learner
+from services.sources import grade_groups as _grade_groups, run_inprocess
 from rollout.hf_engine import HFEngine
 from shared.adapter import adapter_modules, flat_delta_q, flat_delta_s, wrap_model
 from shared.config import resolve_config
