@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -128,3 +129,66 @@ def window_mean(rows: Sequence[dict], key: str, last: int = 25) -> float:
     """Mean of `key` over the last `last` rows that have a number there (0.0 when none)."""
     vals = [r[key] for r in rows[-last:] if isinstance(r.get(key), (int, float))]
     return _mean(vals)
+
+
+@dataclass
+class StepSums:
+    """What one optimizer step adds up over its micro-batches (token-weighted where it says so)."""
+
+    n_groups: int
+    keep: dict[int, bool] = field(default_factory=dict)  # group index -> has a reward spread (trained)
+    n_seqs: int = 0
+    loss: float = 0.0
+    tokens: float = 0.0
+    kl_num: float = 0.0
+    kl_den: float = 0.0
+    clip_num: float = 0.0
+    isw_num: float = 0.0
+    penalties: list[float] = field(default_factory=list)  # Rebound, per completion seen
+
+    def add(self, n: int, loss: float, tokens: float, st: dict, with_kl: bool) -> None:
+        self.n_seqs += n
+        self.loss += loss
+        self.tokens += tokens
+        if with_kl:
+            self.kl_num += float(st["kl"]) * tokens
+            self.kl_den += tokens
+        self.clip_num += float(st["clip_frac"]) * tokens
+
+
+def mean_module_norm(params: Sequence[Any]) -> float:
+    """Mean over modules of ||grad|| (modules with a zero gradient left out)."""
+    norms = [float(p.grad.float().norm()) for p in params if p.grad is not None]
+    norms = [n for n in norms if n >= 1e-12]
+    return sum(norms) / len(norms) if norms else 0.0
+
+
+def train_row(step: int, policy_version: int, groups: Sequence[Any], seqs: list[dict], acc: StepSums, proj: dict,
+              grad_total: float, lr: float, t_train: float, t_sync: float,
+              timings: dict[str, float] | None = None) -> dict[str, Any]:
+    """The metrics.jsonl row of one step (fixed keys first, then extras useful when reading a run)."""
+    import numpy as np
+
+    rewards = [s["reward"] for s in seqs]
+    tm = {"t_generate": sum(g.group.gen_seconds for g in groups), "t_grade": sum(g.grade_seconds for g in groups),
+          "t_sync": t_sync, **(timings or {})}
+    row: dict[str, Any] = {
+        "step": step, "policy_version": policy_version,
+        "loss": acc.loss / acc.n_seqs if acc.n_seqs else 0.0,
+        "reward_mean": float(np.mean(rewards)), "reward_std": float(np.std(rewards)),
+        "skipped_frac": sum(1 for gi in range(acc.n_groups) if not acc.keep.get(gi, False)) / acc.n_groups,
+        **hack_rates(s["grade"] for s in seqs),
+        "kl": acc.kl_num / acc.kl_den if acc.kl_den else None,
+        "cos_mean": proj["cos_mean"], "cos_std": proj["cos_std"], "frac_fired": proj["frac_fired"],
+        "grad_norm": proj["grad_norm_mean"], "lr": lr,
+        "t_generate": tm["t_generate"], "t_grade": tm["t_grade"], "t_train": t_train, "t_sync": tm["t_sync"],
+        "grad_norm_total": grad_total, "n_groups": acc.n_groups, "n_train_seqs": acc.n_seqs,
+        "clip_frac": acc.clip_num / acc.tokens if acc.tokens else 0.0,
+        "staleness": float(np.mean([policy_version - 1 - g.group.policy_version for g in groups])),
+    }
+    if acc.penalties:
+        row["penalty_mean"] = float(np.mean(acc.penalties))
+        row["reward_shaped_mean"] = float(np.mean([s["reward"] - s.get("penalty", 0.0) for s in seqs]))
+    if acc.isw_num and acc.tokens:
+        row["is_weight_mean"] = acc.isw_num / acc.tokens
+    return row

@@ -29,15 +29,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from shared.adapter import (adapter_disabled, adapter_modules, delta_s_layout, flat_delta_q, flat_delta_s,
-                            merged_inference, quarantine)
+from shared.adapter import adapter_modules, delta_s_layout, flat_delta_q, flat_delta_s, quarantine
 from shared.config import HACK_MODES, RunConfig
 from shared.problems import Problem
 from shared.prompts import build_messages, render_prompt
-from shared.schemas import DeltaSUpdate, Grade, GradedGroup, PromptJob, SamplingParams
+from shared.schemas import DeltaSUpdate, GradedGroup, PromptJob, SamplingParams
 
 from . import checkpoint as ckpt
-from .metrics import JsonlWriter, TensorBoard, hack_rates, read_jsonl, truncate_jsonl, window_mean
+from .grpo import group_advantages, grpo_loss, kl_k3, truncated_is_weight
+from .metrics import (JsonlWriter, StepSums, TensorBoard, hack_rates, mean_module_norm, read_jsonl, train_row,
+                      truncate_jsonl, window_mean)
+from .rebound import concept_penalty
+from .scoring import Scorer, align_grades
 
 log = logging.getLogger("rankguard.learner")
 PROJECTION_ARMS = ("projected", "projected_nomag", "weak", "route")
@@ -115,13 +118,9 @@ class Learner:
         self.arm = cfg.train.arm
         self.route = self.arm == "route"
         self.measure_kl = measure_kl if measure_kl is not None else cfg.train.measure_kl
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        # prompt-shared forward (KV cache fan-out) unless training runs with gradient checkpointing
-        self.shared_prefix = not cfg.model.gradient_checkpointing
-        from shared.fast_decode import unsupported
-        self.lean_ref = (self.shared_prefix and self.device.type == "cpu" and unsupported(self.model) is None
-                         and bool(adapter_modules(self.model)))
-        self._ref_dec = None  # see _ref_decoder
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.scorer = Scorer(self.model, pad_id, cfg.train.micro_batch,
+                             shared_prefix=not cfg.model.gradient_checkpointing)
         self._prompts: dict[str, tuple[str, list[int]]] = {}
 
         # Directions are extracted on the untouched model (delta_S = 0), before any checkpoint loads.
@@ -257,309 +256,107 @@ class Learner:
         return [self._job(p, step, i, "eval", self.cfg.train.eval_samples, derived_seed("eval", self.cfg.train.seed, i))
                 for i, p in enumerate(chosen)]
 
-    # ------------------------------------------------------------------ batches
-    def _sequences(self, groups: Sequence[GradedGroup]) -> list[dict]:
-        seqs = []
-        for gi, gg in enumerate(groups):
-            grades = _align_grades(gg)
-            for c, g in zip(gg.group.completions, grades):
-                seqs.append({"group": gi, "prompt": list(gg.group.prompt_ids), "comp": list(c.token_ids),
-                             "old": list(c.logprobs), "reward": float(g.reward), "grade": g,
-                             "version": gg.group.policy_version})
-        return seqs
-
-    def _batch(self, seqs: list[dict]) -> dict[str, Tensor]:
-        """Completion-aligned tensors [B, C]: mask, behaviour log-probs, staleness (C = longest completion)."""
-        C = max(1, max(len(s["comp"]) for s in seqs))
-        B = len(seqs)
-        mask = torch.zeros((B, C))
-        old = torch.zeros((B, C))
-        for i, s in enumerate(seqs):
-            c = len(s["comp"])
-            mask[i, :c] = 1.0
-            if c and len(s["old"]) == c:
-                old[i, :c] = torch.tensor(s["old"])
-        stale = torch.tensor([s["version"] < self.policy_version for s in seqs])
-        d = self.device
-        return {"mask": mask.to(d), "old": old.to(d), "stale": stale.to(d), "C": C}
-
-    def _forward(self, seqs: list[dict], b: dict, hidden_layer: int | None = None):
-        """log p of each completion token [B, C] (+ residual stream at `hidden_layer` and its token mask).
-
-        Default path: each distinct prompt runs once and its KV cache fans out to its completions
-        (a group's G samples share the prompt: ~3x less compute on the toy). With gradient
-        checkpointing (no KV cache in training) every sequence runs whole instead.
-        """
-        if self.shared_prefix:
-            return self._forward_shared(seqs, b, hidden_layer)
-        return self._forward_full(seqs, b, hidden_layer)
-
-    def _forward_full(self, seqs, b, hidden_layer=None):
-        from .logprobs import token_logprobs
-        L = max(len(s["prompt"]) + len(s["comp"]) for s in seqs)
-        ids = torch.full((len(seqs), L), self.pad_id, dtype=torch.long)
-        attn = torch.zeros((len(seqs), L), dtype=torch.long)
-        start = torch.zeros(len(seqs), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            p, c = len(s["prompt"]), len(s["comp"])
-            ids[i, : p + c] = torch.tensor(s["prompt"] + s["comp"], dtype=torch.long)
-            attn[i, : p + c] = 1
-            start[i] = p - 1  # logp[:, t] scores token t+1
-        ids, attn = ids.to(self.device), attn.to(self.device)
-        out = token_logprobs(self.model, ids, attn, hidden_layer=hidden_layer)
-        logp, hidden = out if hidden_layer is not None else (out, None)
-        idx = (start[:, None] + torch.arange(b["C"])[None]).clamp(max=L - 2).to(self.device)
-        logp = logp.gather(1, idx)
-        if hidden is None:
-            return logp, None, None
-        hmask = torch.zeros((len(seqs), L))
-        for i, s in enumerate(seqs):
-            hmask[i, len(s["prompt"]): len(s["prompt"]) + len(s["comp"])] = 1.0
-        return logp, hidden, hmask.to(self.device)
-
-    def _shared_inputs(self, seqs, b):
-        """Distinct prompts (left-padded) + the fan-out to their sequences + one completion block per
-        sequence that starts with the last prompt token (its output scores completion token 0)."""
-        keys: dict[tuple, int] = {}
-        for s in seqs:
-            keys.setdefault(tuple(s["prompt"]), len(keys))
-        prompts = list(keys)
-        W = max(len(p) for p in prompts)
-        pid = torch.full((len(prompts), W), self.pad_id, dtype=torch.long)
-        patt = torch.zeros((len(prompts), W), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            pid[i, W - len(p):] = torch.tensor(p, dtype=torch.long)
-            patt[i, W - len(p):] = 1
-        ppos = (patt.cumsum(-1) - 1).clamp_min(0)
-        fan = torch.tensor([keys[tuple(s["prompt"])] for s in seqs])
-        C = b["C"]
-        cid = torch.full((len(seqs), C + 1), self.pad_id, dtype=torch.long)
-        catt = torch.zeros((len(seqs), C + 1), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            c = len(s["comp"])
-            cid[i, 0] = s["prompt"][-1]
-            cid[i, 1: 1 + c] = torch.tensor(s["comp"], dtype=torch.long)
-            catt[i, : 1 + c] = 1
-        return pid, patt, ppos, fan, cid, catt, W, C
-
-    @torch.no_grad()
-    def _ref_logp(self, seqs, b) -> Tensor:
-        """Reference-policy (delta_S = 0) log-probs [B, C] of the completion tokens, for the KL.
-
-        On CPU with a Qwen3 model it runs shared.fast_decode's lean loop over merged weights (the
-        toy step is dispatch-bound; same shared-prefix layout); elsewhere the usual forward."""
-        if not self.lean_ref:
-            with adapter_disabled(self.model):
-                return self._forward(seqs, b)[0]
-        dev = self.device
-        pid, patt, ppos, fan, cid, catt, W, C = self._shared_inputs(seqs, b)
-        dec = self._ref_decoder()
-        dec.max_len = W + C + 1
-        if W > 1:
-            dec.prefill(pid[:, :-1].to(dev), patt[:, :-1].to(dev))
-            dec.keep(fan.to(dev))
-        else:
-            dec.reset(len(seqs))
-        logits = dec.extend(cid.to(dev), catt.to(dev))[:, :-1].float()
-        return -torch.nn.functional.cross_entropy(logits.transpose(1, 2), cid[:, 1:].to(dev), reduction="none")
-
-    def _ref_decoder(self):
-        """The lean decoder over the delta_S = 0 weights, merged once: they never change during a run."""
-        if self._ref_dec is None:
-            from shared.fast_decode import Qwen3Decoder
-
-            with adapter_disabled(self.model), merged_inference(self.model):
-                self._ref_dec = Qwen3Decoder(self.model, max_len=1)
-        return self._ref_dec
-
-    def _forward_shared(self, seqs, b, hidden_layer=None):
-        from .logprobs import _LayerCapture
-        dev = self.device
-        pid, patt, ppos, fan, cid, catt, W, C = self._shared_inputs(seqs, b)
-        body = self.model.model
-        cap = _LayerCapture(self.model, hidden_layer) if hidden_layer is not None else None
-        try:
-            if W > 1:
-                pre = body(input_ids=pid[:, :-1].to(dev), attention_mask=patt[:, :-1].to(dev),
-                           position_ids=ppos[:, :-1].to(dev), use_cache=True)
-                cache = pre.past_key_values
-                cache.reorder_cache(fan.to(dev))
-                att = torch.cat([patt[fan, :-1], catt], dim=1)
-            else:
-                cache, att = None, catt
-            pos = ppos[fan, -1:] + torch.arange(C + 1)[None]
-            out = body(input_ids=cid.to(dev), attention_mask=att.to(dev), position_ids=pos.to(dev),
-                       past_key_values=cache, use_cache=cache is not None)
-        finally:
-            if cap is not None:
-                cap.handle.remove()
-        h = out.last_hidden_state[:, :-1]
-        logits = self.model.get_output_embeddings()(h).float()
-        logp = -torch.nn.functional.cross_entropy(logits.transpose(1, 2), cid[:, 1:].to(dev), reduction="none")
-        if cap is None:
-            return logp, None, None
-        return logp, cap.out, catt.float().to(dev) - torch.nn.functional.one_hot(
-            torch.zeros(len(seqs), dtype=torch.long), C + 1).float().to(dev)
-
-    def _chunks(self, seqs: list[dict], group_aligned: bool) -> list[list[dict]]:
-        mb = max(1, self.cfg.train.micro_batch)
-        if not group_aligned:  # similar lengths share a chunk: less padding (the loss is a sum)
-            seqs = sorted(seqs, key=lambda s: len(s["comp"]))
-            return [seqs[i: i + mb] for i in range(0, len(seqs), mb)]
-        chunks: list[list[dict]] = []
-        cur: list[dict] = []
-        by_group: dict[int, list[dict]] = {}
-        for s in seqs:
-            by_group.setdefault(s["group"], []).append(s)
-        for g in by_group.values():
-            if cur and len(cur) + len(g) > mb:
-                chunks.append(cur)
-                cur = []
-            cur = cur + g
-        if cur:
-            chunks.append(cur)
-        return chunks
-
     # ------------------------------------------------------------------ the step
     def train_step(self, groups: Sequence[GradedGroup], timings: dict[str, float] | None = None) -> dict:
-        """One optimizer step on graded groups; appends and returns the metrics row."""
+        """loss -> backward -> project -> clip -> step on graded groups; appends and returns the metrics row."""
         t0 = time.perf_counter()
-        cfg = self.cfg.train
         if not groups:
             raise TrainerError("train_step got no groups")
-        seqs = self._sequences(groups)
-        n_groups = len(groups)
-        rebound = self.arm == "rebound"
+        seqs = Scorer.sequences(groups)
+        lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.zero_grad(set_to_none=True)
         for q in self.delta_q:
             q.grad = None
-
-        keep_group: dict[int, bool] = {}
-        if not rebound:  # advantages up front; flat groups never reach the forward pass
-            for gi in range(n_groups):
-                mine = [s for s in seqs if s["group"] == gi]
-                self._advantages(mine, keep_group, gi)
-            train_seqs = [s for s in seqs if keep_group[s["group"]]]
-        else:
-            train_seqs = seqs
-
-        n_kept_seq = 0
-        loss_sum = 0.0
-        kl_num = kl_den = 0.0
-        clip_num = 0.0
-        isw_num = 0.0
-        pen_all: list[float] = []
-        G_tok = 0.0
-        max_len = self.cfg.sampling.max_new_tokens
-        self.model.train()
-        with quarantine(self.model, active=self.route):
-            for chunk in self._chunks(train_seqs, group_aligned=rebound):
-                b = self._batch(chunk)
-                ref = None
-                if cfg.beta_kl > 0 or self.measure_kl:
-                    ref = self._ref_logp(chunk, b)
-                if rebound:
-                    from .rebound import concept_penalty
-                    logp, hidden, hmask = self._forward(chunk, b, hidden_layer=self.rebound_layer)
-                    with torch.no_grad():
-                        pen = concept_penalty(hidden.detach(), hmask, self.v_concept, cfg.rebound_alpha).cpu()
-                    del hidden
-                    for s, p in zip(chunk, pen.tolist()):
-                        s["penalty"] = p
-                        pen_all.append(p)
-                    for gi in sorted({s["group"] for s in chunk}):
-                        self._advantages([s for s in chunk if s["group"] == gi], keep_group, gi)
-                else:
-                    logp = self._forward(chunk, b)[0]
-                rows = torch.tensor([keep_group[s["group"]] for s in chunk], device=self.device)
-                if ref is not None and not bool(rows.any()):  # KL still measured on flat-only chunks
-                    kl_tok = _k3(logp.detach(), ref) * b["mask"]
-                    kl_num += float(kl_tok.sum())
-                    kl_den += float(b["mask"].sum())
-                    continue
-                if not bool(rows.any()):
-                    continue
-                idx = rows.nonzero().squeeze(1)
-                adv = torch.tensor([s["adv"] for s in chunk], device=self.device)[idx]
-                lp, mask = logp[idx], b["mask"][idx]
-                old, is_w = None, None
-                stale = b["stale"][idx]
-                if bool(stale.any()):  # async: decoupled PPO, truncated IS on the behaviour log-probs
-                    from .grpo import truncated_is_weight
-                    is_w = torch.where(stale[:, None], truncated_is_weight(lp.detach(), b["old"][idx],
-                                                                           self.cfg.pipeline.is_clip),
-                                       torch.ones_like(lp))
-                    isw_num += float((is_w * mask).sum())
-                from .grpo import grpo_loss
-                loss, st = grpo_loss(lp, old, ref[idx] if ref is not None else None, adv, mask,
-                                     clip_eps=cfg.clip_eps, beta=cfg.beta_kl, unbiased=cfg.unbiased,
-                                     max_len=max_len, is_weight=is_w, num_seqs=1)
-                loss.backward()
-                n = len(idx)
-                n_kept_seq += n
-                loss_sum += float(loss.detach())
-                tok = float(mask.sum())
-                G_tok += tok
-                if ref is not None:
-                    kl_num += float(st["kl"]) * tok
-                    kl_den += tok
-                clip_num += float(st["clip_frac"]) * tok
-        self.model.eval()
-
-        n_skipped = sum(1 for gi in range(n_groups) if not keep_group.get(gi, False))
-        lr_now = self.optimizer.param_groups[0]["lr"]
-        proj = {"cos_mean": None, "cos_std": None, "frac_fired": None, "grad_norm_mean": 0.0}
-        grad_total = 0.0
-        if n_kept_seq > 0:
-            scale = 1.0 / n_kept_seq  # micro-batch losses were sums over sequences
-            for p in self.params:
-                if p.grad is not None:
-                    p.grad.mul_(scale)
-            if self.projector is not None:
-                proj = self.projector.project_(self.delta_s, self.delta_q if self.route else None)
-            else:
-                proj["grad_norm_mean"] = _mean_module_norm(self.delta_s)
-            grad_total = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
+        acc = self._backward(seqs, len(groups))
+        proj, grad_total = self._project_and_clip(acc.n_seqs)
         self.optimizer.step()  # a no-op when every group was flat (all grads None); keeps the schedule in step
         self.scheduler.step()
         self.policy_version += 1
-        step = self.step
         self.step += 1
-
-        grades = [s["grade"] for s in seqs]
-        rewards = [s["reward"] for s in seqs]
-        t_train = time.perf_counter() - t0
-        tm = {"t_generate": sum(g.group.gen_seconds for g in groups),
-              "t_grade": sum(g.grade_seconds for g in groups), "t_sync": self._t_sync}
-        tm.update(timings or {})
-        row: dict[str, Any] = {
-            "step": step, "policy_version": self.policy_version,
-            "loss": loss_sum / n_kept_seq if n_kept_seq else 0.0,
-            "reward_mean": float(np.mean(rewards)), "reward_std": float(np.std(rewards)),
-            "skipped_frac": n_skipped / n_groups,
-            **hack_rates(grades),
-            "kl": kl_num / kl_den if kl_den else None,
-            "cos_mean": proj["cos_mean"], "cos_std": proj["cos_std"], "frac_fired": proj["frac_fired"],
-            "grad_norm": proj["grad_norm_mean"], "lr": lr_now,
-            "t_generate": tm["t_generate"], "t_grade": tm["t_grade"], "t_train": t_train, "t_sync": tm["t_sync"],
-            # extras (not in the fixed key list): useful when reading a run
-            "grad_norm_total": grad_total, "n_groups": n_groups, "n_train_seqs": n_kept_seq,
-            "clip_frac": clip_num / G_tok if G_tok else 0.0,
-            "staleness": float(np.mean([self.policy_version - 1 - g.group.policy_version for g in groups])),
-        }
+        row = train_row(self.step - 1, self.policy_version, groups, seqs, acc, proj, grad_total, lr,
+                        time.perf_counter() - t0, self._t_sync, timings)
         self.last_penalties = [s.get("penalty", 0.0) for s in seqs]
-        if pen_all:
-            row["penalty_mean"] = float(np.mean(pen_all))
-            row["reward_shaped_mean"] = float(np.mean([s["reward"] - s.get("penalty", 0.0) for s in seqs]))
-        if isw_num and G_tok:
-            row["is_weight_mean"] = isw_num / G_tok
         self.history.append(row)
         self.metrics.write(row)
-        self.tb.log("train", row, step)
+        self.tb.log("train", row, row["step"])
         return row
 
+    def _backward(self, seqs: list[dict], n_groups: int) -> StepSums:
+        """Advantages, then per micro-batch: forward (+ reference for the KL) -> GRPO loss -> backward.
+        Rebound needs the forward's hidden state before its advantages, so its groups stay whole."""
+        rebound = self.arm == "rebound"
+        acc = StepSums(n_groups=n_groups)
+        if not rebound:  # advantages up front; flat groups never reach the forward pass
+            for gi in range(n_groups):
+                self._advantages([s for s in seqs if s["group"] == gi], acc.keep, gi)
+            seqs = [s for s in seqs if acc.keep[s["group"]]]
+        self.model.train()
+        with quarantine(self.model, active=self.route):
+            for chunk in self.scorer.chunks(seqs, group_aligned=rebound):
+                self._backward_chunk(chunk, acc, rebound)
+        self.model.eval()
+        return acc
+
+    def _backward_chunk(self, chunk: list[dict], acc: StepSums, rebound: bool) -> None:
+        cfg = self.cfg.train
+        b = self.scorer.batch(chunk, self.policy_version)
+        ref = self.scorer.ref_logp(chunk, b) if cfg.beta_kl > 0 or self.measure_kl else None
+        logp = self._rebound_logp(chunk, b, acc) if rebound else self.scorer.logp(chunk, b)[0]
+        rows = torch.tensor([acc.keep[s["group"]] for s in chunk], device=self.device)
+        if not bool(rows.any()):
+            if ref is not None:  # KL still measured on flat-only chunks
+                acc.kl_num += float((kl_k3(logp.detach(), ref) * b["mask"]).sum())
+                acc.kl_den += float(b["mask"].sum())
+            return
+        idx = rows.nonzero().squeeze(1)
+        adv = torch.tensor([s["adv"] for s in chunk], device=self.device)[idx]
+        lp, mask = logp[idx], b["mask"][idx]
+        is_w = self._is_weight(lp, b, idx, mask, acc)
+        loss, st = grpo_loss(lp, None, ref[idx] if ref is not None else None, adv, mask, clip_eps=cfg.clip_eps,
+                             beta=cfg.beta_kl, unbiased=cfg.unbiased, max_len=self.cfg.sampling.max_new_tokens,
+                             is_weight=is_w, num_seqs=1)
+        loss.backward()
+        acc.add(len(idx), float(loss.detach()), float(mask.sum()), st, ref is not None)
+
+    def _rebound_logp(self, chunk: list[dict], b: dict, acc: StepSums) -> Tensor:
+        """Rebound's reward shaping: penalty from this forward's residual stream, then the advantages."""
+        logp, hidden, hmask = self.scorer.logp(chunk, b, hidden_layer=self.rebound_layer)
+        with torch.no_grad():
+            pen = concept_penalty(hidden.detach(), hmask, self.v_concept, self.cfg.train.rebound_alpha).cpu()
+        del hidden
+        for s, p in zip(chunk, pen.tolist()):
+            s["penalty"] = p
+            acc.penalties.append(p)
+        for gi in sorted({s["group"] for s in chunk}):
+            self._advantages([s for s in chunk if s["group"] == gi], acc.keep, gi)
+        return logp
+
+    def _is_weight(self, lp: Tensor, b: dict, idx: Tensor, mask: Tensor, acc: StepSums) -> Tensor | None:
+        """Async (stale) samples: decoupled PPO, truncated IS on the behaviour log-probs."""
+        stale = b["stale"][idx]
+        if not bool(stale.any()):
+            return None
+        is_w = torch.where(stale[:, None], truncated_is_weight(lp.detach(), b["old"][idx], self.cfg.pipeline.is_clip),
+                           torch.ones_like(lp))
+        acc.isw_num += float((is_w * mask).sum())
+        return is_w
+
+    def _project_and_clip(self, n_seqs: int) -> tuple[dict, float]:
+        """Mean over sequences, the arm's projection (v_hack off the gradient), then the norm clip."""
+        proj = {"cos_mean": None, "cos_std": None, "frac_fired": None, "grad_norm_mean": 0.0}
+        if n_seqs == 0:
+            return proj, 0.0
+        scale = 1.0 / n_seqs  # micro-batch losses were sums over sequences
+        for p in self.params:
+            if p.grad is not None:
+                p.grad.mul_(scale)
+        if self.projector is not None:
+            proj = self.projector.project_(self.delta_s, self.delta_q if self.route else None)
+        else:
+            proj["grad_norm_mean"] = mean_module_norm(self.delta_s)
+        return proj, float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.max_grad_norm))
+
     def _advantages(self, mine: list[dict], keep: dict[int, bool], gi: int) -> None:
-        from .grpo import group_advantages
         r = torch.tensor([[s["reward"] - s.get("penalty", 0.0) for s in mine]])
         adv, k = group_advantages(r, unbiased=self.cfg.train.unbiased, eps=self.cfg.train.skip_eps)
         keep[gi] = bool(k[0])
@@ -583,7 +380,7 @@ class Learner:
         self._t_sync = float(seconds)
 
     def record_eval(self, step: int, groups: Sequence[GradedGroup]) -> dict:
-        grades = [g for gg in groups for g in _align_grades(gg)]
+        grades = [g for gg in groups for g in align_grades(gg)]
         recent = self.history[-KL_WINDOW:]
         row: dict[str, Any] = {"step": step, **hack_rates(grades), "kl": window_mean(recent, "kl", KL_WINDOW)}
         for k in ("cos_mean", "frac_fired", "grad_norm"):
@@ -633,25 +430,3 @@ class Learner:
         self.metrics.close()
         self.evals.close()
         self.tb.close()
-
-
-def _k3(logp: Tensor, ref: Tensor) -> Tensor:
-    d = ref - logp
-    return torch.exp(d) - d - 1
-
-
-def _mean_module_norm(params: Sequence[torch.nn.Parameter]) -> float:
-    norms = [float(p.grad.float().norm()) for p in params if p.grad is not None]
-    norms = [n for n in norms if n >= 1e-12]
-    return sum(norms) / len(norms) if norms else 0.0
-
-
-def _align_grades(gg: GradedGroup) -> list[Grade]:
-    """Grades in completion order: by rollout_id when the grader kept it, else positionally."""
-    comps = gg.group.completions
-    if len(gg.grades) != len(comps):
-        raise TrainerError(f"group {gg.group.job_id!r}: {len(gg.grades)} grades for {len(comps)} completions")
-    by_id = {g.rollout_id: g for g in gg.grades if g.rollout_id}
-    if len(by_id) == len(comps) and all(c.rollout_id in by_id for c in comps):
-        return [by_id[c.rollout_id] for c in comps]
-    return list(gg.grades)

@@ -263,16 +263,16 @@ def test_stale_groups_get_truncated_is_weights(tmp_path, base_model, art_root):
 def sampled_batch(ln, engine, step):
     """(sequences, batch tensors) of one sampled and graded step, as train_step builds them."""
     graded, _ = _grade_groups(RuleGrader(), ln.problems, engine.generate(ln.make_jobs(step)))
-    seqs = ln._sequences(graded)
-    return seqs, ln._batch(seqs)
+    seqs = ln.scorer.sequences(graded)
+    return seqs, ln.scorer.batch(seqs, ln.policy_version)
 
 
 def test_shared_prefix_forward_matches_full_sequences(tmp_path, base_model, art_root):
     ln = make_learner(make_cfg(tmp_path), base_model, art_root)
     seqs, b = sampled_batch(ln, HFEngine(ln.model, ln.tokenizer), 0)
     with torch.no_grad():
-        a, ha, ma = ln._forward_shared(seqs, b, hidden_layer=1)
-        f, hf, mf = ln._forward_full(seqs, b, hidden_layer=1)
+        a, ha, ma = ln.scorer._forward_shared(seqs, b, hidden_layer=1)
+        f, hf, mf = ln.scorer._forward_full(seqs, b, hidden_layer=1)
     m = b["mask"].bool()
     assert torch.allclose(a[m], f[m], atol=1e-4)
     engine_lp = torch.tensor([x for s in seqs for x in s["old"]])
@@ -285,7 +285,7 @@ def test_shared_prefix_gradients_match_full_sequences(tmp_path, base_model, art_
     ln = make_learner(make_cfg(tmp_path), base_model, art_root)
     seqs, b = sampled_batch(ln, HFEngine(ln.model, ln.tokenizer), 1)
     grads = []
-    for fwd in (ln._forward_shared, ln._forward_full):
+    for fwd in (ln.scorer._forward_shared, ln.scorer._forward_full):
         ln.model.zero_grad(set_to_none=True)
         (fwd(seqs, b)[0] * b["mask"]).sum().backward()
         grads.append(torch.cat([p.grad.reshape(-1).clone() for p in ln.delta_s]))
@@ -295,15 +295,15 @@ def test_shared_prefix_gradients_match_full_sequences(tmp_path, base_model, art_
 
 def test_lean_reference_logprobs_match_the_model_forward(tmp_path, base_model, art_root):
     ln = make_learner(make_cfg(tmp_path), base_model, art_root)
-    assert ln.lean_ref  # CPU + Qwen3 + wrapped
+    assert ln.scorer.lean_ref  # CPU + Qwen3 + wrapped
     eng = HFEngine(ln.model, ln.tokenizer)
     one_step(ln, eng)  # delta_S != 0 now: the reference must still be the delta_S = 0 policy
     eng.version = ln.policy_version
     seqs, b = sampled_batch(ln, eng, ln.step)
-    lean = ln._ref_logp(seqs, b)
-    ln.lean_ref = False
-    plain = ln._ref_logp(seqs, b)
+    lean = ln.scorer.ref_logp(seqs, b)
+    ln.scorer.lean_ref = False
+    plain = ln.scorer.ref_logp(seqs, b)
     mask = b["mask"].bool()
     torch.testing.assert_close(lean[mask], plain[mask], rtol=1e-4, atol=1e-4)
-    policy = ln._forward(seqs, b)[0].detach()
+    policy = ln.scorer.logp(seqs, b)[0].detach()
     assert (policy[mask] - plain[mask]).abs().max() > 1e-4  # and it is not the current policy
