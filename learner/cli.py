@@ -135,8 +135,9 @@ def validate(
     modes: Optional[str] = typer.Option(None, help="Held-out modes to score (default: the modes the file was "
                                         "extracted from; e.g. C,D tests weak-detector transfer)."),
     cross: bool = typer.Option(True, help="Also score on held-out pairs of a different construction (mechanism "
-                               "for a solution v_hack, solution otherwise) and decompose the solution construction "
-                               "into its correctness and mechanism parts; warns when the correctness part dominates."),
+                               "for a solution v_hack, solution otherwise) and compare this v_hack with the two parts "
+                               "of the solution construction (correctness, mechanism); warns when the correctness "
+                               "part dominates."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
 ) -> None:
     """Score v_hack on held-out pairs: per-module cos(held-out grad diff, v_hack); prints median, frac>0,
@@ -160,9 +161,11 @@ def validate(
         solution = _solution_pairs(cfg, pairs, problems)
         other = "mechanism" if cfg.vhack.pair_set == "solution" else "solution"
         other_held = split_pairs(build_pair_set(solution, other), "heldout", use_modes)
-        typer.echo(validate_vhack(policy.model, policy.tokenizer, dirs, other_held, gate=False,
+        typer.echo(validate_vhack(policy.model, policy.tokenizer, dirs, other_held, gate=False, progress=False,
                                   construction=other).summary())
-        dec, _ = decompose_vhack(policy.model, policy.tokenizer, solution, cfg.vhack, use_modes, progress=False)
+        # the parts of the solution construction against *this* file's v_hack
+        dec, _ = decompose_vhack(policy.model, policy.tokenizer, solution, cfg.vhack, use_modes, full=dirs,
+                                 progress=False)
         _print_decomposition(dec)
     try:
         report.check()

@@ -379,7 +379,7 @@ def save_directions(path: str | Path, d: Directions, meta: Mapping[str, Any] | N
     one = all(v.shape[0] == 1 for v in d.basis.values())
     tensors = {n: (v[0] if one else v) for n, v in d.basis.items()}
     full = {**d.meta, **dict(meta or {}), "format": DIRECTIONS_FORMAT, "step": str(d.step),
-            "singular_values": {n: [round(float(x), 8) for x in s] for n, s in d.sv.items()}}
+            "singular_values": {n: [float(x) for x in s] for n, s in d.sv.items()}}
     return save_vhack(path, tensors, full)
 
 

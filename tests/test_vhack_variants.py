@@ -146,7 +146,7 @@ def test_save_load_with_step_and_store_latest(world, svd3, tmp_path):
     assert back.step == 30 and back.k() == d.k() and back.meta["basis"] == "svd"
     for n in d.basis:
         assert torch.equal(back.basis[n], d.basis[n])
-        torch.testing.assert_close(back.sv[n], d.sv[n], rtol=1e-6, atol=1e-7)
+        assert torch.equal(back.sv[n], d.sv[n].float())  # exact: a resume sees the same floor inputs
     # meandiff keeps the spec's 1-D per-module layout, readable by the plain v_hack loader
     md = V.extract_directions(world["model"], world["tok"], world["pairs"], progress=False)
     path = V.save_directions(tmp_path / "m.safetensors", md, meta)
