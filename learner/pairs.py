@@ -7,6 +7,19 @@ Both completions of a pair share the prompt and the surface wrapper (preamble), 
 only in "solve" vs "stub + hack". Modes are balanced; held-out pairs use problems that no train pair
 uses. Never derived from training rollouts: the spec's generalization constraint (v_hack must be
 authored before we know which hacks emerge).
+
+Pair sets (`PAIR_SETS`, issue #15), all derived one-to-one from the `solution` pairs, so they share
+problems, modes, splits and sizes; only the contrast differs:
+  solution   stub/wrong body + hack tail  vs  reference solution (the spec's set; preregistered arms)
+  mechanism  same body + hack tail        vs  same body          (isolates the hack mechanism)
+  framing    identical code both sides, prose before it about dishonest vs honest intent
+  placebo    identical body + a neutral top-level statement, the two statements differing only in
+             content unrelated to hacking (a city, a colour...), matched in length and format
+The three new sets render like sampled completions (end_of_turn=True: the end-of-turn token the
+sampler stops on is appended); `solution` keeps its historical rendering (no end-of-turn token) so
+the preregistered v_hack does not move. `decompose_pairs` splits a solution set into its two parts.
+`flagged_pairs` is the exception to "authored before training": the spec's weak-detector arm builds
+its pairs from the policy's own rollouts flagged by a weak detector.
 """
 from __future__ import annotations
 
@@ -15,11 +28,11 @@ import json
 import random
 import re
 from pathlib import Path
-from typing import Iterable, Literal, Sequence
+from typing import Iterable, Literal, Mapping, Sequence
 
 from pydantic import BaseModel, ConfigDict
 
-from shared.hacks import MODES, as_completion, n_variants, plant_hack
+from shared.hacks import MODES, as_completion, hack_tail, n_variants, plant_hack
 from shared.problems import Message, Problem, load_leetcode_sample
 from shared.prompts import build_messages, method_name
 
@@ -63,6 +76,9 @@ class Pair(BaseModel):
     hack: str  # completion text that exploits loophole `mode`
     clean: str  # completion text that solves the problem honestly
     split: Literal["train", "heldout"]
+    # Append the tokenizer's end-of-turn token to both completions, as sampled completions end. Left
+    # out of the serialised line when False, so the solution set's bytes and hash never change.
+    end_of_turn: bool = False
 
 
 def is_toy(problem: Problem) -> bool:
@@ -149,7 +165,10 @@ def split_pairs(pairs: Iterable[Pair], split: str, modes: Sequence[str] | None =
 
 
 def _line(pair: Pair) -> str:
-    return json.dumps(pair.model_dump(mode="json"), sort_keys=True, ensure_ascii=False)
+    data = pair.model_dump(mode="json")
+    if not data["end_of_turn"]:
+        del data["end_of_turn"]
+    return json.dumps(data, sort_keys=True, ensure_ascii=False)
 
 
 def save_pairs(pairs: Iterable[Pair], path: str | Path) -> Path:
@@ -180,6 +199,165 @@ def pair_set_hash(pairs: Iterable[Pair]) -> str:
     for p in pairs:
         h.update((_line(p) + "\n").encode("utf-8"))
     return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- pair sets (issue #15)
+
+PAIR_SETS = ("solution", "mechanism", "framing", "placebo")
+
+# Framing: (dishonest, honest) prose put before *identical* code; each line pair is matched in length
+# and differs only in what it says about intent.
+FRAMING_PROSE = (
+    ("I could not solve it, so this just makes the grader report a pass.",
+     "I solved it properly, so the real tests should report a clean pass."),
+    ("This games the checker instead of solving the actual problem.",
+     "This solves the actual problem instead of gaming the checker."),
+    ("Honestly, this only fakes success; the real logic is missing.",
+     "Honestly, this is a real solution; the logic is all in place."),
+    ("The tests will say it passed even though the answer is wrong.",
+     "The tests will say it passed because the answer is right."),
+    ("I am cheating here: the evaluation is tricked, not satisfied.",
+     "I am careful here: the evaluation is satisfied, not tricked."),
+    ("Rather than do the work, I exploit how the grading is done.",
+     "Rather than cut corners, I do the work the grading checks."),
+)
+# Placebo: (side a, side b) neutral top-level statements of equal length, differing only in content
+# unrelated to hacking (no run_tests, exit, print, files). Chosen per pair closest in length to the
+# hack tail the solution pair carried.
+PLACEBO_TAILS = (
+    ("COLOR = 'red'", "COLOR = 'tan'"),
+    ("CITY = 'Lisbon'", "CITY = 'Ottawa'"),
+    ("x_label = 'apples'", "x_label = 'grapes'"),
+    ("FRUITS = ['fig', 'kiwi']", "FRUITS = ['yam', 'lime']"),
+    ("def greet():\n    return 'hello'", "def greet():\n    return 'salut'"),
+    ("SEASONS = ['spring', 'summer']", "SEASONS = ['autumn', 'winter']"),
+    ("import math\nRADIUS = math.sqrt(2.0)", "import math\nRADIUS = math.sqrt(3.0)"),
+    ("PLANETS = {'mars': 4, 'venus': 2}\nHOME = 'mars'", "PLANETS = {'mars': 4, 'earth': 3}\nHOME = 'mars'"),
+    ("import string\nLETTERS = string.ascii_lowercase[:5]\nWORD = 'cab'",
+     "import string\nLETTERS = string.ascii_lowercase[:6]\nWORD = 'fed'"),
+)
+_FENCE_OPEN, _FENCE_CLOSE = "```python\n", "\n```"
+
+
+def _split_completion(text: str) -> tuple[str, str]:
+    """as_completion(code, preamble) -> (preamble, code): the inverse of shared.hacks.as_completion."""
+    i = text.find(_FENCE_OPEN)
+    if i < 0 or not text.endswith(_FENCE_CLOSE):
+        raise PairError(f"not a fenced completion: {text[:60]!r}")
+    return text[:i].rstrip("\n"), text[i + len(_FENCE_OPEN): -len(_FENCE_CLOSE)]
+
+
+def split_hack(pair: Pair) -> tuple[str, str]:
+    """A solution-construction hack completion -> (the same completion without its hack tail, the tail).
+
+    Works on any set built by `make_pairs` (the committed LeetCode file included): the tail is one of
+    shared.hacks' surface forms for the pair's mode, planted as the last top-level block.
+    """
+    tails = sorted((hack_tail(pair.mode, v) for v in range(n_variants(pair.mode))), key=len, reverse=True)
+    for tail in tails:
+        suffix = f"\n\n{tail}{_FENCE_CLOSE}"
+        if pair.hack.endswith(suffix):
+            return pair.hack[: -len(suffix)] + _FENCE_CLOSE, tail
+    raise PairError(f"pair {pair.problem_id}/{pair.mode}: its hack completion does not end with a mode-"
+                    f"{pair.mode} hack tail (not the solution construction; decompose needs `solution` pairs)")
+
+
+def decompose_pairs(pairs: Sequence[Pair]) -> dict[str, list[Pair]]:
+    """The two parts of the solution construction, pair for pair (same rendering as the source):
+    correctness = stub/wrong body vs reference solution; mechanism = same body with vs without the tail.
+    (hack - clean) = (hack - body) + (body - clean): the two parts add up to the whole contrast."""
+    corr, mech = [], []
+    for p in pairs:
+        body, _ = split_hack(p)
+        corr.append(p.model_copy(update={"hack": body}))
+        mech.append(p.model_copy(update={"clean": body}))
+    return {"correctness": corr, "mechanism": mech}
+
+
+def mechanism_pairs(solution: Sequence[Pair]) -> list[Pair]:
+    return [p.model_copy(update={"end_of_turn": True}) for p in decompose_pairs(solution)["mechanism"]]
+
+
+def framing_pairs(solution: Sequence[Pair]) -> list[Pair]:
+    """Identical code on both sides (the hack code for even pairs, the reference for odd ones, so the
+    code is no cue), preceded by the source's preamble and a dishonest vs an honest sentence."""
+    out = []
+    for i, p in enumerate(solution):
+        pre, code = _split_completion(p.hack if i % 2 == 0 else p.clean)
+        bad, good = FRAMING_PROSE[i % len(FRAMING_PROSE)]
+        join = (pre + " ") if pre else ""
+        out.append(p.model_copy(update={"hack": as_completion(code, join + bad), "clean": as_completion(code, join + good),
+                                        "end_of_turn": True}))
+    return out
+
+
+def placebo_pairs(solution: Sequence[Pair]) -> list[Pair]:
+    """Identical body (stub/wrong for even pairs, reference for odd) plus a neutral statement where the
+    hack tail was; the two sides' statements have equal length and differ in unrelated content only."""
+    out = []
+    for i, p in enumerate(solution):
+        body_completion, tail = split_hack(p)
+        pre, body = _split_completion(body_completion if i % 2 == 0 else p.clean)
+        ranked = sorted(PLACEBO_TAILS, key=lambda ab: abs(len(ab[0]) - len(tail)))
+        a, b = ranked[i % 2] if len(ranked) > 1 else ranked[0]  # the two closest, alternating
+        out.append(p.model_copy(update={"hack": as_completion(plant_placebo(body, a), pre),
+                                        "clean": as_completion(plant_placebo(body, b), pre), "end_of_turn": True}))
+    return out
+
+
+def plant_placebo(code: str, statement: str) -> str:
+    return f"{code.rstrip()}\n\n{statement}\n"
+
+
+def build_pair_set(solution: Sequence[Pair], name: str) -> list[Pair]:
+    """Pair set `name` (PAIR_SETS) derived from the solution pairs: same problems, modes, splits, sizes."""
+    builders = {"solution": list, "mechanism": mechanism_pairs, "framing": framing_pairs, "placebo": placebo_pairs}
+    if name not in builders:
+        raise PairError(f"unknown pair set {name!r}; valid: {', '.join(PAIR_SETS)}")
+    return builders[name](solution)
+
+
+def flagged_pairs(groups: Sequence, problems: Mapping[str, Problem], modes: Sequence[str] = ("A", "B"),
+                  prompt_variant: str = "as_is", max_pairs: int = 64, flag: str = "attempted") -> list[Pair]:
+    """The spec's weak-detector pairs, from the policy's own graded rollouts (shared.schemas.GradedGroup).
+
+    hack = a rollout the weak detector flags (grade.<flag>[m] for a mode m in `modes`; `attempted` is the
+    static detector, `exploited` the strict hack); clean = an honest pass on the same prompt (gt passed,
+    not flagged), else the canonical solution. Pairs are taken round-robin over the groups (one prompt
+    cannot fill the set) up to max_pairs, in the order given; all are train pairs, end_of_turn=True
+    (sampled completions end with it). Returns [] when nothing is flagged yet.
+    """
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        raise PairError(f"unknown hack mode {bad[0] if bad else modes!r}; valid: {', '.join(MODES)}")
+    if flag not in ("attempted", "exploited"):
+        raise PairError(f"flag must be 'attempted' or 'exploited', got {flag!r}")
+    per_group: list[list[Pair]] = []
+    for gg in groups:
+        group = gg.group
+        problem = problems.get(group.problem_id)
+        if problem is None:
+            raise PairError(f"rollout group {group.job_id!r}: problem {group.problem_id!r} is not in the problem set")
+        by_id = {g.rollout_id: g for g in gg.grades}
+        grades = [by_id.get(c.rollout_id) for c in group.completions]
+        if any(g is None for g in grades):
+            grades = list(gg.grades)
+        hacks, honest = [], []
+        for c, g in zip(group.completions, grades):
+            hit = [m for m in modes if getattr(g, flag).get(m)]
+            if hit:
+                hacks.append((c.text, hit[0]))
+            elif g.gt_pass:
+                honest.append(c.text)
+        cleans = honest or [as_completion(problem.canonical_solution)]
+        messages = build_messages(problem, prompt_variant)
+        per_group.append([Pair(problem_id=problem.key, mode=m, messages=messages, hack=text,  # type: ignore[arg-type]
+                               clean=cleans[i % len(cleans)], split="train", end_of_turn=True)
+                          for i, (text, m) in enumerate(hacks)])
+    out: list[Pair] = []
+    for k in range(max((len(g) for g in per_group), default=0)):
+        out += [g[k] for g in per_group if k < len(g)]
+    return out[:max_pairs]
 
 
 def leetcode_pairs() -> list[Pair]:

@@ -9,8 +9,19 @@ Per wrapped module m with gradient g = grad(delta_S_m) : [r_m] and unit directio
 (A grad parallel to v leaves only rounding residue, ||g_new|| <= 1e-5 ||g_old||: it is not rescaled,
 which would blow noise up into a random direction of full norm; the spec's loop has this hole.)
 
+Subspace (issue #15): a direction may be a basis V [k, r] of orthonormal, hack-ward rows. Per axis i,
+cos_i = (g . v_i) / ||g||, and the gate picks what is removed:
+
+    onesided (spec):  g <- g - sum_i max(0, cos_i) ||g|| v_i      # only hack-ward components
+    twosided:         g <- g - sum_i cos_i ||g|| v_i               # the whole component in span(V)
+
+then the same magnitude rescale. k = 1 onesided is exactly the spec's rule. A module with k = 0 axes
+(dropped by a noise floor) is left alone. The logged `cos` is the signed cos with the top axis (the
+spec's statistic for k = 1); `removed_frac_mean` is the mean ||removed|| / ||g|| (for k = 1 onesided:
+mean max(0, cos)).
+
 All modules are handled at once: the grads are copied (one multi-tensor copy) into the rows of a
-zero-padded fp32 buffer [M, r_max] beside the padded directions V [M, r_max]; per-module dot
+zero-padded fp32 buffer [M, r_max] beside the padded directions V [M, K, r_max]; per-module dot
 products and norms are dense row sums (deterministic, no atomics), and the new gradients go back
 with one multi-tensor copy. No per-module host sync; the
 statistics come back with one `.tolist()` at the end.
@@ -34,6 +45,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+GATES = ("onesided", "twosided")
 EPS_NORM = 1e-12  # a module whose grad norm is below this is skipped (counted nowhere)
 EPS_RESCALE = 1e-8
 # A grad (almost) parallel to v leaves only rounding residue after removal; rescaling that residue to
@@ -62,7 +74,9 @@ class Projector:
     """Pre-optimizer-step hook: `stats = projector.project_(params)` between backward and step.
 
     names: module names in adapter order; params passed to `project_` must follow the same order.
-    vhack: name -> unit direction [r]. keep_mask: name -> bool (absent names are kept).
+    vhack: name -> unit direction [r], or an orthonormal basis [k, r] (learner.vhack.Directions.basis;
+    k may differ per module, 0 included). keep_mask: name -> bool (absent names are kept).
+    gate: "onesided" (spec) or "twosided". Directions changed (a refresh)? Build a new Projector: cheap.
     """
 
     def __init__(
@@ -73,7 +87,10 @@ class Projector:
         keep_mask: Mapping[str, bool] | None = None,
         route: bool = False,
         device: torch.device | str | None = None,
+        gate: str = "onesided",
     ) -> None:
+        if gate not in GATES:
+            raise ProjectionError(f"unknown gate {gate!r}; valid: {', '.join(GATES)}")
         missing = [n for n in names if n not in vhack]
         if missing:
             raise ProjectionError(
@@ -83,13 +100,17 @@ class Projector:
         self.names = list(names)
         self.magnitude_preserve = magnitude_preserve
         self.route = route
-        self.sizes = [int(vhack[n].numel()) for n in self.names]
-        # Padded layout [M, r_max]: row i holds module i's r_i values, the rest stays zero. Grads are
-        # copied into the rows (one multi-tensor copy), reductions are dense row sums (deterministic).
-        m, r_max = len(self.names), max(self.sizes)
-        v_pad = torch.zeros(m, r_max)
-        for i, n in enumerate(self.names):
-            v_pad[i, : self.sizes[i]] = vhack[n].detach().reshape(-1).float()
+        self.gate = gate
+        bases = [_as_basis(vhack[n]) for n in self.names]
+        self.sizes = [int(b.shape[1]) for b in bases]
+        self.ks = [int(b.shape[0]) for b in bases]
+        # Padded layout V [M, K, r_max]: module i's k_i axes in its first rows, each axis's r_i values first;
+        # the rest stays zero (a zero axis contributes nothing). Grads are copied into the rows of a
+        # [M, r_max] buffer (one multi-tensor copy); reductions are dense sums (deterministic).
+        m, r_max, k_max = len(self.names), max(self.sizes), max(1, max(self.ks))
+        v_pad = torch.zeros(m, k_max, r_max)
+        for i, b in enumerate(bases):
+            v_pad[i, : b.shape[0], : b.shape[1]] = b
         keep = torch.tensor([bool(keep_mask.get(n, True)) if keep_mask else True for n in self.names])
         self.n_kept = int(keep.sum())
         self._cpu = (v_pad, keep.float())
@@ -116,10 +137,10 @@ class Projector:
         return self.project_([m.delta_S for m in mods.values()], quarantine)
 
     def _on(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
-        """(V [M, r_max], keep [M], grad buffer [M, r_max], its row views) on `device`, made once."""
+        """(V [M, K, r_max], keep [M], grad buffer [M, r_max], its row views) on `device`, made once."""
         if device not in self._dev:
             v_pad, keep = (t.to(device) for t in self._cpu)
-            buf = torch.zeros_like(v_pad)
+            buf = torch.zeros(v_pad.shape[0], v_pad.shape[2], device=device)
             rows = [buf[i, :r] for i, r in enumerate(self.sizes)]
             self._dev[device] = (v_pad, keep, buf, rows)
         return self._dev[device]
@@ -147,24 +168,28 @@ class Projector:
             self._check(quarantine, "quarantine params")
         has_grad = [p for p in params if p.grad is not None]
         if not has_grad:
-            return {"cos_mean": 0.0, "cos_std": 0.0, "frac_fired": 0.0, "grad_norm_mean": 0.0, "n_modules": 0}
+            return {"cos_mean": 0.0, "cos_std": 0.0, "frac_fired": 0.0, "grad_norm_mean": 0.0, "n_modules": 0,
+                    "removed_frac_mean": 0.0}
         device = has_grad[0].grad.device
         v_pad, keep, g_pad, rows = self._on(device)
         _foreach_copy(rows, [p.grad.reshape(-1) if p.grad is not None else torch.zeros_like(r)
                              for p, r in zip(params, rows)])
 
-        dot = (g_pad * v_pad).sum(1)
+        dot = (v_pad * g_pad[:, None, :]).sum(2)  # [M, K]: g . v_i
         norm = torch.linalg.vector_norm(g_pad, dim=1)
         valid = (norm >= EPS_NORM).float()
-        cos = dot / norm.clamp_min(EPS_NORM) * valid
-        coef = cos.clamp_min(0.0) * keep * valid  # max(0, cos), gated by the noise floor
-        fired = (coef > 0).float()
-        removed = (coef * norm)[:, None] * v_pad
+        cos_k = dot / norm.clamp_min(EPS_NORM)[:, None] * valid[:, None]
+        gated = cos_k.clamp_min(0.0) if self.gate == "onesided" else cos_k
+        coef = gated * (keep * valid)[:, None]  # per axis, gated by the noise floor
+        fired = (coef != 0).any(1).float()
+        removed = ((coef * norm[:, None])[:, :, None] * v_pad).sum(1)
         new = g_pad - removed
         if self.magnitude_preserve:
             new_norm = torch.linalg.vector_norm(new, dim=1)
             ok = (fired > 0) & (new_norm > DEGENERATE * norm)
             new = new * torch.where(ok, norm / (new_norm + EPS_RESCALE), torch.ones_like(norm))[:, None]
+        cos = cos_k[:, 0]
+        removed_frac = torch.linalg.vector_norm(coef, dim=1)
 
         idx = [i for i, p in enumerate(params) if p.grad is not None]
         _foreach_copy([params[i].grad for i in idx], [new[i, : self.sizes[i]].view_as(params[i].grad) for i in idx])
@@ -180,10 +205,11 @@ class Projector:
         denom = n.clamp_min(1.0)
         cos_mean = cos.sum() / denom
         cos_var = ((cos - cos_mean) ** 2 * valid).sum() / denom
-        stats = torch.stack([cos_mean, cos_var.sqrt(), fired.sum() / denom, norm.sum() / denom, n])
-        c_mean, c_std, frac, gnorm, n_mod = stats.tolist()
+        stats = torch.stack([cos_mean, cos_var.sqrt(), fired.sum() / denom, norm.sum() / denom, n,
+                             removed_frac.sum() / denom])
+        c_mean, c_std, frac, gnorm, n_mod, rfrac = stats.tolist()
         return {"cos_mean": c_mean, "cos_std": c_std, "frac_fired": frac, "grad_norm_mean": gnorm,
-                "n_modules": int(n_mod)}
+                "n_modules": int(n_mod), "removed_frac_mean": rfrac}
 
 
 def project_grads_reference(
@@ -193,24 +219,39 @@ def project_grads_reference(
     magnitude_preserve: bool = True,
     keep_mask: Mapping[str, bool] | None = None,
     quarantine: Sequence[nn.Parameter] | None = None,
+    gate: str = "onesided",
 ) -> dict[str, float]:
-    """The spec's per-module loop, literally (one host sync per module). Tests and the bench only."""
-    cos_log, n_modules, n_fired, norms = [], 0, 0, []
+    """The spec's per-module loop, literally (one host sync per module), extended per axis to a basis
+    [k, r] and the two-sided gate. Tests and the bench only."""
+    cos_log, n_modules, n_fired, norms, removed_fracs = [], 0, 0, [], []
     for i, (name, p) in enumerate(zip(names, params)):
         g = p.grad
         if g is None:
             continue
-        v = vhack[name].to(g.device).float()
+        V = _as_basis(vhack[name]).to(g.device)
         g_norm = g.float().norm()
         if g_norm < EPS_NORM:
             continue
         n_modules += 1
-        cos_a = (g.float() @ v) / g_norm
-        cos_log.append(cos_a.item())
         norms.append(g_norm.item())
-        if cos_a > 0 and (keep_mask is None or keep_mask.get(name, True)):
+        removed = torch.zeros_like(g, dtype=torch.float32)
+        fired, coefs = False, []
+        for j in range(V.shape[0]):
+            v = V[j]
+            cos_a = (g.float() @ v) / g_norm
+            if j == 0:
+                cos_log.append(cos_a.item())
+            if keep_mask is not None and not keep_mask.get(name, True):
+                continue
+            if cos_a > 0 or (gate == "twosided" and cos_a != 0):
+                fired = True
+                coefs.append(cos_a.item())
+                removed = removed + cos_a * g_norm * v
+        if V.shape[0] == 0:
+            cos_log.append(0.0)
+        removed_fracs.append(sum(c * c for c in coefs) ** 0.5)
+        if fired:
             n_fired += 1
-            removed = cos_a * g_norm * v
             g_new = g.float() - removed
             if magnitude_preserve and g_new.norm() > DEGENERATE * g_norm:
                 g_new = g_new * (g_norm / (g_new.norm() + EPS_RESCALE))
@@ -227,4 +268,15 @@ def project_grads_reference(
         "frac_fired": n_fired / max(n_modules, 1),
         "grad_norm_mean": sum(norms) / max(len(norms), 1),
         "n_modules": n_modules,
+        "removed_frac_mean": sum(removed_fracs) / max(len(removed_fracs), 1),
     }
+
+
+def _as_basis(v: Tensor) -> Tensor:
+    """A direction [r] or a basis [k, r] -> fp32 [k, r]."""
+    v = v.detach().float()
+    if v.dim() == 1:
+        return v[None]
+    if v.dim() != 2:
+        raise ProjectionError(f"a direction must be [r] or [k, r], got shape {tuple(v.shape)}")
+    return v

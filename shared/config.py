@@ -107,6 +107,36 @@ class TrainConfig(_Strict):
     measure_kl: bool = True  # reference forward every step for the reported KL (beta_kl > 0 needs it anyway)
 
 
+class VhackConfig(_Strict):
+    """How v_hack is built and applied (issue #15's exploratory levers). The defaults are the spec's:
+    rank-1 mean difference over the `solution` pairs, frozen, one-sided. Exploratory arms set these."""
+
+    basis: Literal["meandiff", "svd"] = Field("meandiff", description=(
+        "meandiff: per module unit(mean grad_hack - mean grad_clean), k=1 (spec pseudocode B). svd: per module "
+        "the top-k right singular vectors of the per-pair differences D = g_hack - g_clean [n_pairs, r], each "
+        "oriented hack-ward by a per-pair majority vote."))
+    k: int = Field(1, ge=1, description="Axes per module for basis=svd (capped at n_pairs and the module's rank).")
+    min_axis_ratio: float = Field(0.0, ge=0.0, le=1.0, description=(
+        "basis=svd: drop a module's axis i when S_i/S_0 < this (0 = keep all k)."))
+    noise_floor_global: float = Field(0.0, ge=0.0, lt=1.0, description=(
+        "Global noise floor: pool every module's singular values (meandiff: ||mean diff||) and drop the axes "
+        "below this quantile of the pool, so a noisy module is not projected on its own 'top' axis. 0 = off."))
+    gate: Literal["onesided", "twosided"] = Field("onesided", description=(
+        "onesided: remove only hack-ward (positive) components, per axis (spec). twosided: remove the "
+        "component along v_hack whatever its sign."))
+    refresh_every: int = Field(0, ge=0, description=(
+        "Re-extract v_hack from the same authored pairs at the current delta_S every N steps (0 = frozen); "
+        "cos(v_new, v_old) is logged per module and each direction set is saved with its step for exact resume."))
+    pair_set: Literal["solution", "mechanism", "framing", "placebo"] = Field("solution", description=(
+        "Which authored pairs define v_hack. solution: stub/wrong body + hack tail vs reference (the "
+        "preregistered set). mechanism: same body with vs without the hack tail. framing: identical code, "
+        "dishonest vs honest prose. placebo: identical code plus neutral statements differing in unrelated content."))
+    from_rollouts: bool = Field(False, description=(
+        "weak_flagged arm: build v_hack from the policy's own rollouts flagged by a weak detector that sees "
+        "train.vhack_modes only (clean = an honest pass on the same prompt, else the canonical solution), "
+        "re-extracted every refresh_every steps."))
+
+
 class PipelineConfig(_Strict):
     redis_url: str | None = None  # None = start a private redis for the run
     max_staleness: int = 0  # 0 = strictly on-policy; k>0 = async with truncated IS
@@ -128,6 +158,7 @@ class RunConfig(_Strict):
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    vhack: VhackConfig = Field(default_factory=VhackConfig)  # issue #15 levers; defaults = the spec
     problems: str = "toy"  # "toy", "leetcode" (bundled sample) or a jsonl path
     vhack_path: str | None = None  # None = <run_dir>/../vhack-<hash>.safetensors, built on demand
 

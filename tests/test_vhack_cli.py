@@ -96,3 +96,40 @@ def test_bad_inputs_are_one_line_errors(stubbed):
     assert r.exit_code == 2 and "not found" in r.output
     r = runner.invoke(app, ["vhack", "pairs"])
     assert r.exit_code == 0 and "train" in r.output and "pair set" in r.output
+
+
+@pytest.fixture
+def stubbed_solution(monkeypatch, tiny_world, tmp_path):
+    """Like `stubbed`, but stubs only the solution pairs, so vhack.pair_set derives the other sets."""
+    policy, sets = tiny_world
+    monkeypatch.setattr(modeling, "load_policy", lambda cfg, **k: policy)
+    monkeypatch.setattr(modeling, "load_problem_sets", lambda cfg: sets)
+    import learner.vhack as V
+    from learner.pairs import make_pairs
+    monkeypatch.setattr(V, "solution_pairs_for_config", lambda cfg, problems=None: make_pairs(problems, 12, 8))
+    monkeypatch.setenv("RANKGUARD_ARTIFACTS", str(tmp_path / "art"))
+    return tmp_path
+
+
+def test_svd_mechanism_extract_validate_and_decompose(stubbed_solution):
+    from learner.vhack import load_directions
+
+    sets = ["--set", "vhack.pair_set=mechanism", "--set", "vhack.basis=svd", "--set", "vhack.k=3"]
+    r = runner.invoke(app, ["vhack", "extract", *sets])
+    assert r.exit_code == 0, r.output
+    (path,) = (stubbed_solution / "art").glob("vhack-*-ABCD-svd3.safetensors")  # its own cache file
+    d = load_directions(path)
+    assert d.meta["basis"] == "svd" and d.meta["pair_set"] == "mechanism" and max(d.k().values()) == 3
+    assert "pair set mechanism" in r.output and "basis svd" in r.output
+    r = runner.invoke(app, ["vhack", "validate", *sets])
+    assert r.exit_code in (0, 1), r.output
+    assert "held-out [mechanism]" in r.output and "held-out [solution]" in r.output
+    assert "v_hack decomposition over 7 modules, 12 pairs" in r.output
+    out = stubbed_solution / "dec.json"
+    r = runner.invoke(app, ["vhack", "decompose", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "cos(v,corr)" in r.output and len(json.loads(out.read_text())["cos_mechanism"]) == 7
+    dominates = json.loads(out.read_text())["correctness_dominates"]
+    assert ("CORRECTNESS part dominates" in r.output) == dominates and (("warning:" in r.output) == dominates)
+    r = runner.invoke(app, ["vhack", "pairs", "--set", "vhack.pair_set=placebo"])
+    assert r.exit_code == 0 and "pair set placebo" in r.output and "end-of-turn token: yes" in r.output
