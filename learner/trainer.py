@@ -597,7 +597,8 @@ class Learner:
 
     def save_checkpoint(self) -> Path:
         return ckpt.save_checkpoint(self.run_dir, self.step, self.policy_version, self.model, self.optimizer,
-                                    self.scheduler, json.loads(self.cfg.model_dump_json()), keep=2)
+                                    self.scheduler, json.loads(self.cfg.model_dump_json()),
+                                    keep=self.cfg.train.keep_checkpoints)
 
     def summary(self) -> dict:
         last = self.history[-KL_WINDOW:]
