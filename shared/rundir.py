@@ -72,7 +72,7 @@ def read_config_json(path: str | Path) -> dict:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        end = " (the file ends early: truncated?)" if e.pos >= len(text.rstrip()) else ""
+        end = "" if text.rstrip().endswith("}") else " (the file ends before the object closes: truncated?)"
         raise ConfigError(f"{path}:{e.lineno}:{e.colno}: not valid JSON: {e.msg}{end}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}:1: not a config (a JSON object), got {type(data).__name__}")
@@ -219,7 +219,8 @@ def describe_outputs(run_dir: str | Path) -> str:
             steps = sorted(c.name for c in p.iterdir() if c.name.startswith("step-"))
             parts.append(f"checkpoints {', '.join(steps) or '(none complete)'}")
         elif p.suffix == ".jsonl" and p.is_file():
-            parts.append(f"{p.name} {_count_lines(p)} rows")
+            n = _count_lines(p)
+            parts.append(f"{p.name} {n} row{'' if n == 1 else 's'}")
         else:
             parts.append(p.name + ("/" if p.is_dir() else ""))
     return "; ".join(parts) or "nothing"
@@ -269,7 +270,7 @@ class Prepared:
             return f"resuming {run_dir} with amended config: " + "; ".join(
                 f"{c.key} {c.saved!r} -> {c.new!r}" for c in self.amended) + f" (recorded in {AMENDMENTS_NAME})"
         if self.status == "resume":
-            return f"resuming {run_dir} (same config)"
+            return f"run dir {run_dir} matches this config; continuing it"
         return f"new run in {run_dir}"
 
 
