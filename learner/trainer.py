@@ -150,7 +150,7 @@ class Learner:
         if last is not None:
             self._resume(last)
         else:
-            self._fresh_run_dir()
+            self._fresh_run_dir(drop_checkpoints=not resume)
         self.metrics = JsonlWriter(self.metrics_path)
         self.evals = JsonlWriter(self.evals_path)
         self.tb = TensorBoard(self.run_dir / "tb", enabled=tensorboard)
@@ -188,11 +188,13 @@ class Learner:
                                "alpha": self.cfg.train.rebound_alpha}
         (self.run_dir / "directions.json").write_text(json.dumps(self.vhack_info, indent=1, default=str))
 
-    def _fresh_run_dir(self) -> None:
-        """A run that does not resume starts clean: no old rows, checkpoints or DONE marker."""
+    def _fresh_run_dir(self, drop_checkpoints: bool = True) -> None:
+        """A run that starts at step 0: no old rows or DONE marker. A resume that found no good
+        checkpoint keeps the bad ones (named in the warnings) instead of deleting them."""
         for name in ("metrics.jsonl", "evals.jsonl", "summary.json", "DONE"):
             (self.run_dir / name).unlink(missing_ok=True)
-        shutil.rmtree(ckpt.checkpoint_dir(self.run_dir), ignore_errors=True)
+        if drop_checkpoints:
+            shutil.rmtree(ckpt.checkpoint_dir(self.run_dir), ignore_errors=True)
 
     def _resume(self, path: Path) -> None:
         c = ckpt.load_checkpoint(path, self.model, self.optimizer, self.scheduler, restore_rng=True)

@@ -155,3 +155,14 @@ def test_resume_after_a_truncated_newest_checkpoint_is_exact(tmp_path, base_mode
     ec.version = c.policy_version
     assert strip_times(one_step(c, ec)) == strip_times(rows_a[2])
     assert torch.equal(flat_delta_s(c.model), flat_delta_s(a.model))
+
+
+def test_resume_with_no_good_checkpoint_starts_over_and_keeps_the_bad_one(tmp_path, base_model, art_root):  # noqa: F811
+    b = make_learner(make_cfg(tmp_path), base_model, art_root)
+    one_step(b, HFEngine(b.model, b.tokenizer))
+    bad = b.save_checkpoint()
+    b.close()
+    _truncate(bad / "optimizer.pt")
+    c = make_learner(make_cfg(tmp_path), base_model, art_root)
+    assert c.step == 0 and read_jsonl(tmp_path / "metrics.jsonl") == []  # step 0 runs again
+    assert (bad / "optimizer.pt").exists()  # kept, to be looked at (the warning named it)
