@@ -18,13 +18,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from shared.config import ARMS, RunConfig, resolve_config
+from shared.config import ARMS, ConfigError, RunConfig, resolve_config
+from shared.rundir import check_config_drift, config_diff, read_config_json  # noqa: F401 - config_diff re-exported
 
 RunFn = Callable[[RunConfig], Any]
 PrepareFn = Callable[[list[RunConfig]], Any]
 MODES = ("services", "inprocess")
-# keys the trainer may fill in when it writes config.json; a planned None then matches any value
-FILLED_BY_RUN = {"vhack_path"}
 
 
 class ExperimentError(ValueError):
@@ -93,55 +92,19 @@ def plan_runs(preset: str, arms: Sequence[str], seeds: Sequence[int], out: Path,
     return runs
 
 
-def _field_default(dotted: str) -> Any:
-    """The RunConfig field default for a dotted key (KeyError when there is no such field)."""
-    node: Any = RunConfig
-    for part in dotted.split("."):
-        field_info = node.model_fields[part]
-        node = field_info.annotation
-    return field_info.get_default(call_default_factory=True)
-
-
-def config_diff(stored: dict, planned: dict, prefix: str = "") -> list[str]:
-    """Dotted keys where a stored config.json differs from the planned one. A key missing on disk
-    whose planned value is the field's default is no difference: the file predates the field, and
-    the run behaved as the default says."""
-    diffs = []
-    for key in sorted(set(stored) | set(planned)):
-        dotted = prefix + key
-        a, b = stored.get(key), planned.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            diffs += config_diff(a, b, dotted + ".")
-        elif dotted in FILLED_BY_RUN and b is None:
-            continue
-        elif key not in stored and _is_default(dotted, b):
-            continue
-        elif a != b:
-            diffs.append(f"{dotted}: {a!r} (on disk) != {b!r} (planned)")
-    return diffs
-
-
-def _is_default(dotted: str, value: Any) -> bool:
-    try:
-        return _field_default(dotted) == value
-    except (KeyError, AttributeError):
-        return False
-
-
 def run_state(run: PlannedRun) -> str:
     """'done' (DONE + same config: skip), 'resume' (same config, unfinished) or 'new'."""
     cfg_path = run.run_dir / "config.json"
     if not cfg_path.exists():
         return "new"
     try:
-        stored = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError:
-        raise ExperimentError(f"{cfg_path} is not valid JSON; delete that run folder or use another --out") from None
-    diff = config_diff(stored, run.cfg.model_dump(mode="json"))
-    if diff:
-        more = f" (+{len(diff) - 3} more)" if len(diff) > 3 else ""
-        raise ExperimentError(f"{run.run_dir} holds a run with a different config: {'; '.join(diff[:3])}{more}; "
-                              "use another --out or delete that folder")
+        stored = read_config_json(cfg_path)
+    except ConfigError as e:
+        raise ExperimentError(f"{e}; move that run folder aside or use another --out") from None
+    drift = check_config_drift(stored, run.cfg.model_dump(mode="json"), allowed_keys=())  # all of it must match
+    if drift:
+        raise ExperimentError(f"{run.run_dir} holds a run with a different config: {drift.describe(3)}; "
+                              "use another --out or move that folder aside")
     return "done" if (run.run_dir / "DONE").exists() else "resume"
 
 

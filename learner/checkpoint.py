@@ -5,16 +5,23 @@ checkpoints/step-<N>/ (N = completed train steps) holds
   optimizer.pt         optimizer + scheduler state dicts
   rng.pt               python, numpy and torch RNG states
   state.json           step, policy_version, the resolved config
-Written into a temp folder and renamed into place (a crash never leaves a half checkpoint);
-only the newest `keep` checkpoints stay.
+  manifest.json        size and sha256 of each file above
+  complete             written last: the checkpoint is whole
+Written (and fsynced) into a temp folder, then renamed into place, so a crash never leaves a half
+checkpoint under a step-<N> name. On resume the newest checkpoint that verifies (marker, manifest,
+sizes, hashes) is used; a newer incomplete or corrupt one is skipped with a warning naming it.
+Pruning keeps the newest `keep` complete checkpoints and removes only folders older than those.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import random
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,10 +33,15 @@ from safetensors.torch import load_file, save_file
 from shared.adapter import get_delta_q, get_delta_s, set_delta_q, set_delta_s
 
 CKPT_PREFIX = "step-"
+TMP_PREFIX = ".tmp-"
+MANIFEST = "manifest.json"
+COMPLETE = "complete"
+DEFAULT_KEEP = 3
+log = logging.getLogger("rankguard.checkpoint")
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that does not fit this run (other model layout, missing file); names the path."""
+    """A checkpoint that cannot be used (incomplete, corrupt, other model layout); names the file."""
 
 
 @dataclass
@@ -45,12 +57,13 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
 
 
 def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """Every checkpoints/step-<N>/ folder, complete or not, oldest first."""
     root = checkpoint_dir(run_dir)
     if not root.exists():
         return []
     out = []
     for p in root.iterdir():
-        if p.is_dir() and p.name.startswith(CKPT_PREFIX) and (p / "state.json").exists():
+        if p.is_dir() and p.name.startswith(CKPT_PREFIX):
             try:
                 out.append((int(p.name[len(CKPT_PREFIX):]), p))
             except ValueError:
@@ -58,10 +71,68 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    cks = list_checkpoints(run_dir)
-    return cks[-1][1] if cks else None
+# -------------------------------------------------------------------------------- verification
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def is_legacy(path: Path) -> bool:
+    """Written before manifests existed (state.json, no manifest, no marker): usable, unverified."""
+    return (path / "state.json").exists() and not (path / MANIFEST).exists() and not (path / COMPLETE).exists()
+
+
+def checkpoint_problem(path: str | Path, deep: bool = True) -> str | None:
+    """None when the checkpoint is whole, else what is wrong, naming the file. deep: also compare
+    every file's sha256 with the manifest (resume); shallow: marker, manifest and sizes (pruning)."""
+    path = Path(path)
+    if is_legacy(path):
+        return None
+    if not (path / COMPLETE).exists():
+        return f"{path} is incomplete (no '{COMPLETE}' marker)"
+    try:
+        files = json.loads((path / MANIFEST).read_text())["files"]
+    except FileNotFoundError:
+        return f"{path / MANIFEST} is missing"
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        return f"{path / MANIFEST} is unreadable ({e})"
+    for name, meta in files.items():
+        f = path / name
+        if not f.exists():
+            return f"{f} is missing"
+        size = f.stat().st_size
+        if size != meta["size"]:
+            return f"{f} has {size} bytes, the manifest says {meta['size']} (truncated?)"
+        if deep and _sha256(f) != meta["sha256"]:
+            return f"{f} does not match its sha256 in the manifest (corrupt)"
+    return None
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest checkpoint that verifies; each newer one that does not is skipped with a warning."""
+    for _, path in reversed(list_checkpoints(run_dir)):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            if is_legacy(path):
+                log.warning("checkpoint %s has no manifest (written by an older version); using it unverified", path)
+            return path
+        log.warning("skipping checkpoint %s: %s", path.name, problem)
+    return None
+
+
+def resume_point(run_dir: str | Path) -> str:
+    """Where a resume of this run dir would start, in words (for stop/resume log lines)."""
+    path = latest_checkpoint(run_dir)
+    if path is None:
+        return "no checkpoint yet: a resume starts over at step 0"
+    return f"a resume continues from {path}"
+
+
+# -------------------------------------------------------------------------------- writing
 
 def rng_state() -> dict[str, Any]:
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
@@ -73,14 +144,36 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_manifest(folder: Path, step: int) -> None:
+    files = {}
+    for f in sorted(folder.iterdir()):
+        _fsync(f)
+        files[f.name] = {"size": f.stat().st_size, "sha256": _sha256(f)}
+    (folder / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1))
+    _fsync(folder / MANIFEST)
+    (folder / COMPLETE).write_text(time.strftime("%Y-%m-%dT%H:%M:%S%z") + "\n")
+    _fsync(folder / COMPLETE)
+    _fsync(folder)
+
+
 def save_checkpoint(run_dir: str | Path, step: int, policy_version: int, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer, scheduler: Any, config: dict, extra: dict | None = None,
-                    keep: int = 2) -> Path:
-    """Atomically write checkpoints/step-<step>/ and prune to the newest `keep`."""
+                    keep: int = DEFAULT_KEEP) -> Path:
+    """Atomically write checkpoints/step-<step>/ (with manifest and marker), then prune to `keep`."""
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(f"{TMP_PREFIX}*"):  # a writer that died mid-checkpoint (one learner per run dir)
+        shutil.rmtree(stale, ignore_errors=True)
     final = root / f"{CKPT_PREFIX}{step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{CKPT_PREFIX}{step}-", dir=root))
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{CKPT_PREFIX}{step}-", dir=root))
     try:
         tensors = {f"delta_S.{n}": t.contiguous() for n, t in get_delta_s(model).items()}
         tensors.update({f"delta_Q.{n}": t.contiguous() for n, t in get_delta_q(model).items()})
@@ -90,25 +183,62 @@ def save_checkpoint(run_dir: str | Path, step: int, policy_version: int, model: 
         torch.save(rng_state(), tmp / "rng.pt")
         state = {"step": step, "policy_version": policy_version, "config": config, **(extra or {})}
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
+        _write_manifest(tmp, step)
+        replaced = None
+        if final.exists():  # the same step again: keep the old one until the new one is in place
+            replaced = root / f"{TMP_PREFIX}replaced-{final.name}"
+            shutil.rmtree(replaced, ignore_errors=True)
+            os.replace(final, replaced)
         os.replace(tmp, final)
+        _fsync(root)
+        if replaced is not None:
+            shutil.rmtree(replaced, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for _, old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    prune_checkpoints(run_dir, keep)
     return final
+
+
+def prune_checkpoints(run_dir: str | Path, keep: int) -> list[Path]:
+    """Remove checkpoint folders older than the newest `keep` complete ones; returns what went.
+    Nothing newer than those is touched (an incomplete newest one stays, to be looked at)."""
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    cks = list_checkpoints(run_dir)
+    complete = [s for s, p in cks if checkpoint_problem(p, deep=False) is None]
+    if len(complete) <= keep:
+        return []
+    cutoff = complete[-keep]
+    gone = [p for s, p in cks if s < cutoff]
+    for p in gone:
+        shutil.rmtree(p, ignore_errors=True)
+    return gone
+
+
+# -------------------------------------------------------------------------------- loading
+
+def _read(path: Path, reader, what: str):
+    try:
+        return reader(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing") from None
+    except Exception as e:  # noqa: BLE001 - safetensors / torch / json raise many types; name the file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: cannot read {what} ({type(e).__name__}: {first})") from None
 
 
 def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
                     scheduler: Any = None, restore_rng: bool = True) -> Checkpoint:
     """Load weights (and optimizer, scheduler, RNG) from a step folder into live objects."""
     path = Path(path)
-    if not (path / "state.json").exists():
+    if not (path / "state.json").exists() and not (path / COMPLETE).exists():
         raise CheckpointError(f"{path} is not a checkpoint (no state.json)")
-    state = json.loads((path / "state.json").read_text())
-    tensors = load_file(str(path / "adapter.safetensors"))
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise CheckpointError(problem)
+    state = _read(path / "state.json", lambda p: json.loads(p.read_text()), "the checkpoint state")
+    tensors = _read(path / "adapter.safetensors", lambda p: load_file(str(p)), "the adapter weights")
     ds = {k[len("delta_S."):]: v for k, v in tensors.items() if k.startswith("delta_S.")}
     dq = {k[len("delta_Q."):]: v for k, v in tensors.items() if k.startswith("delta_Q.")}
     try:
@@ -118,11 +248,11 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
     if optimizer is not None or scheduler is not None:
-        opt = torch.load(path / "optimizer.pt", weights_only=False)
+        opt = _read(path / "optimizer.pt", lambda p: torch.load(p, weights_only=False), "the optimizer state")
         if optimizer is not None:
             optimizer.load_state_dict(opt["optimizer"])
         if scheduler is not None and opt.get("scheduler") is not None:
             scheduler.load_state_dict(opt["scheduler"])
     if restore_rng and (path / "rng.pt").exists():
-        set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+        set_rng_state(_read(path / "rng.pt", lambda p: torch.load(p, weights_only=False), "the RNG state"))
     return Checkpoint(path=path, step=int(state["step"]), policy_version=int(state["policy_version"]), state=state)

@@ -43,8 +43,11 @@ def register(app: typer.Typer) -> None:
         steps: Optional[int] = typer.Option(None, help="Optimizer steps (default from the preset)."),
         run_dir: Optional[str] = typer.Option(None, "--run-dir", help="Output folder (default runs/<preset>-<arm>-s<seed>)."),
         overrides: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
-        resume: bool = typer.Option(True, "--resume/--no-resume",
-                                    help="Continue from the newest checkpoint in the run dir (default), or start clean."),
+        resume: bool = typer.Option(True, "--resume/--fresh", " /--overwrite", " /--no-resume",
+                                    help="Continue the run in the run dir from its newest good checkpoint (default; "
+                                         "its config.json must match, except keys a resume may change, e.g. "
+                                         "train.steps), or --fresh: move an earlier run aside to "
+                                         "RUN_DIR.old-<time> and start over. Nothing is deleted."),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
     ) -> None:
         """Train one arm x seed in one process; writes config.json, metrics.jsonl, evals.jsonl, summary.json.
@@ -61,11 +64,15 @@ def register(app: typer.Typer) -> None:
         cfg = resolve_config(preset, sets)
         name = run_dir or f"runs/{preset}-{cfg.train.arm}-s{cfg.train.seed}"
         cfg = resolve_config(preset, sets + [f"run_dir={json.dumps(name)}"])
+        from shared.rundir import prepare_run_dir
+
+        prepared = prepare_run_dir(cfg, "resume" if resume else "fresh")  # refuses drift; never deletes
+        typer.secho(prepared.message(), err=True)
+        cfg = prepared.config
         ensure_toy_world(cfg)
-        cfg.save()
         from services.sources import run_inprocess
 
-        summary = run_inprocess(cfg, resume=resume, progress=progress)
+        summary = run_inprocess(cfg, resume=True, progress=progress)  # a fresh start left nothing to resume
         ev = summary.get("final_eval") or {}
         typer.echo(f"done: {cfg.run_dir}  steps={summary['steps']}  eval pass={ev.get('pass_rate', float('nan')):.3f} "
                    f"hack={ev.get('hack_strict', float('nan')):.3f}  s/step={summary.get('sec_per_step', 0):.3f}")

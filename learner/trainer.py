@@ -149,7 +149,7 @@ class Learner:
         if last is not None:
             self._resume(last)
         else:
-            self._fresh_run_dir()
+            self._fresh_run_dir(drop_checkpoints=not resume)
         self.metrics = JsonlWriter(self.metrics_path)
         self.evals = JsonlWriter(self.evals_path)
         self.tb = TensorBoard(self.run_dir / "tb", enabled=tensorboard)
@@ -187,11 +187,13 @@ class Learner:
                                "alpha": self.cfg.train.rebound_alpha}
         (self.run_dir / "directions.json").write_text(json.dumps(self.vhack_info, indent=1, default=str))
 
-    def _fresh_run_dir(self) -> None:
-        """A run that does not resume starts clean: no old rows, checkpoints or DONE marker."""
+    def _fresh_run_dir(self, drop_checkpoints: bool = True) -> None:
+        """A run that starts at step 0: no old rows or DONE marker. A resume that found no good
+        checkpoint keeps the bad ones (named in the warnings) instead of deleting them."""
         for name in ("metrics.jsonl", "evals.jsonl", "summary.json", "DONE"):
             (self.run_dir / name).unlink(missing_ok=True)
-        shutil.rmtree(ckpt.checkpoint_dir(self.run_dir), ignore_errors=True)
+        if drop_checkpoints:
+            shutil.rmtree(ckpt.checkpoint_dir(self.run_dir), ignore_errors=True)
 
     def _resume(self, path: Path) -> None:
         c = ckpt.load_checkpoint(path, self.model, self.optimizer, self.scheduler, restore_rng=True)
@@ -394,7 +396,8 @@ class Learner:
 
     def save_checkpoint(self) -> Path:
         return ckpt.save_checkpoint(self.run_dir, self.step, self.policy_version, self.model, self.optimizer,
-                                    self.scheduler, json.loads(self.cfg.model_dump_json()), keep=2)
+                                    self.scheduler, json.loads(self.cfg.model_dump_json()),
+                                    keep=self.cfg.train.keep_checkpoints)
 
     def summary(self) -> dict:
         last = self.history[-KL_WINDOW:]

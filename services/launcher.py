@@ -4,8 +4,13 @@ learner - with one combined, prefixed log, a progress bar, and a clean shutdown.
 Every child runs in its own process group with PR_SET_PDEATHSIG, so Ctrl-C, a crash of any part, or
 even a kill -9 of the launcher leaves no orphans: the launcher SIGTERMs each group, SIGKILLs it after a
 grace period, and a child whose launcher vanished kills its own group. The run succeeds when the
-learner exits 0; any other service dying first fails the run (unless --restart-workers allows
-restarting it), and the exit code is non-zero.
+learner exits 0. A crashed rollout/reward worker is restarted, like compose's `restart: on-failure`,
+up to `restart_workers` times each (a log line every time; its unacked work is taken over from Redis);
+one that exits 2 (bad input: a restart cannot help) or runs out of restarts fails the run, as does
+the learner dying; the exit code is then non-zero.
+
+The run dir is prepared first (shared.rundir): resume by default, config drift refused, and a fresh
+start moves an earlier run aside instead of deleting it.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ from pathlib import Path
 from typing import IO, Callable
 
 from shared.config import RunConfig
+from shared.rundir import prepare_run_dir
 
 from .procs import set_parent_death_signal
 from .queues import REDIS_URL_ENV, RUN_ID_ENV, run_id_for
@@ -28,6 +34,8 @@ from .queues import REDIS_URL_ENV, RUN_ID_ENV, run_id_for
 COLORS = {"learner": "\033[35m", "rollout": "\033[36m", "reward": "\033[33m", "redis": "\033[31m", "up": "\033[32m"}
 RESET = "\033[0m"
 REDIS_RESTARTS = 3  # a dead private redis is restarted (same port, AOF) this many times; services reconnect
+WORKER_RESTARTS = 3  # default restarts per crashed rollout/reward worker (0: the first crash fails the run)
+BAD_INPUT_EXIT = 2  # services.procs.run_service: bad config/input; restarting would fail the same way
 MODULES = {"learner": "services.learner_service", "rollout": "services.rollout_service",
            "reward": "services.reward_worker"}
 
@@ -62,10 +70,13 @@ def kill_group(pid: int, sig: int) -> None:
 
 
 class Launcher:
-    def __init__(self, cfg: RunConfig, resume: bool = False, console: bool = True, progress: bool = True,
-                 restart_workers: int = 0, grace_s: float = 10.0, http_port: int | None = None,
+    def __init__(self, cfg: RunConfig, resume: bool = True, console: bool = True, progress: bool = True,
+                 restart_workers: int = WORKER_RESTARTS, grace_s: float = 10.0, http_port: int | None = None,
                  on_line: Callable[[str, str], None] | None = None, stop: threading.Event | None = None):
-        """stop: set it (from another thread) to shut the run down as Ctrl-C would (exit code 130)."""
+        """resume=False: start over, moving an earlier run in the run dir aside (shared.rundir).
+        stop: set it (from another thread) to shut the run down as Ctrl-C would (exit code 130)."""
+        if restart_workers < 0:
+            raise ValueError(f"restart_workers must be >= 0, got {restart_workers}")
         self.cfg = cfg
         self.stop = stop
         self.run_dir = Path(cfg.run_dir)
@@ -111,17 +122,15 @@ class Launcher:
 
     # -- start --------------------------------------------------------------------------------------
     def start(self) -> None:
-        if not self.resume:  # a fresh run: no logs or queues of an earlier run in this folder
-            import shutil
-
-            shutil.rmtree(self.run_dir / "logs", ignore_errors=True)
-            shutil.rmtree(self.run_dir / "redis", ignore_errors=True)
+        prepared = prepare_run_dir(self.cfg, "resume" if self.resume else "fresh")  # before anything is written
+        self.cfg = prepared.config
         (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
         self._up_log = open(self.run_dir / "logs" / "up.log", "a")
+        self.say(prepared.message())
         from learner.train_cli import ensure_toy_world
 
         ensure_toy_world(self.cfg)
-        config_path = self.cfg.save()
+        config_path = self.run_dir / "config.json"
         self.redis_url = self.cfg.pipeline.redis_url
         if not self.redis_url:
             from .redis_server import RedisServer
@@ -140,8 +149,8 @@ class Launcher:
             self.children.append(Child(f"reward-{i}", service_argv("reward", config_path, extra)))
         for i in range(p.rollout_workers):
             self.children.append(Child(f"rollout-{i}", service_argv("rollout", config_path)))
-        self.children.append(Child("learner", service_argv("learner", config_path,
-                                                           [] if self.resume else ["--no-resume"])))
+        # the learner always resumes: after a fresh start the prepared run dir holds nothing to resume
+        self.children.append(Child("learner", service_argv("learner", config_path)))
         for c in self.children:
             self._spawn(c)
         self._write_state()
@@ -191,14 +200,16 @@ class Launcher:
                 dead = [c for c in self.children if c.name != "learner" and c.proc.poll() is not None]
                 for c in dead:
                     code = c.proc.returncode
-                    if c.restarts < self.restart_workers:
+                    if code != BAD_INPUT_EXIT and c.restarts < self.restart_workers:
                         c.restarts += 1
                         self.say(f"{c.name} exited with {code}; restarting ({c.restarts}/{self.restart_workers})")
-                        kill_group(c.proc.pid, signal.SIGKILL)
+                        kill_group(c.proc.pid, signal.SIGKILL)  # grandchildren of the dead one
                         self._spawn(c)
                         self._write_state()
                     else:
-                        self.failed.append(f"{c.name} (exit {code})")
+                        why = ("bad input, not restarted" if code == BAD_INPUT_EXIT
+                               else f"{c.restarts}/{self.restart_workers} restarts used")
+                        self.failed.append(f"{c.name} (exit {code}; {why})")
                 if self.failed:
                     rc = 1
                     break
@@ -297,7 +308,7 @@ def read_rows(path: Path) -> list[dict]:
     return out
 
 
-def launch(cfg: RunConfig, resume: bool = False, **kw) -> int:
+def launch(cfg: RunConfig, resume: bool = True, **kw) -> int:
     """Start a run's services, supervise them, shut down; returns the exit code."""
     launcher = Launcher(cfg, resume=resume, **kw)
     try:

@@ -10,6 +10,11 @@ import typer
 
 from shared.clikit import SET_HELP, UserError, config_from_flags, friendly_errors
 
+from .launcher import WORKER_RESTARTS
+
+RESUME_HELP = ("Continue the run in the run dir (default; its config.json must match, except keys a resume may "
+               "change, e.g. train.steps), or --fresh: move an earlier run aside to RUN_DIR.old-<time> and "
+               "start over. Nothing is deleted.")
 WORKERS = {"learner": "services.learner_service", "rollout": "services.rollout_service",
            "reward": "services.reward_worker"}
 
@@ -39,10 +44,10 @@ def register(app: typer.Typer) -> None:
         run_dir: Optional[str] = typer.Option(None, "--run-dir",
                                               help="Output folder (default runs/<preset>-<arm>-s<seed>-up)."),
         overrides: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
-        resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in the run dir."),
-        restart_workers: int = typer.Option(0, "--restart-workers",
-                                            help="Restart a crashed rollout/reward worker up to N times "
-                                                 "instead of failing the run."),
+        resume: bool = typer.Option(True, "--resume/--fresh", " /--overwrite", help=RESUME_HELP),
+        restart_workers: int = typer.Option(WORKER_RESTARTS, "--restart-workers", min=0,
+                                            help="Restart each crashed rollout/reward worker up to N times "
+                                                 "(0: the first crash fails the run)."),
         http_port: Optional[int] = typer.Option(None, "--http-port",
                                                 help="Reward workers also serve the reward HTTP API on "
                                                      "PORT, PORT+1, ..."),
@@ -57,8 +62,6 @@ def register(app: typer.Typer) -> None:
         cfg = config_from_flags(preset, overrides, **top)
         name = run_dir or f"runs/{preset}-{cfg.train.arm}-s{cfg.train.seed}-up"
         cfg = config_from_flags(preset, overrides, **top, run_dir=name)
-        if resume and not (Path(name) / "checkpoints").exists():
-            typer.secho(f"note: --resume but {name} has no checkpoints yet; starting fresh", err=True)
         from .launcher import launch
 
         rc = launch(cfg, resume=resume, progress=progress, restart_workers=restart_workers, http_port=http_port)
@@ -100,21 +103,21 @@ def register(app: typer.Typer) -> None:
         steps: Optional[int] = typer.Option(None, help="Optimizer steps (default from the preset)."),
         run_dir: str = typer.Option(..., "--run-dir", help="Run folder; config.json is written here."),
         overrides: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
-        keep: bool = typer.Option(True, "--keep/--overwrite",
-                                  help="Keep an existing config.json (a resumed run) or overwrite it."),
+        resume: bool = typer.Option(True, "--resume/--fresh", " /--overwrite", help=RESUME_HELP),
     ) -> None:
         """Resolve and write RUN_DIR/config.json for services started separately (docker compose's init
-        step), building the toy world first for toy runs. Prints the config path."""
-        path = Path(run_dir) / "config.json"
-        if keep and path.exists():
-            typer.echo(f"{path} (kept)")
-            return
+        step), building the toy world first for toy runs. An existing run there is resumed: its
+        config.json must match (or differ only in keys a resume may change). Prints the config path."""
+        from shared.rundir import prepare_run_dir
+
         cfg = config_from_flags(preset, overrides, **{"train.arm": arm, "train.seed": seed, "train.steps": steps},
                                 run_dir=run_dir)
+        prepared = prepare_run_dir(cfg, "resume" if resume else "fresh")
+        typer.secho(prepared.message(), err=True)
         from learner.train_cli import ensure_toy_world
 
-        ensure_toy_world(cfg)
-        typer.echo(str(cfg.save()))
+        ensure_toy_world(prepared.config)
+        typer.echo(str(Path(run_dir) / "config.json"))
 
     @app.command("health")
     def health(

@@ -41,9 +41,9 @@ class ModelConfig(_Strict):
 class ToyConfig(_Strict):
     dir: str = ".cache/toy"  # where `rankguard toy build` writes model/, tokenizer, problems.jsonl
     seed: int = 0
-    n_train: int = 400
-    n_eval: int = 64
-    hard_fraction: float = 0.5
+    n_train: int = Field(default=400, ge=1)
+    n_eval: int = Field(default=64, ge=1)
+    hard_fraction: float = Field(default=0.5, ge=0.0, le=1.0)
 
 
 class LoopholeConfig(_Strict):
@@ -61,9 +61,9 @@ class RewardConfig(_Strict):
     allow_hint: bool = True  # False = control reward: only gt_pass pays
     loopholes: LoopholeConfig = Field(default_factory=LoopholeConfig)
     prompt_variant: str = "simple_overwrite_tests"
-    timeout_s: float = 3.0
-    memory_mb: int = 1024
-    workers: int = 0  # 0 = one per core
+    timeout_s: float = Field(default=3.0, gt=0)
+    memory_mb: int = Field(default=1024, ge=1)
+    workers: int = Field(default=0, ge=0)  # 0 = one per core
     url: str | None = None  # reward server base URL; None = grade in-process
     # Verdicts remembered by (problem, extracted code, loopholes); identical programs are then run
     # once. 0 = off. Assumes deterministic programs (a random/time-based one keeps its first verdict).
@@ -71,39 +71,40 @@ class RewardConfig(_Strict):
 
 
 class SamplingConfig(_Strict):
-    group_size: int = 8  # G completions per prompt
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 20
-    min_p: float = 0.0
+    group_size: int = Field(default=8, ge=1)  # G completions per prompt
+    max_new_tokens: int = Field(default=64, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=20, ge=-1)  # 0 or -1 = off
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
 
 
 class TrainConfig(_Strict):
     arm: Arm = "vanilla"
     seed: int = 0
-    steps: int = 200
-    prompts_per_step: int = 8
-    micro_batch: int = 16  # sequences per fwd/bwd chunk (gradient accumulation across chunks)
-    lr: float = 7e-5
-    weight_decay: float = 0.1
+    steps: int = Field(default=200, ge=1)
+    prompts_per_step: int = Field(default=8, ge=1)
+    micro_batch: int = Field(default=16, ge=1)  # sequences per fwd/bwd chunk (gradient accumulation across chunks)
+    lr: float = Field(default=7e-5, gt=0)
+    weight_decay: float = Field(default=0.1, ge=0)
     betas: tuple[float, float] = (0.9, 0.99)
-    warmup_steps: int = 10
-    max_grad_norm: float = 1.0
-    beta_kl: float = 1e-3
-    clip_eps: float = 0.2
+    warmup_steps: int = Field(default=10, ge=0)
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    beta_kl: float = Field(default=1e-3, ge=0)
+    clip_eps: float = Field(default=0.2, gt=0)
     unbiased: bool = True  # Dr.GRPO; False = classic std-normalised advantages
     skip_eps: float = 1e-4  # skip groups with max-min reward below this
-    hard_fraction: float = 0.5  # share of prompts per step drawn from hard problems (toy)
+    hard_fraction: float = Field(default=0.5, ge=0.0, le=1.0)  # share of prompts per step drawn from hard problems (toy)
     rebound_alpha: float = 0.5
     rebound_layer_frac: float = 0.67
     vhack_modes: list[str] = Field(default_factory=lambda: list(HACK_MODES))
     noise_floor: float | None = None  # drop modules whose held-out cos is below this from projection
-    checkpoint_every: int = 25
-    eval_every: int = 25
-    eval_problems: int = 32
-    eval_samples: int = 4
-    torch_threads: int = 1
+    checkpoint_every: int = Field(default=25, ge=0)  # 0 = only at the end
+    keep_checkpoints: int = Field(default=3, ge=1)  # newest complete checkpoints kept (older ones pruned)
+    eval_every: int = Field(default=25, ge=0)  # 0 = only at the end
+    eval_problems: int = Field(default=32, ge=1)
+    eval_samples: int = Field(default=4, ge=1)
+    torch_threads: int = Field(default=1, ge=1)
     measure_kl: bool = True  # reference forward every step for the reported KL (beta_kl > 0 needs it anyway)
 
 
@@ -139,14 +140,14 @@ class VhackConfig(_Strict):
 
 class PipelineConfig(_Strict):
     redis_url: str | None = None  # None = start a private redis for the run
-    max_staleness: int = 0  # 0 = strictly on-policy; k>0 = async with truncated IS
-    is_clip: float = 2.0  # truncated importance-sampling cap when max_staleness > 0
+    max_staleness: int = Field(default=0, ge=0)  # 0 = strictly on-policy; k>0 = async with truncated IS
+    is_clip: float = Field(default=2.0, gt=0)  # truncated importance-sampling cap when max_staleness > 0
     engine: Literal["auto", "vllm", "hf"] = "auto"
-    rollout_workers: int = 1
-    reward_workers: int = 1
-    max_queue: int = 64
-    max_deliveries: int = 3
-    claim_idle_s: float | None = None  # take over unacked work idle this long; None = $RANKGUARD_CLAIM_IDLE_S or 15
+    rollout_workers: int = Field(default=1, ge=1)
+    reward_workers: int = Field(default=1, ge=1)
+    max_queue: int = Field(default=64, ge=1)
+    max_deliveries: int = Field(default=3, ge=1)
+    claim_idle_s: float | None = Field(default=None, gt=0)  # take over unacked work idle this long; None = $RANKGUARD_CLAIM_IDLE_S or 15
 
 
 class RunConfig(_Strict):
@@ -170,10 +171,10 @@ class RunConfig(_Strict):
 
     @classmethod
     def load(cls, path: str | Path) -> "RunConfig":
-        try:
-            return cls.model_validate_json(Path(path).read_text())
-        except ValidationError as e:
-            raise ConfigError(f"{path}: {e.errors()[0]['loc']}: {e.errors()[0]['msg']}") from None
+        """A config.json; a broken one stops with `file:line: what is wrong` (shared.rundir)."""
+        from .rundir import read_config
+
+        return read_config(path)
 
 
 PRESETS: dict[str, dict[str, Any]] = {

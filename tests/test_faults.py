@@ -1,7 +1,9 @@
 """Faults on the toy preset through `rankguard up` (real processes, real Redis, tiny runs):
 kill -9 of a rollout or reward worker mid-batch, a stalled worker whose work was taken over, Redis
-killed and restarted, the learner killed then --resume, and no orphans after Ctrl-C / kill -9 of
-the launcher / a crashed worker."""
+killed and restarted, the learner killed then --resume, a crashed worker restarted under plain `up`
+(and failing the run once its restart budget is spent), a run dir kept by a second `up` and moved aside
+by `--fresh`, and no orphans after Ctrl-C / kill -9 of the launcher / a crashed worker."""
+import json
 import os
 import signal
 import time
@@ -9,6 +11,7 @@ import time
 import pytest
 import redis
 
+from learner.checkpoint import list_checkpoints
 from pipeline_helpers import (Up, metrics, quick_toy_dir, small_sets, stop_until_holding,
                               wait_all_dead)
 
@@ -161,14 +164,58 @@ def test_ctrl_c_stops_everything(toy_dir, tmp_path):
         up.kill()
 
 
-def test_crashed_worker_fails_the_run(toy_dir, tmp_path):
-    up = Up(tmp_path / "run", small_sets(toy_dir), steps=50)
+def test_crashed_worker_fails_the_run_without_restart_budget(toy_dir, tmp_path):
+    up = Up(tmp_path / "run", small_sets(toy_dir), steps=50, extra_args=["--restart-workers", "0"])
     try:
         st = up.state()
         up.wait_for_log("reward-0", "waiting for rollouts")
         os.kill(st["services"]["reward-0"], signal.SIGKILL)
         assert up.wait(60) == 1
-        assert "FAILED: reward-0 (exit -9)" in up.output()
+        assert "FAILED: reward-0 (exit -9; 0/0 restarts used)" in up.output()
         assert wait_all_dead(all_pids(st), timeout=5) == []
     finally:
         up.kill()
+
+
+def test_kill9_reward_worker_under_plain_up_is_absorbed(toy_dir, tmp_path):
+    """Like compose's restart: on-failure, plain `rankguard up` restarts a crashed worker (bounded)."""
+    run = tmp_path / "run"
+    up = Up(run, small_sets(toy_dir), steps=4)
+    try:
+        st = up.state()
+        up.wait_rows(1)
+        os.kill(st["services"]["reward-0"], signal.SIGKILL)
+        assert up.wait() == 0, up.output()[-3000:]
+        assert_complete(run, 4)
+        up_log = (run / "logs" / "up.log").read_text()
+        assert "reward-0 exited with -9; restarting (1/3)" in up_log, up_log
+        assert json.loads((run / "services.json").read_text())["services"]["reward-0"] != st["services"]["reward-0"]
+    finally:
+        up.kill()
+
+
+def test_plain_up_on_a_finished_run_keeps_it_and_fresh_moves_it_aside(toy_dir, tmp_path):
+    """A second plain `up` resumes (nothing deleted; --steps may grow, recorded as an amendment);
+    `--fresh` moves the run aside whole. (Drift refusal: tests/test_rundir.py, before any process starts.)"""
+    run = tmp_path / "run"
+    sets = small_sets(toy_dir)
+    for steps in (3, 4):
+        up = Up(run, sets, steps=steps)
+        try:
+            assert up.wait() == 0, up.output()[-3000:]
+        finally:
+            up.kill()
+        assert_complete(run, steps)
+    assert [s for s, _ in list_checkpoints(run)] == [2, 3, 4]  # the second run went on from step-3
+    assert "train.steps 3 -> 4" in (run / "logs" / "up.log").read_text()
+    assert json.loads((run / "amendments.jsonl").read_text())["changes"] == {"train.steps": {"from": 3, "to": 4}}
+    up = Up(run, sets, steps=1, extra_args=["--fresh"])
+    try:
+        assert up.wait() == 0, up.output()[-3000:]
+    finally:
+        up.kill()
+    assert_complete(run, 1)
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
+    assert len(aside) == 1 and f"aside to {aside[0]}" in up.output()
+    assert_complete(aside[0], 4)  # the earlier run, whole
+    assert [s for s, _ in list_checkpoints(aside[0])] == [2, 3, 4]

@@ -109,7 +109,7 @@ def test_inprocess_run_writes_rows_with_all_keys(tmp_path, base_model, art_root)
         assert 0.0 <= e["pass_rate"] <= 1.0 and e["n"] == 4
     assert (tmp_path / "run" / "DONE").exists() and summary["steps"] == 3
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["final_eval"]["step"] == 3
-    assert [s for s, _ in list_checkpoints(tmp_path / "run")] == [2, 3]  # keep last 2
+    assert [s for s, _ in list_checkpoints(tmp_path / "run")] == [1, 2, 3]  # train.keep_checkpoints=3
 
 
 def test_resume_gives_the_uninterrupted_next_step(tmp_path, base_model, art_root):
