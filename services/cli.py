@@ -34,7 +34,7 @@ _AREAS = [
     "shared.adapter_cli",  # adapter report
     "reward_server.cli",   # serve, grade
     "learner.cli",         # vhack extract/validate
-    "learner.train_cli",   # train (in-process loop)
+    "services.train_cli",  # train (in-process loop)
     "services.pipeline_cli",  # up, logs, learner/rollout/reward worker entry points
     "rollout.cli",         # engine checks (vLLM / HF)
     "analysis.cli",        # experiment, report

@@ -127,7 +127,7 @@ class Launcher:
         (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
         self._up_log = open(self.run_dir / "logs" / "up.log", "a")
         self.say(prepared.message())
-        from learner.train_cli import ensure_toy_world
+        from services.train_cli import ensure_toy_world
 
         ensure_toy_world(self.cfg)
         config_path = self.run_dir / "config.json"

@@ -114,7 +114,7 @@ def register(app: typer.Typer) -> None:
                                 run_dir=run_dir)
         prepared = prepare_run_dir(cfg, "resume" if resume else "fresh")
         typer.secho(prepared.message(), err=True)
-        from learner.train_cli import ensure_toy_world
+        from services.train_cli import ensure_toy_world
 
         ensure_toy_world(prepared.config)
         typer.echo(str(Path(run_dir) / "config.json"))

@@ -178,7 +178,7 @@ def test_zero_means_off_where_it_always_did():
 # ------------------------------------------------------------------------------ the CLIs
 
 def cli() -> typer.Typer:
-    from learner.train_cli import register as reg_train
+    from services.train_cli import register as reg_train
     from services.pipeline_cli import register as reg_pipeline
 
     app = typer.Typer()

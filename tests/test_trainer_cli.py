@@ -2,7 +2,7 @@
 import typer
 from typer.testing import CliRunner
 
-from learner.train_cli import register
+from services.train_cli import register
 
 
 def _app() -> typer.Typer:
