@@ -283,6 +283,16 @@ class Learner:
         self.tb.log("train", row, row["step"])
         return row
 
+    def policy_gradient(self, groups: Sequence[GradedGroup]) -> list[Tensor]:
+        """The mean policy gradient on each module's delta_S for these groups, before any projection
+        (diagnostics: no optimizer step, no metrics row; .grad is left cleared)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        acc = self._backward(Scorer.sequences(groups), len(groups))
+        grads = [p.grad.detach() / acc.n_seqs if p.grad is not None and acc.n_seqs else torch.zeros_like(p)
+                 for p in self.delta_s]
+        self.optimizer.zero_grad(set_to_none=True)
+        return grads
+
     def _backward(self, seqs: list[dict], n_groups: int) -> StepSums:
         """Advantages, then per micro-batch: forward (+ reference for the KL) -> GRPO loss -> backward.
         Rebound needs the forward's hidden state before its advantages, so its groups stay whole."""
