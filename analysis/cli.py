@@ -25,6 +25,17 @@ def _sigterm_as_interrupt() -> None:
 
 
 def register(app: typer.Typer) -> None:
+    @app.command("summary")
+    @friendly_errors
+    def summary(run_dir: Path = typer.Argument(..., help="One run's folder (metrics.jsonl inside).")) -> None:
+        """Per-step table, trajectory.png and where the run's files are (what `train`/`up` print at the end)."""
+        from analysis.run_card import run_card
+        from shared.clikit import UserError
+
+        if not (run_dir / "metrics.jsonl").exists():
+            raise UserError(f"{run_dir} has no metrics.jsonl (not a run folder, or no step finished yet)")
+        typer.echo(run_card(run_dir, next_hint=False))
+
     @app.command("experiment")
     @friendly_errors
     def experiment(

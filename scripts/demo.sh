@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
-# Main job on the embedded default: install, build the toy world, check the adapter round trip,
-# then run one vanilla GRPO run through the real services (Redis, reward, rollout, learner).
-# Extra arguments go to `rankguard up` (e.g. --arm projected --steps 100).
+# The first five minutes: install (no vLLM needed), unpack the shipped toy world, check the adapter
+# round trip, then one vanilla GRPO run of 100 steps through the real services (private Redis, reward
+# worker, rollout worker, learner) -- enough to watch reward hacking emerge -- and its summary + plot.
+# Extra arguments go to `rankguard up` (e.g. --arm projected --steps 200 --fresh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+t0=$SECONDS
+RANKGUARD_SKIP_VLLM=${RANKGUARD_SKIP_VLLM:-1} bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=1
 RG=.venv/bin/rankguard
-$RG toy build
-$RG adapter report --preset toy
-exec $RG up --preset toy "$@"
+echo "demo: toy world (shipped build; \`rankguard toy build --force\` rebuilds it from source)"
+$RG toy build --quiet | tail -n 14
+echo "demo: adapter round trip at delta_S = 0"
+$RG adapter report --preset toy | tail -n 6
+echo "demo: one GRPO run through the services (vanilla arm: hacking should rise after ~40 steps)"
+$RG up --preset toy --steps 100 --run-dir runs/demo-vanilla --no-progress "$@"
+echo "demo: finished in $((SECONDS - t0)) s"

@@ -65,6 +65,10 @@ def register(app: typer.Typer) -> None:
         from .launcher import launch
 
         rc = launch(cfg, resume=resume, progress=progress, restart_workers=restart_workers, http_port=http_port)
+        if rc == 0 and (Path(cfg.run_dir) / "metrics.jsonl").exists():
+            from analysis.run_card import run_card
+
+            typer.echo(run_card(cfg.run_dir))
         raise typer.Exit(rc)
 
     @app.command("logs")

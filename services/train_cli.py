@@ -76,3 +76,6 @@ def register(app: typer.Typer) -> None:
         ev = summary.get("final_eval") or {}
         typer.echo(f"done: {cfg.run_dir}  steps={summary['steps']}  eval pass={ev.get('pass_rate', float('nan')):.3f} "
                    f"hack={ev.get('hack_strict', float('nan')):.3f}  s/step={summary.get('sec_per_step', 0):.3f}")
+        from analysis.run_card import run_card
+
+        typer.echo(run_card(cfg.run_dir))
