@@ -14,5 +14,7 @@ $RG toy build --quiet | tail -n 14
 echo "demo: adapter round trip at delta_S = 0"
 $RG adapter report --preset toy | tail -n 6
 echo "demo: one GRPO run through the services (vanilla arm: hacking should rise after ~40 steps)"
-$RG up --preset toy --steps 100 --run-dir runs/demo-vanilla --no-progress "$@"
+# every 10th step line of the learner's log (the full logs stay in runs/demo-vanilla/logs/)
+$RG up --preset toy --steps 100 --run-dir runs/demo-vanilla --no-progress "$@" \
+  | grep --line-buffered -vE "INFO step ([0-9]*[1-9])/[0-9]+ reward"
 echo "demo: finished in $((SECONDS - t0)) s"
