@@ -36,9 +36,9 @@ def _max_logprob_diff(model, group, delta) -> float:
     import torch
 
     from learner.logprobs import token_logprobs
-    from shared.adapter import set_flat_delta_s
+    from shared.adapter import set_delta
 
-    set_flat_delta_s(model, delta)
+    set_delta(model, delta)
     dev = next(model.parameters()).device
     worst = 0.0
     with torch.no_grad():

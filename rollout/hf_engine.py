@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from shared.fast_decode import Qwen3Decoder, unsupported
-from shared.adapter import adapter_modules, merged_inference, quarantine, set_flat_delta_q, set_flat_delta_s
+from shared.adapter import adapter_modules, merged_inference, quarantine, set_delta
 from rollout.engine import stop_token_ids
 from shared.schemas import Completion, DeltaSUpdate, PromptJob, RolloutGroup
 
@@ -117,9 +117,9 @@ class HFEngine:
     # ------------------------------------------------------------------ weights
     def load_delta(self, update: DeltaSUpdate) -> None:
         """Copy a policy version's flat delta_S (and quarantine) into the model; set the version."""
-        set_flat_delta_s(self.model, decode_floats(update.data))
+        set_delta(self.model, decode_floats(update.data))
         if update.quarantine is not None:
-            set_flat_delta_q(self.model, decode_floats(update.quarantine))
+            set_delta(self.model, decode_floats(update.quarantine), kind="q")
         self.version = int(update.version)
 
     # ------------------------------------------------------------------ sampling

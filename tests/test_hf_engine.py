@@ -6,7 +6,7 @@ import torch
 
 from learner.logprobs import token_logprobs
 from rollout.hf_engine import HFEngine, SeededSampler, encode_floats
-from shared.adapter import flat_delta_s, set_flat_delta_s, wrap_model
+from shared.adapter import get_delta, set_delta, wrap_model
 from shared.schemas import DeltaSUpdate, PromptJob, SamplingParams
 from tests.test_trainer_fakes import IM_END, ByteTokenizer
 
@@ -93,13 +93,13 @@ def test_sampler_respects_top_k_and_top_p():
 def test_load_delta_sets_weights_and_version(engine, tiny_qwen3):
     other = copy.deepcopy(tiny_qwen3)
     wrap_model(other, progress=False)
-    flat = torch.randn_like(flat_delta_s(other)) * 0.05
-    set_flat_delta_s(other, flat)
+    flat = torch.randn_like(get_delta(other, flat=True)) * 0.05
+    set_delta(other, flat)
     upd = DeltaSUpdate(version=5, names=[], sizes=[], data=encode_floats(flat))
     before = engine.generate([job(0, "hi", n=2)])[0]
     engine.load_delta(upd)
     assert engine.version == 5
-    assert torch.allclose(flat_delta_s(engine.model), flat)
+    assert torch.allclose(get_delta(engine.model, flat=True), flat)
     after = engine.generate([job(0, "hi", n=2)])[0]
     assert after.policy_version == 5 and before.policy_version == 0
     ref = HFEngine(other, ByteTokenizer()).generate([job(0, "hi", n=2)])[0]
