@@ -3,34 +3,12 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 from typing import List, Optional
 
 import typer
 
 from shared.clikit import SET_HELP, friendly_errors
 from shared.config import resolve_config
-
-
-def ensure_toy_world(cfg) -> None:
-    """Build the toy model and problems first when a toy run finds none."""
-    if cfg.model.name_or_path != "toy" and cfg.problems != "toy":
-        return
-    root = Path(cfg.toy.dir)
-    if _toy_ready(root):
-        return
-    from shared.toy.build import build_toy
-
-    typer.echo(f"toy world not found under {root}; building it (once) ...", err=True)
-    build_toy(cfg.toy)
-
-
-def _toy_ready(root: Path) -> bool:
-    try:
-        from shared.toy.build import REQUIRED
-    except Exception:  # pragma: no cover
-        return (root / "model" / "config.json").exists()
-    return all((root / r).exists() for r in REQUIRED)
 
 
 def register(app: typer.Typer) -> None:
@@ -61,6 +39,8 @@ def register(app: typer.Typer) -> None:
         cfg = resolve_config(preset, sets)
         name = run_dir or f"runs/{preset}-{cfg.train.arm}-s{cfg.train.seed}"
         cfg = resolve_config(preset, sets + [f"run_dir={json.dumps(name)}"])
+        from shared.toy.build import ensure_toy_world
+
         ensure_toy_world(cfg)
         cfg.save()
         from learner.trainer import run_inprocess

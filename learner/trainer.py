@@ -295,7 +295,7 @@ class Learner:
         return self._forward_full(seqs, b, hidden_layer)
 
     def _forward_full(self, seqs, b, hidden_layer=None):
-        from .logprobs import token_logprobs
+        from shared.logprobs import token_logprobs
         L = max(len(s["prompt"]) + len(s["comp"]) for s in seqs)
         ids = torch.full((len(seqs), L), self.pad_id, dtype=torch.long)
         attn = torch.zeros((len(seqs), L), dtype=torch.long)
@@ -373,7 +373,7 @@ class Learner:
         return self._ref_dec
 
     def _forward_shared(self, seqs, b, hidden_layer=None):
-        from .logprobs import _LayerCapture
+        from shared.logprobs import _LayerCapture
         dev = self.device
         pid, patt, ppos, fan, cid, catt, W, C = self._shared_inputs(seqs, b)
         body = self.model.model
@@ -570,7 +570,7 @@ class Learner:
     def delta_update(self) -> DeltaSUpdate:
         """The current policy version as one flat fp32 delta_S buffer (+ quarantine for the route arm)."""
         t0 = time.perf_counter()
-        from rollout.hf_engine import encode_floats
+        from shared.codec import encode_floats
         upd = DeltaSUpdate(version=self.policy_version, names=list(self.names), sizes=list(self.sizes),
                            data=encode_floats(get_delta(self.model, flat=True)),
                            quarantine=encode_floats(get_delta(self.model, kind="q", flat=True)) if self.route else None,

@@ -25,7 +25,7 @@ from shared.adapter import adapter_modules
 from shared.hacks import MODES
 from shared.prompts import render_prompt
 
-from .logprobs import token_logprobs
+from shared.logprobs import token_logprobs
 from .pairs import Pair, PairError, leetcode_pairs, make_pairs, pair_set_hash, split_pairs
 
 GATE_FRAC = 0.5

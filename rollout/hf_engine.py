@@ -16,12 +16,12 @@ from __future__ import annotations
 import time
 from typing import Iterable
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from shared.fast_decode import Qwen3Decoder, unsupported
 from shared.adapter import adapter_modules, merged_inference, quarantine, set_delta
+from shared.codec import decode_floats
 from rollout.engine import stop_token_ids
 from shared.schemas import Completion, DeltaSUpdate, PromptJob, RolloutGroup
 
@@ -30,15 +30,6 @@ ROW_SEED_STRIDE = 1_000_003  # row k of a job uses seed + k * stride
 
 class EngineError(ValueError):
     """Bad job or update (empty prompt, layout mismatch); the message names the value."""
-
-
-def decode_floats(data: bytes) -> Tensor:
-    """Little-endian float32 bytes (DeltaSUpdate.data) -> fp32 tensor."""
-    return torch.from_numpy(np.frombuffer(data, dtype="<f4").copy())
-
-
-def encode_floats(flat: Tensor) -> bytes:
-    return flat.detach().float().cpu().numpy().astype("<f4").tobytes()
 
 
 class SeededSampler:

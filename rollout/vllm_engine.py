@@ -48,17 +48,6 @@ class EngineError(ValueError):
     """The vLLM child failed (start, generate or update); the message is the child's one-line reason."""
 
 
-def _decode_f32(data: bytes):
-    import numpy as np
-    import torch
-
-    return torch.from_numpy(np.frombuffer(data, dtype="<f4").copy())
-
-
-def _encode_f32(t) -> bytes:
-    return t.detach().float().cpu().numpy().astype("<f4").tobytes()
-
-
 def local_model_dir(model_id: str, revision: str | None = None) -> str:
     """A folder as is; an HF name -> its snapshot folder in the HF cache (downloaded unless HF_HUB_OFFLINE=1).
 
@@ -202,7 +191,9 @@ class VLLMEngine:
             return
         data = upd.data
         if quarantine:
-            data = _encode_f32(_decode_f32(upd.data) + _decode_f32(upd.quarantine))
+            from shared.codec import decode_floats, encode_floats  # torch only when a quarantine is merged
+
+            data = encode_floats(decode_floats(upd.data) + decode_floats(upd.quarantine))
         t0 = time.perf_counter()
         res = self._call(("delta", int(upd.version), list(upd.names), [int(s) for s in upd.sizes], data))
         self.timings["last_reload_s"] = time.perf_counter() - t0
@@ -358,9 +349,11 @@ class _Child:
     def load_delta(self, version: int, names: list[str], sizes: list[int], data: bytes) -> dict:
         from safetensors.torch import save_file
 
+        from shared.codec import decode_floats
+
         path = os.path.join(self.tmp, f"delta-{version}.safetensors")
         t0 = time.perf_counter()
-        delta = _decode_f32(data)
+        delta = decode_floats(data)
         save_file({"delta": delta}, path, metadata={"names": json.dumps(names), "sizes": json.dumps(sizes),
                                                     "version": str(version)})
         try:

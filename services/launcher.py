@@ -118,7 +118,7 @@ class Launcher:
             shutil.rmtree(self.run_dir / "redis", ignore_errors=True)
         (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
         self._up_log = open(self.run_dir / "logs" / "up.log", "a")
-        from learner.train_cli import ensure_toy_world
+        from shared.toy.build import ensure_toy_world
 
         ensure_toy_world(self.cfg)
         config_path = self.cfg.save()

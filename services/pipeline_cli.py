@@ -111,7 +111,7 @@ def register(app: typer.Typer) -> None:
             return
         cfg = config_from_flags(preset, overrides, **{"train.arm": arm, "train.seed": seed, "train.steps": steps},
                                 run_dir=run_dir)
-        from learner.train_cli import ensure_toy_world
+        from shared.toy.build import ensure_toy_world
 
         ensure_toy_world(cfg)
         typer.echo(str(cfg.save()))

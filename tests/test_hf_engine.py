@@ -4,8 +4,9 @@ import copy
 import pytest
 import torch
 
-from learner.logprobs import token_logprobs
-from rollout.hf_engine import HFEngine, SeededSampler, encode_floats
+from shared.logprobs import token_logprobs
+from rollout.hf_engine import HFEngine, SeededSampler
+from shared.codec import encode_floats
 from shared.adapter import get_delta, set_delta, wrap_model
 from shared.schemas import DeltaSUpdate, PromptJob, SamplingParams
 from tests.test_trainer_fakes import IM_END, ByteTokenizer

@@ -248,6 +248,26 @@ def test_build_is_cached_and_rebuilds_when_stale(built):
     assert build_toy(cfg, warm=QUICK, progress=False).cached
 
 
+def test_ensure_toy_world_builds_only_for_toy_runs_and_only_when_missing(built, tmp_path, monkeypatch, capsys):
+    from shared.config import resolve_config
+    from shared.toy.build import ensure_toy_world
+
+    cfg, art = built
+    monkeypatch.setenv("RANKGUARD_TOY_WARM", QUICK.model_dump_json())
+    nowhere = tmp_path / "none"
+    ensure_toy_world(resolve_config("toy", [f"toy.dir={nowhere}", 'model.name_or_path="some/model"',
+                                            'problems="leetcode"']))
+    assert not nowhere.exists()  # not a toy run: nothing built
+    run = resolve_config("toy", [f"toy.dir={art.dir}", f"toy.n_train={cfg.n_train}", f"toy.n_eval={cfg.n_eval}"])
+    stamp = (art.dir / "build.json").stat().st_mtime_ns
+    ensure_toy_world(run)
+    assert (art.dir / "build.json").stat().st_mtime_ns == stamp and capsys.readouterr().err == ""
+    (art.dir / "model" / "tokenizer.json").unlink()
+    ensure_toy_world(run)
+    assert f"toy world not found under {art.dir}; building it (once)" in capsys.readouterr().err
+    assert toy_status(art.dir, art.fingerprint)[0]
+
+
 def test_missing_build_is_a_clear_error(tmp_path):
     with pytest.raises(ToyBuildError, match=r"not usable \(no build.json"):
         load_toy_problems(tmp_path / "nothing")

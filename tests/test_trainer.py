@@ -209,7 +209,7 @@ def test_rebound_penalty_lowers_hack_like_rewards(tmp_path, base_model, art_root
     (On a random tiny model every completion's h_mean has cos < 0 with the mean-diff v_concept, so
     the penalty would be 0 throughout; the test points v_concept at one hack completion's own h_mean.)
     """
-    from learner.logprobs import hidden_at_layer
+    from shared.logprobs import hidden_at_layer
     from learner.rebound import mean_completion_activation
     from learner.vhack import pairs_for_config
 

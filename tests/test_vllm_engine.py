@@ -72,7 +72,7 @@ def _update(policy, version, delta, quarantine=None):
 
 def _max_lp_diff(policy, group, delta, quarantine=None) -> float:
     """max |vLLM logprob - learner HF forward logprob| over the group, with the same delta set."""
-    from learner.logprobs import token_logprobs
+    from shared.logprobs import token_logprobs
     from shared.adapter import quarantine as quarantine_ctx, set_delta
 
     set_delta(policy.model, delta)

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -34,8 +35,8 @@ TRAIN_FILE, EVAL_FILE, BUILD_FILE, MODEL_DIR = "problems_train.jsonl", "problems
 REQUIRED = (f"{MODEL_DIR}/config.json", f"{MODEL_DIR}/model.safetensors", f"{MODEL_DIR}/tokenizer.json",
             f"{MODEL_DIR}/tokenizer_config.json", TRAIN_FILE, EVAL_FILE)
 
-__all__ = ["ToyArtifacts", "WarmStartConfig", "QUICK_WARM", "build_toy", "load_toy_problems", "toy_status",
-           "resolve_warm", "fingerprint"]
+__all__ = ["ToyArtifacts", "WarmStartConfig", "QUICK_WARM", "build_toy", "ensure_toy_world", "load_toy_problems",
+           "toy_status", "resolve_warm", "fingerprint"]
 
 
 class ToyBuildError(ValueError):
@@ -154,6 +155,20 @@ def build_toy(cfg: ToyConfig | None = None, force: bool = False, warm: WarmStart
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return _artifacts(root, meta, cached=False)
+
+
+def ensure_toy_world(cfg) -> None:
+    """Build the toy model and problems first when a toy run (toy model or toy problems) finds none.
+
+    Every entry point that starts a run (`rankguard train`, `up`, `config write`) calls this once.
+    """
+    if cfg.model.name_or_path != "toy" and cfg.problems != "toy":
+        return
+    root = Path(cfg.toy.dir)
+    if all((root / r).exists() for r in REQUIRED):
+        return
+    print(f"toy world not found under {root}; building it (once) ...", file=sys.stderr, flush=True)
+    build_toy(cfg.toy)
 
 
 def _remove_leftovers(root: Path) -> None:
