@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.config import RunConfig
-from rollout.engine import stop_token_ids
+from rollout.engine import generate_by_mode, stop_token_ids
 from shared.schemas import Completion, DeltaSUpdate, PromptJob, RolloutGroup
 
 WORKER_EXTENSION = "rollout.vllm_worker_ext.DeltaSWorkerExtension"
@@ -203,23 +203,14 @@ class VLLMEngine:
     # ------------------------------------------------------------------ sampling
     def generate(self, jobs: list[PromptJob]) -> list[RolloutGroup]:
         """Sample job.sampling.n completions per job; train-mode jobs see the quarantine delta (route arm)."""
-        if not jobs:
-            return []
-        out: dict[str, RolloutGroup] = {}
-        for mode in ("train", "eval"):
-            part = [j for j in jobs if (j.adapter_mode == "train") == (mode == "train")]
-            if not part:
-                continue
-            self._ensure_weights(quarantine=(mode == "train"))
-            t0 = time.perf_counter()
-            raw = self._call(("generate", [j.model_dump(mode="python") for j in part]))
-            share = (time.perf_counter() - t0) / len(part)
-            for job, comps in zip(part, raw):
-                out[job.job_id] = RolloutGroup(
-                    job_id=job.job_id, step=job.step, problem_id=job.problem_id, policy_version=self.version,
-                    prompt_ids=list(job.prompt_ids), split=job.split, gen_seconds=share,
-                    completions=[Completion(**c) for c in comps])
-        return [out[j.job_id] for j in jobs]
+        return generate_by_mode(jobs, self._sample, prepare=lambda train: self._ensure_weights(quarantine=train))
+
+    def _sample(self, jobs: list[PromptJob], train: bool) -> list[RolloutGroup]:
+        raw = self._call(("generate", [j.model_dump(mode="python") for j in jobs]))
+        return [RolloutGroup(job_id=job.job_id, step=job.step, problem_id=job.problem_id,
+                             policy_version=self.version, prompt_ids=list(job.prompt_ids), split=job.split,
+                             completions=[Completion(**c) for c in comps])
+                for job, comps in zip(jobs, raw)]
 
 
 # ====================================================================== parent side of the child
