@@ -39,9 +39,10 @@ def register(app: typer.Typer) -> None:
         cfg = resolve_config(preset, sets)
         name = run_dir or f"runs/{preset}-{cfg.train.arm}-s{cfg.train.seed}"
         cfg = resolve_config(preset, sets + [f"run_dir={json.dumps(name)}"])
+        from reward_server.grader import Grader  # on the import-rule allow-list until this CLI is in services/
         from shared.toy.build import ensure_toy_world
 
-        ensure_toy_world(cfg)
+        ensure_toy_world(cfg, make_grader=Grader)
         cfg.save()
         from learner.trainer import run_inprocess
 

@@ -118,9 +118,10 @@ class Launcher:
             shutil.rmtree(self.run_dir / "redis", ignore_errors=True)
         (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
         self._up_log = open(self.run_dir / "logs" / "up.log", "a")
+        from reward_server.grader import Grader
         from shared.toy.build import ensure_toy_world
 
-        ensure_toy_world(self.cfg)
+        ensure_toy_world(self.cfg, make_grader=Grader)
         config_path = self.cfg.save()
         self.redis_url = self.cfg.pipeline.redis_url
         if not self.redis_url:

@@ -111,9 +111,10 @@ def register(app: typer.Typer) -> None:
             return
         cfg = config_from_flags(preset, overrides, **{"train.arm": arm, "train.seed": seed, "train.steps": steps},
                                 run_dir=run_dir)
+        from reward_server.grader import Grader
         from shared.toy.build import ensure_toy_world
 
-        ensure_toy_world(cfg)
+        ensure_toy_world(cfg, make_grader=Grader)
         typer.echo(str(cfg.save()))
 
     @app.command("health")
