@@ -169,7 +169,7 @@ def build_toy(cfg: ToyConfig | None = None, force: bool = False, warm: WarmStart
 def ensure_toy_world(cfg, make_grader: GraderFactory | None = None) -> None:
     """Build the toy model and problems first when a toy run (toy model or toy problems) finds none.
 
-    Every entry point that starts a run (`rankguard train`, `up`, `config write`) calls this once,
+    Every entry point that starts a run (`rankguard train`, `up`, `prepare`) calls this once,
     with the reward server's Grader for the build's stats (see build_toy).
     """
     if cfg.model.name_or_path != "toy" and cfg.problems != "toy":
