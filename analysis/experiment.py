@@ -147,10 +147,11 @@ def default_prepare(cfgs: list[RunConfig]) -> dict[str, str]:
     built: dict[str, str] = {}
     for cfg in cfgs:
         if (cfg.problems == "toy" or cfg.model.name_or_path == "toy") and cfg.toy.dir not in built:
+            from reward_server.grader import Grader
             from shared.toy.build import REQUIRED, build_toy
 
             if not all((Path(cfg.toy.dir) / f).exists() for f in REQUIRED):  # as `rankguard train` does
-                build_toy(cfg.toy, progress=False)
+                build_toy(cfg.toy, progress=False, make_grader=Grader)
             built[cfg.toy.dir] = cfg.toy.dir
     needs = [c for c in cfgs if vhack_modes_for(c) is not None or c.train.arm == "rebound"]
     groups: dict[str, list[RunConfig]] = {}

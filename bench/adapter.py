@@ -165,7 +165,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args(argv)
 
-    from shared.adapter import AntiPaSTOLinear, adapter_modules, svd_factors, wrap_model
+    from shared.adapter import AntiPaSTOLinear, adapter_modules, wrap_model
+    from shared.svd import svd_factors
     from shared.svd_cache import SVDCache
 
     torch.set_num_threads(args.threads)

@@ -29,7 +29,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from learner.grpo import grpo_loss  # noqa: E402
-from learner.logprobs import token_logprobs  # noqa: E402
+from shared.logprobs import token_logprobs  # noqa: E402
 from learner.projection import Projector, project_grads_reference  # noqa: E402
 from shared.adapter import AntiPaSTOLinear  # noqa: E402
 from shared.config import DEFAULT_TARGETS  # noqa: E402

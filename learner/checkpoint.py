@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from shared.adapter import get_delta_q, get_delta_s, set_delta_q, set_delta_s
+from shared.adapter import get_delta, set_delta
 
 CKPT_PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
@@ -175,8 +175,8 @@ def save_checkpoint(run_dir: str | Path, step: int, policy_version: int, model: 
     final = root / f"{CKPT_PREFIX}{step}"
     tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{CKPT_PREFIX}{step}-", dir=root))
     try:
-        tensors = {f"delta_S.{n}": t.contiguous() for n, t in get_delta_s(model).items()}
-        tensors.update({f"delta_Q.{n}": t.contiguous() for n, t in get_delta_q(model).items()})
+        tensors = {f"delta_S.{n}": t.contiguous() for n, t in get_delta(model).items()}
+        tensors.update({f"delta_Q.{n}": t.contiguous() for n, t in get_delta(model, kind="q").items()})
         save_file(tensors, str(tmp / "adapter.safetensors"), metadata={"step": str(step)})
         torch.save({"optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict() if scheduler is not None else None}, tmp / "optimizer.pt")
@@ -242,9 +242,9 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
     ds = {k[len("delta_S."):]: v for k, v in tensors.items() if k.startswith("delta_S.")}
     dq = {k[len("delta_Q."):]: v for k, v in tensors.items() if k.startswith("delta_Q.")}
     try:
-        set_delta_s(model, ds)
+        set_delta(model, ds)
         if dq:
-            set_delta_q(model, dq)
+            set_delta(model, dq, kind="q")
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
     if optimizer is not None or scheduler is not None:

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .logprobs import decoder_layers, hidden_at_layer
+from shared.logprobs import decoder_layers, hidden_at_layer
 from .pairs import Pair
 from .vhack import VHackError, encode_pair_side
 

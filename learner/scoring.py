@@ -72,7 +72,7 @@ class Scorer:
         return self._forward_full(seqs, b, hidden_layer)
 
     def _forward_full(self, seqs, b, hidden_layer=None):
-        from .logprobs import token_logprobs
+        from shared.logprobs import token_logprobs
         L = max(len(s["prompt"]) + len(s["comp"]) for s in seqs)
         ids = torch.full((len(seqs), L), self.pad_id, dtype=torch.long)
         attn = torch.zeros((len(seqs), L), dtype=torch.long)
@@ -150,7 +150,7 @@ class Scorer:
         return self._ref_dec
 
     def _forward_shared(self, seqs, b, hidden_layer=None):
-        from .logprobs import _LayerCapture
+        from shared.logprobs import _LayerCapture
         dev = self.device
         pid, patt, ppos, fan, cid, catt, W, C = self._shared_inputs(seqs, b)
         body = self.model.model

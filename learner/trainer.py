@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from shared.adapter import adapter_modules, delta_s_layout, flat_delta_q, flat_delta_s, quarantine
+from shared.adapter import adapter_modules, delta_s_layout, get_delta, quarantine
 from shared.config import HACK_MODES, RunConfig
 from shared.problems import Problem
 from shared.prompts import build_messages, render_prompt
@@ -379,10 +379,10 @@ class Learner:
     def delta_update(self) -> DeltaSUpdate:
         """The current policy version as one flat fp32 delta_S buffer (+ quarantine for the route arm)."""
         t0 = time.perf_counter()
-        from rollout.hf_engine import encode_floats
+        from shared.codec import encode_floats
         upd = DeltaSUpdate(version=self.policy_version, names=list(self.names), sizes=list(self.sizes),
-                           data=encode_floats(flat_delta_s(self.model)),
-                           quarantine=encode_floats(flat_delta_q(self.model)) if self.route else None,
+                           data=encode_floats(get_delta(self.model, flat=True)),
+                           quarantine=encode_floats(get_delta(self.model, kind="q", flat=True)) if self.route else None,
                            meta={"arm": self.arm, "seed": self.cfg.train.seed, "step": self.step})
         self._t_sync = time.perf_counter() - t0
         return upd

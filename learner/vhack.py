@@ -42,7 +42,7 @@ from shared.adapter import adapter_modules
 from shared.hacks import MODES
 from shared.prompts import render_prompt
 
-from .logprobs import token_logprobs
+from shared.logprobs import token_logprobs
 from .pairs import (Pair, PairError, build_pair_set, decompose_pairs, leetcode_pairs, make_pairs, pair_set_hash,
                     split_pairs)
 

@@ -35,10 +35,10 @@ def _prompt_ids(cfg, tokenizer) -> list[int]:
 def _max_logprob_diff(model, group, delta) -> float:
     import torch
 
-    from learner.logprobs import token_logprobs
-    from shared.adapter import set_flat_delta_s
+    from shared.logprobs import token_logprobs
+    from shared.adapter import set_delta
 
-    set_flat_delta_s(model, delta)
+    set_delta(model, delta)
     dev = next(model.parameters()).device
     worst = 0.0
     with torch.no_grad():
@@ -57,6 +57,7 @@ def run_check(cfg, engine: str, delta_scale: float = 0.05, seed: int = 0) -> dic
     import torch
 
     from shared.adapter import delta_s_layout
+    from shared.codec import encode_floats
     from shared.modeling import load_policy
     from shared.schemas import DeltaSUpdate, PromptJob, SamplingParams
 
@@ -88,7 +89,7 @@ def run_check(cfg, engine: str, delta_scale: float = 0.05, seed: int = 0) -> dic
         g0 = eng.generate([job])[0]
         report["generate_v0_s"] = round(time.perf_counter() - t0, 3)
         delta = delta_scale * torch.randn(sum(sizes), generator=torch.Generator().manual_seed(seed))
-        upd = DeltaSUpdate(version=1, names=names, sizes=sizes, data=delta.numpy().astype("<f4").tobytes())
+        upd = DeltaSUpdate(version=1, names=names, sizes=sizes, data=encode_floats(delta))
         t0 = time.perf_counter()
         eng.load_delta(upd)
         report["reload_s"] = round(time.perf_counter() - t0, 4)

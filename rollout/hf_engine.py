@@ -13,16 +13,15 @@ always current and `load_delta` only matters when the engine has its own model.
 """
 from __future__ import annotations
 
-import time
 from typing import Iterable
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from shared.fast_decode import Qwen3Decoder, unsupported
-from shared.adapter import adapter_modules, merged_inference, quarantine, set_flat_delta_q, set_flat_delta_s
-from rollout.engine import stop_token_ids
+from shared.adapter import adapter_modules, merged_inference, quarantine, set_delta
+from shared.codec import decode_floats
+from rollout.engine import generate_by_mode, stop_token_ids
 from shared.schemas import Completion, DeltaSUpdate, PromptJob, RolloutGroup
 
 ROW_SEED_STRIDE = 1_000_003  # row k of a job uses seed + k * stride
@@ -30,15 +29,6 @@ ROW_SEED_STRIDE = 1_000_003  # row k of a job uses seed + k * stride
 
 class EngineError(ValueError):
     """Bad job or update (empty prompt, layout mismatch); the message names the value."""
-
-
-def decode_floats(data: bytes) -> Tensor:
-    """Little-endian float32 bytes (DeltaSUpdate.data) -> fp32 tensor."""
-    return torch.from_numpy(np.frombuffer(data, dtype="<f4").copy())
-
-
-def encode_floats(flat: Tensor) -> bytes:
-    return flat.detach().float().cpu().numpy().astype("<f4").tobytes()
 
 
 class SeededSampler:
@@ -117,29 +107,20 @@ class HFEngine:
     # ------------------------------------------------------------------ weights
     def load_delta(self, update: DeltaSUpdate) -> None:
         """Copy a policy version's flat delta_S (and quarantine) into the model; set the version."""
-        set_flat_delta_s(self.model, decode_floats(update.data))
+        set_delta(self.model, decode_floats(update.data))
         if update.quarantine is not None:
-            set_flat_delta_q(self.model, decode_floats(update.quarantine))
+            set_delta(self.model, decode_floats(update.quarantine), kind="q")
         self.version = int(update.version)
 
     # ------------------------------------------------------------------ sampling
     def generate(self, jobs: list[PromptJob]) -> list[RolloutGroup]:
         """Sample job.sampling.n completions per job; jobs with different adapter modes run apart."""
-        if not jobs:
-            return []
-        out: dict[str, RolloutGroup] = {}
-        for mode in ("train", "eval"):
-            part = [j for j in jobs if (j.adapter_mode == "train") == (mode == "train")]
-            if part:
-                t0 = time.perf_counter()
-                # quarantine (route arm) is live for training rollouts only; delta_Q is 0 elsewhere
-                with quarantine(self.model, active=(mode == "train")), merged_inference(self.model):
-                    groups = self._generate(part)
-                share = (time.perf_counter() - t0) / len(part)
-                for g in groups:
-                    g.gen_seconds = share
-                    out[g.job_id] = g
-        return [out[j.job_id] for j in jobs]
+        return generate_by_mode(jobs, self._generate_mode)
+
+    def _generate_mode(self, jobs: list[PromptJob], train: bool) -> list[RolloutGroup]:
+        # quarantine (route arm) is live for training rollouts only; delta_Q is 0 elsewhere
+        with quarantine(self.model, active=train), merged_inference(self.model):
+            return self._generate(jobs)
 
     @torch.no_grad()
     def _generate(self, jobs: list[PromptJob]) -> list[RolloutGroup]:

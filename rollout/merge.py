@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from shared.codec import decode_floats
+
 Factors = tuple  # (U [d_out,r], S [r], Vh [r,d_in]) or (U, S, Vh, W_res [d_out,d_in] | None)
 
 __all__ = ["MergeError", "DeltaMerger", "as_flat_delta", "factors_from_weight", "factors_from_wrapped"]
@@ -33,7 +35,7 @@ class MergeError(ValueError):
 def as_flat_delta(delta: Tensor | bytes | bytearray | memoryview | np.ndarray | Sequence[float]) -> Tensor:
     """Flat fp32 CPU tensor from a tensor, little-endian float32 bytes (DeltaSUpdate.data) or a list."""
     if isinstance(delta, (bytes, bytearray, memoryview)):
-        return torch.from_numpy(np.frombuffer(delta, dtype="<f4").copy())
+        return decode_floats(delta)
     return torch.as_tensor(delta, dtype=torch.float32).reshape(-1)
 
 

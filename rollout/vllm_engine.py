@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.config import RunConfig
-from rollout.engine import stop_token_ids
+from rollout.engine import generate_by_mode, stop_token_ids
 from shared.schemas import Completion, DeltaSUpdate, PromptJob, RolloutGroup
 
 WORKER_EXTENSION = "rollout.vllm_worker_ext.DeltaSWorkerExtension"
@@ -46,17 +46,6 @@ DEFAULT_CONTEXT = 4096  # prompt budget added to max_new_tokens when max_model_l
 
 class EngineError(ValueError):
     """The vLLM child failed (start, generate or update); the message is the child's one-line reason."""
-
-
-def _decode_f32(data: bytes):
-    import numpy as np
-    import torch
-
-    return torch.from_numpy(np.frombuffer(data, dtype="<f4").copy())
-
-
-def _encode_f32(t) -> bytes:
-    return t.detach().float().cpu().numpy().astype("<f4").tobytes()
 
 
 def local_model_dir(model_id: str, revision: str | None = None) -> str:
@@ -202,7 +191,9 @@ class VLLMEngine:
             return
         data = upd.data
         if quarantine:
-            data = _encode_f32(_decode_f32(upd.data) + _decode_f32(upd.quarantine))
+            from shared.codec import decode_floats, encode_floats  # torch only when a quarantine is merged
+
+            data = encode_floats(decode_floats(upd.data) + decode_floats(upd.quarantine))
         t0 = time.perf_counter()
         res = self._call(("delta", int(upd.version), list(upd.names), [int(s) for s in upd.sizes], data))
         self.timings["last_reload_s"] = time.perf_counter() - t0
@@ -212,23 +203,14 @@ class VLLMEngine:
     # ------------------------------------------------------------------ sampling
     def generate(self, jobs: list[PromptJob]) -> list[RolloutGroup]:
         """Sample job.sampling.n completions per job; train-mode jobs see the quarantine delta (route arm)."""
-        if not jobs:
-            return []
-        out: dict[str, RolloutGroup] = {}
-        for mode in ("train", "eval"):
-            part = [j for j in jobs if (j.adapter_mode == "train") == (mode == "train")]
-            if not part:
-                continue
-            self._ensure_weights(quarantine=(mode == "train"))
-            t0 = time.perf_counter()
-            raw = self._call(("generate", [j.model_dump(mode="python") for j in part]))
-            share = (time.perf_counter() - t0) / len(part)
-            for job, comps in zip(part, raw):
-                out[job.job_id] = RolloutGroup(
-                    job_id=job.job_id, step=job.step, problem_id=job.problem_id, policy_version=self.version,
-                    prompt_ids=list(job.prompt_ids), split=job.split, gen_seconds=share,
-                    completions=[Completion(**c) for c in comps])
-        return [out[j.job_id] for j in jobs]
+        return generate_by_mode(jobs, self._sample, prepare=lambda train: self._ensure_weights(quarantine=train))
+
+    def _sample(self, jobs: list[PromptJob], train: bool) -> list[RolloutGroup]:
+        raw = self._call(("generate", [j.model_dump(mode="python") for j in jobs]))
+        return [RolloutGroup(job_id=job.job_id, step=job.step, problem_id=job.problem_id,
+                             policy_version=self.version, prompt_ids=list(job.prompt_ids), split=job.split,
+                             completions=[Completion(**c) for c in comps])
+                for job, comps in zip(jobs, raw)]
 
 
 # ====================================================================== parent side of the child
@@ -358,9 +340,11 @@ class _Child:
     def load_delta(self, version: int, names: list[str], sizes: list[int], data: bytes) -> dict:
         from safetensors.torch import save_file
 
+        from shared.codec import decode_floats
+
         path = os.path.join(self.tmp, f"delta-{version}.safetensors")
         t0 = time.perf_counter()
-        delta = _decode_f32(data)
+        delta = decode_floats(data)
         save_file({"delta": delta}, path, metadata={"names": json.dumps(names), "sizes": json.dumps(sizes),
                                                     "version": str(version)})
         try:

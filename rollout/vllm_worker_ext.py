@@ -114,7 +114,7 @@ class DeltaSWorkerExtension:
             if cache is not None:
                 svd = cache.factors(spec["model_id"], spec.get("revision"), n, W)
             else:
-                from shared.adapter import svd_factors
+                from shared.svd import svd_factors
 
                 U, S, Vh = svd_factors(W, device)
                 svd = (U.to(dtype), S, Vh.to(dtype))

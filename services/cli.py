@@ -30,7 +30,7 @@ def version() -> None:
 # module -> must define `register(app: typer.Typer)`
 _AREAS = [
     "shared.cli",          # config show
-    "shared.toy.cli",      # toy build
+    "services.toy_cli",    # toy build, show
     "shared.adapter_cli",  # adapter report
     "reward_server.cli",   # serve, grade
     "learner.cli",         # vhack extract/validate

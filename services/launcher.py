@@ -127,9 +127,10 @@ class Launcher:
         (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
         self._up_log = open(self.run_dir / "logs" / "up.log", "a")
         self.say(prepared.message())
-        from services.train_cli import ensure_toy_world
+        from reward_server.grader import Grader
+        from shared.toy.build import ensure_toy_world
 
-        ensure_toy_world(self.cfg)
+        ensure_toy_world(self.cfg, make_grader=Grader)
         config_path = self.run_dir / "config.json"
         self.redis_url = self.cfg.pipeline.redis_url
         if not self.redis_url:

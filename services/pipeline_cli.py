@@ -118,9 +118,10 @@ def register(app: typer.Typer) -> None:
                                 run_dir=run_dir)
         prepared = prepare_run_dir(cfg, "resume" if resume else "fresh")
         typer.secho(prepared.message(), err=True)
-        from services.train_cli import ensure_toy_world
+        from reward_server.grader import Grader
+        from shared.toy.build import ensure_toy_world
 
-        ensure_toy_world(prepared.config)
+        ensure_toy_world(prepared.config, make_grader=Grader)
         typer.echo(str(Path(run_dir) / "config.json"))
 
     @app.command("health")

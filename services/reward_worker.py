@@ -6,7 +6,8 @@ group, so adding workers (`docker compose up --scale reward=8`) adds throughput.
 Grades in-process with `Grader` (sandboxed subprocesses). With --http-port the same process also
 serves the reward FastAPI app, so every worker is a reward-server replica as well. A group is
 published and its input acked atomically (Queues.finish, keyed by the group's job id): a group
-redelivered after a crash or a stall is graded again at worst, but published once.
+redelivered after a crash or a stall is graded again at worst, but published once. The read ->
+dedupe -> process -> publish loop (and what a SIGTERM mid-batch does) is services.consumer's.
 """
 from __future__ import annotations
 
@@ -17,9 +18,10 @@ import time
 from shared.config import RunConfig
 from shared.schemas import Grade, GradedGroup, RolloutGroup
 
-from .procs import Health, StopFlag, exit_now, load_service_config, run_service, service_parser
+from .consumer import Consumer
+from .procs import StopFlag, exit_now, load_service_config, run_service, service_parser
 from .rollout_service import default_batch
-from .queues import Heartbeat, default_consumer, parse_policy_tag, parse_wire_id, queues_for
+from .queues import Heartbeat, default_consumer, queues_for
 
 GROUP = "reward"
 
@@ -55,6 +57,10 @@ def grade_groups(grader, problems: dict, groups: list[RolloutGroup]) -> list[Gra
 
 
 class RewardWorker:
+    """The consumer loop's reward stage (services.consumer): rollouts in, graded groups out."""
+
+    group, source, sink, item = GROUP, "rollouts", "graded", RolloutGroup
+
     def __init__(self, cfg: RunConfig, grader, problems: dict, queues, log: logging.Logger,
                  batch: int = 8, stop: StopFlag | None = None):
         self.cfg, self.grader, self.problems, self.q, self.log = cfg, grader, problems, queues, log
@@ -62,51 +68,30 @@ class RewardWorker:
         self.consumer = default_consumer("reward")
         self.stats = {"groups": 0, "completions": 0, "duplicates": 0, "stale": 0, "failed": 0, "grade_s": 0.0,
                       "cache_hits": 0}
+        self.loop = Consumer(self, queues, log, self.consumer, batch, self.stop, service="reward")
 
     def run(self) -> None:
         self.log.info("waiting for rollouts (consumer %s)", self.consumer)
-        health = Health("reward")
-        with Heartbeat(self.q, "rollouts", GROUP, self.consumer) as hb:
-            while not self.stop:
-                health.beat()
-                self.step_once(hb)
+        self.loop.run()
         self.log.info("stopping: %s", self.stats)
 
     def step_once(self, hb: Heartbeat | None = None) -> int:
-        deliveries = self.q.read("rollouts", GROUP, self.consumer, RolloutGroup, count=self.batch)
-        if not deliveries:
-            return 0
-        if hb is not None:
-            hb.ids = [d.msg_id for d in deliveries]
-        current_inc = parse_policy_tag(self.q.policy_tag())[0]
-        todo, skip = [], []
-        for d, done in zip(deliveries, self.q.done_flags(GROUP, [d.item.job_id for d in deliveries])):
-            group: RolloutGroup = d.item
-            if done:
-                self.stats["duplicates"] += 1
-                skip.append(d)
-            elif parse_wire_id(group.job_id)[1] < current_inc:  # from a learner that has restarted
-                self.stats["stale"] += 1
-                skip.append(d)
-            elif group.problem_id not in self.problems:  # can never be graded: dead-letter it now
-                self.stats["failed"] += 1
-                self.q.dead_letter(d, GROUP, f"cannot grade: unknown problem_id {group.problem_id!r}",
-                                   job_id=group.job_id)
-            else:
-                todo.append(d)
-        self.q.ack_many(skip, GROUP)
+        return self.loop.step_once(hb)
+
+    def reject(self, group: RolloutGroup) -> str | None:
+        if group.problem_id not in self.problems:  # can never be graded
+            return f"cannot grade: unknown problem_id {group.problem_id!r}"
+        return None
+
+    def process(self, groups: list[RolloutGroup]) -> list[GradedGroup]:
         # all completions of the batch in one grade_many call: the grader parallelises across them
-        graded = grade_groups(self.grader, self.problems, [d.item for d in todo])
-        self.q.wait_for_room("graded", len(todo))
-        fresh = self.q.finish_many([(d, d.item.job_id, [("graded", g)]) for d, g in zip(todo, graded)], GROUP, GROUP)
+        return grade_groups(self.grader, self.problems, groups)
+
+    def count(self, groups: list[RolloutGroup], graded: list[GradedGroup], fresh: list[bool]) -> None:
         self.stats["groups"] += sum(fresh)
-        self.stats["duplicates"] += len(fresh) - sum(fresh)
-        self.stats["completions"] += sum(len(d.item.completions) for d in todo)
+        self.stats["completions"] += sum(len(g.completions) for g in groups)
         self.stats["grade_s"] += sum(g.grade_seconds for g in graded)
         self.stats["cache_hits"] += sum(bool(getattr(x, "cached", False)) for g in graded for x in g.grades)
-        if hb is not None:
-            hb.ids = []
-        return len(todo)
 
 
 def serve_http(cfg: RunConfig, port: int, log: logging.Logger, grader=None, problems: dict | None = None
@@ -139,11 +124,14 @@ def main(argv: list[str] | None = None) -> int:
         problems = load_problems_by_id(cfg)
         if args.http_port:
             serve_http(cfg, args.http_port, log, grader=grader, problems=problems)
+        worker = RewardWorker(cfg, grader, problems, q, log, batch=args.batch or default_batch(cfg), stop=stop)
         try:
-            RewardWorker(cfg, grader, problems, q, log, batch=args.batch or default_batch(cfg), stop=stop).run()
+            worker.run()
         finally:
             close = getattr(grader, "close", None)
-            if callable(close):
+            # after a stop mid-batch the grader still holds that batch's queued work, which close()
+            # would finish first; its sandboxes leave with this process instead (control socket EOF)
+            if callable(close) and not worker.loop.abandoned:
                 close()
 
     return run_service("reward", body)

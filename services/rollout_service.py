@@ -7,7 +7,8 @@ importable, else HFEngine). Before sampling a batch it compares the published po
 (<learner incarnation>:<version>) with the one it holds and fetches + loads the DeltaSUpdate when they
 differ; a job whose min_version is newer than anything published waits for it. Each group is
 published and its job acked in one atomic step (Queues.finish), so a killed worker's jobs are
-re-claimed by another worker and never published twice.
+re-claimed by another worker and never published twice. The read -> dedupe -> process -> publish
+loop (and what a SIGTERM mid-batch does) is services.consumer's.
 """
 from __future__ import annotations
 
@@ -16,9 +17,10 @@ import logging
 import time
 
 from shared.config import RunConfig
-from shared.schemas import DeltaSUpdate, PromptJob
+from shared.schemas import DeltaSUpdate, PromptJob, RolloutGroup
 
-from .procs import Health, StopFlag, exit_now, load_service_config, run_service, service_parser, set_torch_threads
+from .consumer import Consumer, StopRequested
+from .procs import StopFlag, exit_now, load_service_config, run_service, service_parser, set_torch_threads
 from .queues import Heartbeat, QueueError, default_consumer, parse_policy_tag, parse_wire_id, queues_for
 
 GROUP = "rollout"
@@ -53,6 +55,10 @@ def default_batch(cfg: RunConfig) -> int:
 
 
 class RolloutWorker:
+    """The consumer loop's rollout stage (services.consumer): prompt jobs in, rollout groups out."""
+
+    group, source, sink, item = GROUP, "jobs", "rollouts", PromptJob
+
     def __init__(self, cfg: RunConfig, engine, queues, log: logging.Logger, batch: int | None = None,
                  stop: StopFlag | None = None):
         self.cfg, self.engine, self.q, self.log = cfg, engine, queues, log
@@ -61,12 +67,15 @@ class RolloutWorker:
         self.consumer = default_consumer("rollout")
         self.held = (-1, -1)  # (incarnation, version) of the loaded delta
         self.stats = {"jobs": 0, "duplicates": 0, "stale": 0, "syncs": 0, "sync_s": 0.0, "sync_bytes": 0}
+        self.loop = Consumer(self, queues, log, self.consumer, self.batch, self.stop, service="rollout")
 
     # -- policy -------------------------------------------------------------------------------------
     def sync_policy(self, need: tuple[int, int] = (-1, -1)) -> None:
         """Load the published delta if it differs from the held one; wait while it is older than `need`."""
         t0 = time.monotonic()
-        while not self.stop:
+        while True:
+            if self.stop:
+                raise StopRequested(f"while waiting for policy {need}")
             tag, data = self.q.fetch_policy() if self.q.policy_tag() != self._held_tag() else (None, None)
             if tag is not None and data is not None:
                 t1 = time.perf_counter()
@@ -90,45 +99,23 @@ class RolloutWorker:
     # -- loop ---------------------------------------------------------------------------------------
     def run(self) -> None:
         self.log.info("waiting for jobs (consumer %s, batch %d)", self.consumer, self.batch)
-        health = Health("rollout")
-        with Heartbeat(self.q, "jobs", GROUP, self.consumer) as hb:
-            while not self.stop:
-                health.beat()
-                self.step_once(hb)
+        self.loop.run()
         self.log.info("stopping: %s", self.stats)
 
     def step_once(self, hb: Heartbeat | None = None) -> int:
-        deliveries = self.q.read("jobs", GROUP, self.consumer, PromptJob, count=self.batch)
-        if not deliveries:
-            return 0
-        if hb is not None:
-            hb.ids = [d.msg_id for d in deliveries]
-        current_inc = parse_policy_tag(self.q.policy_tag())[0]
-        todo, skip = [], []
-        for d, done in zip(deliveries, self.q.done_flags(GROUP, [d.item.job_id for d in deliveries])):
-            inc = parse_wire_id(d.item.job_id)[1]
-            if done:
-                self.stats["duplicates"] += 1
-                skip.append(d)
-            elif inc < current_inc:  # left over from a learner that has since restarted
-                self.stats["stale"] += 1
-                skip.append(d)
-            else:
-                todo.append(d)
-        self.q.ack_many(skip, GROUP)
-        if not todo:
-            return 0
-        need = max((parse_wire_id(d.item.job_id)[1], d.item.min_version) for d in todo)
-        self.sync_policy(need)
-        groups = {g.job_id: g for g in self.engine.generate([d.item for d in todo])}
-        self.q.wait_for_room("rollouts", len(todo))
-        fresh = self.q.finish_many([(d, d.item.job_id, [("rollouts", groups[d.item.job_id])]) for d in todo],
-                                   GROUP, GROUP)
+        return self.loop.step_once(hb)
+
+    def reject(self, job: PromptJob) -> str | None:
+        return None  # any job can be sampled
+
+    def process(self, jobs: list[PromptJob]) -> list[RolloutGroup]:
+        """Sample the batch in one engine call, with a policy at least as new as every job needs."""
+        self.sync_policy(max((parse_wire_id(j.job_id)[1], j.min_version) for j in jobs))
+        groups = {g.job_id: g for g in self.engine.generate(jobs)}
+        return [groups[j.job_id] for j in jobs]
+
+    def count(self, jobs: list[PromptJob], groups: list[RolloutGroup], fresh: list[bool]) -> None:
         self.stats["jobs"] += sum(fresh)
-        self.stats["duplicates"] += len(fresh) - sum(fresh)
-        if hb is not None:
-            hb.ids = []
-        return len(todo)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,12 +129,15 @@ def main(argv: list[str] | None = None) -> int:
         stop = StopFlag().install()
         q = queues_for(cfg, args.redis_url, args.run_id, stop=lambda: bool(stop))
         engine = make_engine(cfg, log)
+        worker = RolloutWorker(cfg, engine, q, log, batch=args.batch, stop=stop)
         try:
-            RolloutWorker(cfg, engine, q, log, batch=args.batch, stop=stop).run()
+            worker.run()
         finally:
             close = getattr(engine, "close", None)
-            if callable(close):
-                close()  # the vLLM engine runs in a child process
+            # the vLLM engine runs in a child process; after a stop mid-batch it may still be sampling,
+            # and it dies with this process (PDEATHSIG, socket EOF) rather than be waited for
+            if callable(close) and not worker.loop.abandoned:
+                close()
 
     return run_service("rollout", body)
 

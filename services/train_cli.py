@@ -3,34 +3,12 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 from typing import List, Optional
 
 import typer
 
 from shared.clikit import SET_HELP, friendly_errors
 from shared.config import resolve_config
-
-
-def ensure_toy_world(cfg) -> None:
-    """Build the toy model and problems first when a toy run finds none."""
-    if cfg.model.name_or_path != "toy" and cfg.problems != "toy":
-        return
-    root = Path(cfg.toy.dir)
-    if _toy_ready(root):
-        return
-    from shared.toy.build import build_toy
-
-    typer.echo(f"toy world not found under {root}; building it (once) ...", err=True)
-    build_toy(cfg.toy)
-
-
-def _toy_ready(root: Path) -> bool:
-    try:
-        from shared.toy.build import REQUIRED
-    except Exception:  # pragma: no cover
-        return (root / "model" / "config.json").exists()
-    return all((root / r).exists() for r in REQUIRED)
 
 
 def register(app: typer.Typer) -> None:
@@ -64,12 +42,14 @@ def register(app: typer.Typer) -> None:
         cfg = resolve_config(preset, sets)
         name = run_dir or f"runs/{preset}-{cfg.train.arm}-s{cfg.train.seed}"
         cfg = resolve_config(preset, sets + [f"run_dir={json.dumps(name)}"])
+        from reward_server.grader import Grader
         from shared.rundir import prepare_run_dir
+        from shared.toy.build import ensure_toy_world
 
         prepared = prepare_run_dir(cfg, "resume" if resume else "fresh")  # refuses drift; never deletes
         typer.secho(prepared.message(), err=True)
         cfg = prepared.config
-        ensure_toy_world(cfg)
+        ensure_toy_world(cfg, make_grader=Grader)
         from services.sources import run_inprocess
 
         summary = run_inprocess(cfg, resume=True, progress=progress)  # a fresh start left nothing to resume

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Literal, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -37,33 +37,20 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from shared.config import DEFAULT_TARGETS
+from shared.svd import svd_factors
 
 if TYPE_CHECKING:  # pragma: no cover
     from shared.svd_cache import SVDCache
 
 __all__ = [
-    "AdapterError", "AntiPaSTOLinear", "DEFAULT_TARGETS", "svd_factors", "wrap_model", "adapter_modules",
-    "get_delta_s", "set_delta_s", "flat_delta_s", "set_flat_delta_s", "delta_s_layout", "delta_s_parameters",
-    "get_delta_s_grads", "flat_delta_s_grad", "get_delta_q", "set_delta_q", "flat_delta_q", "set_flat_delta_q",
-    "set_quarantine_active", "quarantine", "adapter_disabled", "merged_weight", "merged_state_dict",
-    "merged_inference",
+    "AdapterError", "AntiPaSTOLinear", "DEFAULT_TARGETS", "DeltaKind", "wrap_model", "adapter_modules",
+    "get_delta", "set_delta", "delta_s_layout", "delta_s_parameters", "set_quarantine_active", "quarantine",
+    "adapter_disabled", "merged_weight", "merged_state_dict", "merged_inference",
 ]
 
 
 class AdapterError(ValueError):
     """Bad adapter input (module name, shape, layout); the message names the value and the options."""
-
-
-def fastest_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
-@torch.no_grad()
-def svd_factors(weight: Tensor, device: torch.device | str | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Thin fp32 SVD of W [d_out, d_in] on `device` (default: cuda if present) -> CPU (U, S, Vh)."""
-    dev = torch.device(device) if device is not None else fastest_device()
-    U, S, Vh = torch.linalg.svd(weight.detach().to(dev, torch.float32), full_matrices=False)
-    return U.cpu(), S.cpu(), Vh.cpu()
 
 
 class _ScaledSVDMatmul(torch.autograd.Function):
@@ -263,15 +250,48 @@ def delta_s_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [m.delta_S for m in _mods(model).values()]
 
 
-# ---------------------------------------------------------------- get / set (delta_S and delta_Q)
+# ---------------------------------------------------------------- get / set (delta_S, delta_Q, delta_S.grad)
 
-def _get(model: nn.Module, attr: str) -> dict[str, Tensor]:
-    return {n: getattr(m, attr).detach().float().cpu().clone() for n, m in _mods(model).items()}
+DeltaKind = Literal["s", "q", "s_grad"]
+_ATTRS = {"s": "delta_S", "q": "delta_Q"}  # the settable kinds; "s_grad" is read-only
+
+
+def _attr(kind: str, settable: bool = False) -> str:
+    kinds = tuple(_ATTRS) if settable else (*_ATTRS, "s_grad")
+    if kind not in kinds:
+        raise AdapterError(f"unknown delta kind {kind!r}; valid kinds: {', '.join(kinds)}")
+    return _ATTRS.get(kind, "delta_S.grad")
+
+
+def _value(m: AntiPaSTOLinear, kind: str) -> Tensor:
+    """One module's vector as an fp32 CPU tensor (may alias the parameter; callers copy)."""
+    if kind == "s_grad":
+        g = m.delta_S.grad
+        return g.detach().float().cpu() if g is not None else torch.zeros(m.rank)
+    return getattr(m, _ATTRS[kind]).detach().float().cpu()
+
+
+def get_delta(model: nn.Module, kind: DeltaKind = "s", flat: bool = False) -> dict[str, Tensor] | Tensor:
+    """delta_S ("s"), delta_Q ("q", the route arm's quarantine) or delta_S.grad ("s_grad", zeros where
+    a grad is None) as fp32 CPU copies: {module name: [r]}, or with flat=True one vector in module
+    order (the layout of delta_s_layout; delta_Q and grads share it)."""
+    _attr(kind)
+    mods = _mods(model)
+    if flat:
+        return torch.cat([_value(m, kind).reshape(-1) for m in mods.values()])
+    return {n: _value(m, kind).clone() for n, m in mods.items()}
 
 
 @torch.no_grad()
-def _set(model: nn.Module, values: dict[str, Tensor], attr: str, strict: bool = True) -> None:
+def set_delta(model: nn.Module, values: Mapping[str, Tensor] | Tensor, kind: DeltaKind = "s",
+              strict: bool = True) -> None:
+    """Copy delta_S ("s") or delta_Q ("q") in: a {module name: [r]} dict (shape-checked; strict=True
+    also requires every module), or one flat vector in module order (a Tensor, array or list)."""
+    attr = _attr(kind, settable=True)
     mods = _mods(model)
+    if not isinstance(values, Mapping):
+        _set_flat(mods, values, attr)
+        return
     unknown = sorted(set(values) - set(mods))
     if unknown:
         raise AdapterError(f"unknown adapter module {unknown[0]!r}; known modules include: "
@@ -287,14 +307,7 @@ def _set(model: nn.Module, values: dict[str, Tensor], attr: str, strict: bool = 
         p.copy_(v.to(p.device, p.dtype))
 
 
-def _flat(model: nn.Module, attr: str) -> Tensor:
-    mods = _mods(model)
-    return torch.cat([getattr(m, attr).detach().float().cpu().reshape(-1) for m in mods.values()])
-
-
-@torch.no_grad()
-def _set_flat(model: nn.Module, flat: Tensor, attr: str) -> None:
-    mods = _mods(model)
+def _set_flat(mods: "OrderedDict[str, AntiPaSTOLinear]", flat, attr: str) -> None:
     flat = torch.as_tensor(flat).reshape(-1)
     total = sum(m.rank for m in mods.values())
     if flat.numel() != total:
@@ -305,53 +318,6 @@ def _set_flat(model: nn.Module, flat: Tensor, attr: str) -> None:
         p = getattr(m, attr)
         p.copy_(flat[off:off + m.rank].to(p.device, p.dtype))
         off += m.rank
-
-
-def get_delta_s(model: nn.Module) -> dict[str, Tensor]:
-    """{module name: delta_S (fp32, CPU copy)}."""
-    return _get(model, "delta_S")
-
-
-def set_delta_s(model: nn.Module, values: dict[str, Tensor], strict: bool = True) -> None:
-    """Copy values in (shape-checked; strict=True also requires every module)."""
-    _set(model, values, "delta_S", strict)
-
-
-def flat_delta_s(model: nn.Module) -> Tensor:
-    """All delta_S as one fp32 CPU vector in module order (see delta_s_layout)."""
-    return _flat(model, "delta_S")
-
-
-def set_flat_delta_s(model: nn.Module, flat: Tensor) -> None:
-    _set_flat(model, flat, "delta_S")
-
-
-def get_delta_q(model: nn.Module) -> dict[str, Tensor]:
-    return _get(model, "delta_Q")
-
-
-def set_delta_q(model: nn.Module, values: dict[str, Tensor], strict: bool = True) -> None:
-    _set(model, values, "delta_Q", strict)
-
-
-def flat_delta_q(model: nn.Module) -> Tensor:
-    """All quarantine deltas as one fp32 CPU vector, same layout as flat_delta_s."""
-    return _flat(model, "delta_Q")
-
-
-def set_flat_delta_q(model: nn.Module, flat: Tensor) -> None:
-    _set_flat(model, flat, "delta_Q")
-
-
-def get_delta_s_grads(model: nn.Module) -> dict[str, Tensor | None]:
-    """{module name: delta_S.grad} (live tensors, not copies: projection edits them in place)."""
-    return {n: m.delta_S.grad for n, m in _mods(model).items()}
-
-
-def flat_delta_s_grad(model: nn.Module) -> Tensor:
-    """All delta_S grads as one fp32 CPU vector (zeros where a grad is None)."""
-    return torch.cat([(m.delta_S.grad.detach().float().cpu() if m.delta_S.grad is not None
-                       else torch.zeros(m.rank)) for m in _mods(model).values()])
 
 
 # ---------------------------------------------------------------- modes

@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from shared.adapter import svd_factors
+from shared.svd import svd_factors
 
 log = logging.getLogger("rankguard.svd_cache")
 FORMAT = "rankguard-svd-v1"

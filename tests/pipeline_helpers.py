@@ -23,11 +23,13 @@ def quick_toy_dir() -> Path:
     """A toy world with the quick warm start (cached across test sessions under .cache/)."""
     import torch
 
+    from reward_server.grader import Grader
     from shared.config import ToyConfig
     from shared.toy.build import QUICK_WARM, build_toy
 
     torch.set_num_threads(1)
-    build_toy(ToyConfig(dir=str(QUICK_TOY), n_train=60, n_eval=16), warm=QUICK_WARM, progress=False)
+    build_toy(ToyConfig(dir=str(QUICK_TOY), n_train=60, n_eval=16), warm=QUICK_WARM, progress=False,
+              make_grader=Grader)
     return QUICK_TOY
 
 

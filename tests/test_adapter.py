@@ -6,10 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from shared.adapter import (AdapterError, AntiPaSTOLinear, adapter_disabled, adapter_modules, delta_s_layout,
-                            merged_inference,
-                            delta_s_parameters, flat_delta_q, flat_delta_s, flat_delta_s_grad, get_delta_q,
-                            get_delta_s, merged_state_dict, merged_weight, quarantine, set_delta_q, set_delta_s,
-                            set_flat_delta_q, set_flat_delta_s, set_quarantine_active, wrap_model)
+                            delta_s_parameters, get_delta, merged_inference, merged_state_dict, merged_weight,
+                            quarantine, set_delta, set_quarantine_active, wrap_model)
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -34,8 +32,8 @@ def _logits(model, ids):
 
 def _randomize(model, scale=0.05, seed=0):
     g = torch.Generator().manual_seed(seed)
-    flat = torch.randn(flat_delta_s(model).numel(), generator=g) * scale
-    set_flat_delta_s(model, flat)
+    flat = torch.randn(get_delta(model, flat=True).numel(), generator=g) * scale
+    set_delta(model, flat)
     return flat
 
 
@@ -74,7 +72,7 @@ def test_bf16_small_delta_still_moves_output(tiny_qwen3, ids):
     model = copy.deepcopy(tiny_qwen3).to(torch.bfloat16)
     wrap_model(model, progress=False)
     before = _logits(model, ids)
-    set_flat_delta_s(model, torch.full_like(flat_delta_s(model), 1e-3))
+    set_delta(model, torch.full_like(get_delta(model, flat=True), 1e-3))
     assert not torch.equal(_logits(model, ids), before)
 
 
@@ -90,7 +88,7 @@ def test_only_delta_s_gets_gradients(wrapped, ids):
         else:
             assert not p.requires_grad and p.grad is None, n
     assert len(delta_s_parameters(model)) == 14
-    assert flat_delta_s_grad(model).shape == (14 * 64,)
+    assert get_delta(model, kind="s_grad", flat=True).shape == (14 * 64,)
 
 
 def test_delta_s_grad_matches_analytic_formula(wrapped, ids):
@@ -134,34 +132,53 @@ def test_input_grad_matches_plain_autograd(tiny_qwen3):
 def test_flat_and_dict_round_trips(wrapped):
     model, names = wrapped
     flat = _randomize(model, seed=3)
-    torch.testing.assert_close(flat_delta_s(model), flat)
-    d = get_delta_s(model)
+    torch.testing.assert_close(get_delta(model, flat=True), flat)
+    d = get_delta(model)
     assert list(d) == names and d[names[0]].dtype == torch.float32
     other = copy.deepcopy(model)
-    set_flat_delta_s(other, torch.zeros_like(flat))
-    assert flat_delta_s(other).abs().sum() == 0
-    set_delta_s(other, d)
-    torch.testing.assert_close(flat_delta_s(other), flat)
+    set_delta(other, torch.zeros_like(flat))
+    assert get_delta(other, flat=True).abs().sum() == 0
+    set_delta(other, d)
+    torch.testing.assert_close(get_delta(other, flat=True), flat)
     # quarantine vector has the same layout
-    set_flat_delta_q(other, flat * 2)
-    torch.testing.assert_close(flat_delta_q(other), flat * 2)
-    set_delta_q(model, get_delta_q(other))
-    torch.testing.assert_close(flat_delta_q(model), flat * 2)
+    set_delta(other, flat * 2, kind="q")
+    torch.testing.assert_close(get_delta(other, kind="q", flat=True), flat * 2)
+    set_delta(model, get_delta(other, kind="q"), kind="q")
+    torch.testing.assert_close(get_delta(model, kind="q", flat=True), flat * 2)
 
 
 def test_set_errors_are_clear(wrapped):
     model, names = wrapped
     with pytest.raises(AdapterError, match=r"delta_S for 'model.layers.0.self_attn.q_proj' has shape \(3,\), "
                                            r"expected \(64,\)"):
-        set_delta_s(model, {names[0]: torch.zeros(3)}, strict=False)
+        set_delta(model, {names[0]: torch.zeros(3)}, strict=False)
     with pytest.raises(AdapterError, match="unknown adapter module 'nope'"):
-        set_delta_s(model, {"nope": torch.zeros(64)})
+        set_delta(model, {"nope": torch.zeros(64)})
     with pytest.raises(AdapterError, match="missing"):
-        set_delta_s(model, {names[0]: torch.zeros(64)})
+        set_delta(model, {names[0]: torch.zeros(64)})
     with pytest.raises(AdapterError, match="flat delta_S has 5 values, the model's layout needs 896"):
-        set_flat_delta_s(model, torch.zeros(5))
+        set_delta(model, torch.zeros(5))
     with pytest.raises(AdapterError, match="no AntiPaSTO modules"):
-        flat_delta_s(torch.nn.Linear(3, 3))
+        get_delta(torch.nn.Linear(3, 3), flat=True)
+
+
+def test_delta_kinds_share_one_layout(wrapped, ids):
+    """get_delta/set_delta: dict and flat views agree for every kind; grads are copies, zeros before backward."""
+    model, names = wrapped
+    assert get_delta(model, kind="s_grad", flat=True).abs().sum() == 0  # no backward yet: zeros, not None
+    model(ids, labels=ids).loss.backward()
+    grads = get_delta(model, kind="s_grad")
+    flat = get_delta(model, kind="s_grad", flat=True)
+    assert list(grads) == names and flat.abs().sum() > 0
+    torch.testing.assert_close(torch.cat(list(grads.values())), flat)
+    grads[names[0]].zero_()  # a copy: the live grad is untouched
+    assert adapter_modules(model)[names[0]].delta_S.grad.abs().sum() > 0
+    set_delta(model, [0.5] * flat.numel(), kind="q")  # anything torch.as_tensor takes, as a flat vector
+    assert get_delta(model, kind="q")[names[-1]].tolist() == [0.5] * 64
+    with pytest.raises(AdapterError, match=r"unknown delta kind 's_grad'; valid kinds: s, q"):
+        set_delta(model, flat, kind="s_grad")
+    with pytest.raises(AdapterError, match=r"unknown delta kind 'S'; valid kinds: s, q, s_grad"):
+        get_delta(model, kind="S")
 
 
 def test_bad_module_name_error(tiny_qwen3):
@@ -177,7 +194,7 @@ def test_bad_module_name_error(tiny_qwen3):
 def test_adapter_disabled_gives_reference(tiny_qwen3, wrapped, ids):
     model, _ = wrapped
     _randomize(model, scale=0.2)
-    set_flat_delta_q(model, torch.ones_like(flat_delta_s(model)))
+    set_delta(model, torch.ones_like(get_delta(model, flat=True)), kind="q")
     set_quarantine_active(model, True)
     moved = _logits(model, ids)
     ref = _logits(tiny_qwen3, ids)
@@ -191,12 +208,12 @@ def test_quarantine_active_and_inactive(wrapped, ids):
     model, _ = wrapped
     ds = _randomize(model, scale=0.1, seed=1)
     dq = torch.randn(ds.numel(), generator=torch.Generator().manual_seed(2)) * 0.1
-    set_flat_delta_q(model, dq)
+    set_delta(model, dq, kind="q")
     assert all(not m.delta_Q.requires_grad for m in adapter_modules(model).values())
     base = _logits(model, ids)
     summed = copy.deepcopy(model)
-    set_flat_delta_s(summed, ds + dq)
-    set_flat_delta_q(summed, torch.zeros_like(dq))
+    set_delta(summed, ds + dq)
+    set_delta(summed, torch.zeros_like(dq), kind="q")
     with quarantine(model, True):
         assert all(m.quarantine_active for m in adapter_modules(model).values())
         torch.testing.assert_close(_logits(model, ids), _logits(summed, ids), rtol=1e-5, atol=1e-5)
@@ -211,7 +228,7 @@ def test_quarantine_active_and_inactive(wrapped, ids):
 def test_merged_weight_reproduces_forward(tiny_qwen3, wrapped, ids):
     model, _ = wrapped
     _randomize(model, scale=0.1)
-    set_flat_delta_q(model, torch.full_like(flat_delta_s(model), 0.05))
+    set_delta(model, torch.full_like(get_delta(model, flat=True), 0.05), kind="q")
     mod = model.get_submodule("model.layers.0.mlp.gate_proj")
     x = torch.randn(4, mod.in_features)
     with torch.no_grad():
@@ -232,7 +249,7 @@ def test_merged_weight_reproduces_forward(tiny_qwen3, wrapped, ids):
 def test_merged_inference_matches_adapter_and_keeps_training_path(wrapped, ids):
     model, _ = wrapped
     _randomize(model, scale=0.1)
-    set_flat_delta_q(model, torch.full_like(flat_delta_s(model), 0.05))
+    set_delta(model, torch.full_like(get_delta(model, flat=True), 0.05), kind="q")
     base = _logits(model, ids)
     with quarantine(model, True):
         routed = _logits(model, ids)
@@ -259,7 +276,7 @@ def test_rank_below_full_with_residual(tiny_qwen3, ids, rank):
     wrap_model(model, rank=rank, progress=False)
     mods = adapter_modules(model)
     assert all(m.rank == rank and m.W_res is not None for m in mods.values())
-    assert flat_delta_s(model).numel() == 14 * rank
+    assert get_delta(model, flat=True).numel() == 14 * rank
     assert (_logits(model, ids) - _logits(tiny_qwen3, ids)).abs().max().item() < 1e-3
     name = "model.layers.1.self_attn.o_proj"
     orig = tiny_qwen3.get_submodule(name).weight
@@ -276,9 +293,9 @@ def test_rank_below_full_with_residual(tiny_qwen3, ids, rank):
 def test_wrap_twice_is_idempotent(wrapped):
     model, names = wrapped
     _randomize(model)
-    before = flat_delta_s(model)
+    before = get_delta(model, flat=True)
     assert wrap_model(model, progress=False) == names
-    torch.testing.assert_close(flat_delta_s(model), before)
+    torch.testing.assert_close(get_delta(model, flat=True), before)
 
 
 def test_bias_kept_and_frozen():
@@ -312,7 +329,7 @@ def test_bf16_delta_s_grad_tracks_fp32(tiny_qwen3, ids):
         model = copy.deepcopy(tiny_qwen3).to(dtype)
         wrap_model(model, progress=False)
         model(ids, labels=ids).loss.backward()
-        g = flat_delta_s_grad(model)
+        g = get_delta(model, kind="s_grad", flat=True)
         assert g.dtype == torch.float32
         grads.append(g)
     cos = F.cosine_similarity(grads[0], grads[1], dim=0).item()

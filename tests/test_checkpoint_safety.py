@@ -10,7 +10,7 @@ import torch
 from learner import checkpoint as ckpt
 from learner.metrics import read_jsonl
 from rollout.hf_engine import HFEngine
-from shared.adapter import flat_delta_s
+from shared.adapter import get_delta
 from tests.test_trainer import art_root, base_model, make_cfg, make_learner, one_step, strip_times  # noqa: F401
 
 
@@ -154,7 +154,7 @@ def test_resume_after_a_truncated_newest_checkpoint_is_exact(tmp_path, base_mode
     ec = HFEngine(c.model, c.tokenizer)
     ec.version = c.policy_version
     assert strip_times(one_step(c, ec)) == strip_times(rows_a[2])
-    assert torch.equal(flat_delta_s(c.model), flat_delta_s(a.model))
+    assert torch.equal(get_delta(c.model, flat=True), get_delta(a.model, flat=True))
 
 
 def test_resume_with_no_good_checkpoint_starts_over_and_keeps_the_bad_one(tmp_path, base_model, art_root):  # noqa: F811

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from shared.fast_decode import Qwen3Decoder, unsupported
-from shared.adapter import flat_delta_s, merged_inference, set_flat_delta_s, wrap_model
+from shared.adapter import get_delta, merged_inference, set_delta, wrap_model
 
 
 def _hf_logits(model, ids, attn):
@@ -32,7 +32,7 @@ def test_prefill_and_steps_match_transformers(tiny_qwen3, wrapped):
     model = copy.deepcopy(tiny_qwen3)
     if wrapped:
         wrap_model(model, progress=False)
-        set_flat_delta_s(model, torch.randn(flat_delta_s(model).numel(), generator=torch.Generator().manual_seed(1)) * 0.2)
+        set_delta(model, torch.randn(get_delta(model, flat=True).numel(), generator=torch.Generator().manual_seed(1)) * 0.2)
     ids, attn = _batch()
     new = torch.randint(2, 256, (3, 4), generator=torch.Generator().manual_seed(2))
     full_ids, full_attn = torch.cat([ids, new], 1), torch.cat([attn, torch.ones_like(new)], 1)
@@ -71,7 +71,7 @@ def test_engine_samples_the_same_on_both_paths(tiny_qwen3):
 
     model = copy.deepcopy(tiny_qwen3)
     wrap_model(model, progress=False)
-    set_flat_delta_s(model, torch.randn(flat_delta_s(model).numel(), generator=torch.Generator().manual_seed(3)) * 0.2)
+    set_delta(model, torch.randn(get_delta(model, flat=True).numel(), generator=torch.Generator().manual_seed(3)) * 0.2)
     tok = ByteTokenizer()
     jobs = [PromptJob(job_id=f"j{i}", step=0, problem_id=str(i), prompt_text=p, prompt_ids=tok.encode(p),
                       sampling=SamplingParams(n=3, max_new_tokens=14, seed=11 + i))

@@ -92,6 +92,18 @@ def test_kl_is_zero_when_policy_equals_reference():
     assert (kl_k3(logp, logp + 0.3) > 0).all()
 
 
+def test_kl_k3_is_the_literal_formula_bit_for_bit():
+    """kl_k3 is the one k3 (the learner's KL measurement calls it): exp(d) - d - 1 with d = ref - logp,
+    in that float order, so swapping a local copy for it changes no metric digit."""
+    g = torch.Generator().manual_seed(0)
+    logp = -torch.rand(64, 33, generator=g) * 12
+    ref = logp + torch.randn(64, 33, generator=g) * torch.logspace(-7, 1, 33)
+    d = ref - logp
+    assert torch.equal(kl_k3(logp, ref), torch.exp(d) - d - 1)
+    dd = ref.double() - logp.double()
+    assert torch.equal(kl_k3(logp.double(), ref.double()), torch.exp(dd) - dd - 1)
+
+
 def test_truncated_is_weight_scales_tokens_and_caps():
     old = torch.tensor([[0.0, -1.0]])
     behaviour = torch.tensor([[-2.0, -1.0]])

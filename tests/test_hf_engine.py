@@ -4,9 +4,10 @@ import copy
 import pytest
 import torch
 
-from learner.logprobs import token_logprobs
-from rollout.hf_engine import HFEngine, SeededSampler, encode_floats
-from shared.adapter import flat_delta_s, set_flat_delta_s, wrap_model
+from shared.logprobs import token_logprobs
+from rollout.hf_engine import HFEngine, SeededSampler
+from shared.codec import encode_floats
+from shared.adapter import get_delta, set_delta, wrap_model
 from shared.schemas import DeltaSUpdate, PromptJob, SamplingParams
 from tests.test_trainer_fakes import IM_END, ByteTokenizer
 
@@ -93,14 +94,44 @@ def test_sampler_respects_top_k_and_top_p():
 def test_load_delta_sets_weights_and_version(engine, tiny_qwen3):
     other = copy.deepcopy(tiny_qwen3)
     wrap_model(other, progress=False)
-    flat = torch.randn_like(flat_delta_s(other)) * 0.05
-    set_flat_delta_s(other, flat)
+    flat = torch.randn_like(get_delta(other, flat=True)) * 0.05
+    set_delta(other, flat)
     upd = DeltaSUpdate(version=5, names=[], sizes=[], data=encode_floats(flat))
     before = engine.generate([job(0, "hi", n=2)])[0]
     engine.load_delta(upd)
     assert engine.version == 5
-    assert torch.allclose(flat_delta_s(engine.model), flat)
+    assert torch.allclose(get_delta(engine.model, flat=True), flat)
     after = engine.generate([job(0, "hi", n=2)])[0]
     assert after.policy_version == 5 and before.policy_version == 0
     ref = HFEngine(other, ByteTokenizer()).generate([job(0, "hi", n=2)])[0]
     assert [c.token_ids for c in after.completions] == [c.token_ids for c in ref.completions]
+
+
+def test_generate_by_mode_samples_each_mode_apart_in_job_order():
+    """rollout.engine.generate_by_mode: train-mode jobs first, each mode prepared once (untimed) and
+    sampled once, gen_seconds = the part's wall time shared evenly, groups back in job order."""
+    import time
+
+    from rollout.engine import generate_by_mode
+    from shared.schemas import RolloutGroup
+
+    jobs = [PromptJob(job_id=f"j{i}", step=0, problem_id="p", prompt_text="", prompt_ids=[1],
+                      sampling=SamplingParams(n=1), adapter_mode=mode) for i, mode in enumerate(["eval", "train", "eval", "train", "train"])]
+    calls = []
+
+    def prepare(train):
+        calls.append(("prepare", train))
+        time.sleep(0.2)  # not counted in gen_seconds
+
+    def sample(part, train):
+        calls.append(("sample", train, [j.job_id for j in part]))
+        time.sleep(0.03 * len(part))
+        return [RolloutGroup(job_id=j.job_id, step=0, problem_id="p", policy_version=0, prompt_ids=[1],
+                             completions=[]) for j in reversed(part)]
+
+    groups = generate_by_mode(jobs, sample, prepare)
+    assert [g.job_id for g in groups] == ["j0", "j1", "j2", "j3", "j4"]
+    assert calls == [("prepare", True), ("sample", True, ["j1", "j3", "j4"]),
+                     ("prepare", False), ("sample", False, ["j0", "j2"])]
+    assert all(0.03 <= g.gen_seconds < 0.15 for g in groups), [g.gen_seconds for g in groups]
+    assert generate_by_mode([], sample) == [] and len(calls) == 4

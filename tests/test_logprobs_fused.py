@@ -4,7 +4,7 @@ import copy
 import pytest
 import torch
 
-from learner.logprobs import hidden_at_layer, token_logprobs
+from shared.logprobs import hidden_at_layer, token_logprobs
 
 torch.set_num_threads(1)
 

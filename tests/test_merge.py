@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from rollout.merge import DeltaMerger, MergeError, as_flat_delta, factors_from_weight, factors_from_wrapped
-from shared.adapter import adapter_modules, delta_s_layout, merged_weight, set_flat_delta_s, wrap_model
+from shared.adapter import adapter_modules, delta_s_layout, merged_weight, set_delta, wrap_model
 
 
 def _wrapped(tiny_qwen3, rank=None):
@@ -29,7 +29,7 @@ def test_merge_matches_adapter_forward(tiny_qwen3, rank):
     names, sizes = delta_s_layout(model)
     g = torch.Generator().manual_seed(1)
     delta = 0.05 * torch.randn(sum(sizes), generator=g)
-    set_flat_delta_s(model, delta)
+    set_delta(model, delta)
     merger = DeltaMerger(factors_from_wrapped(model), device="cpu")
     out = dict(merger.merged(delta, names, sizes))
     assert list(out) == [n + ".weight" for n in names]  # model order, HF checkpoint names

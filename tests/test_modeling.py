@@ -6,7 +6,7 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from shared.adapter import adapter_modules, flat_delta_s
+from shared.adapter import adapter_modules, get_delta
 from shared.adapter_cli import register
 from shared.config import resolve_config
 from shared.modeling import ModelLoadError, load_policy, load_problem_sets, resolve_model_path, split_problems
@@ -23,7 +23,7 @@ def test_load_policy_from_folder_wraps_and_caches(tiny_qwen3_dir, tmp_path):
     pol = load_policy(cfg, device="cpu", progress=False)
     assert len(pol.module_names) == 14 and list(adapter_modules(pol.model)) == pol.module_names
     assert pol.cache_stats.built == 14 and pol.model_id == str(tiny_qwen3_dir.resolve())
-    assert flat_delta_s(pol.model).numel() == 896
+    assert get_delta(pol.model, flat=True).numel() == 896
     ids = pol.tokenizer("def f(x):\n    return x", return_tensors="pt").input_ids
     plain = load_policy(cfg, wrap=False, device="cpu")
     assert plain.module_names == [] and not adapter_modules(plain.model)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from learner.logprobs import hidden_at_layer, token_logprobs
+from shared.logprobs import hidden_at_layer, token_logprobs
 from learner.pairs import Pair
 from learner.rebound import (concept_direction, concept_penalty, layer_for, load_concept,
                              mean_completion_activation, save_concept)

@@ -29,6 +29,23 @@ def test_delta_update_carries_fp32_bytes():
     assert len(upd.pack()) < flat.nbytes + 100
 
 
+def test_float_codec_round_trips_through_the_wire():
+    """shared.codec: what the learner encodes is what every engine decodes, bit for bit, as fp32."""
+    import torch
+
+    from shared.codec import decode_floats, encode_floats
+
+    flat = torch.tensor([0.0, -1.5, 1e-8, 3.4e38, float("inf")], dtype=torch.float32)
+    data = encode_floats(flat)
+    assert data == flat.numpy().astype("<f4").tobytes() and len(data) == 4 * 5
+    upd = DeltaSUpdate.unpack(DeltaSUpdate(version=1, names=["a"], sizes=[5], data=data).pack())
+    back = decode_floats(upd.data)
+    assert back.dtype == torch.float32 and torch.equal(back, flat)
+    back += 1  # a writable copy, not a view of the (read-only) bytes
+    half = torch.tensor([0.1, 0.2], dtype=torch.bfloat16)  # other dtypes go out as their fp32 value
+    assert torch.equal(decode_floats(encode_floats(half)), half.float())
+
+
 @pytest.mark.parametrize(
     "payload,needle",
     [

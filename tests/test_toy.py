@@ -17,8 +17,9 @@ from shared.hacks import MODES  # noqa: E402
 from shared.problems import load_problems, save_problems  # noqa: E402
 from shared.prompts import build_messages, extract_code, render_prompt  # noqa: E402
 from shared.toy import tasks  # noqa: E402
+from shared.schemas import Grade  # noqa: E402
 from shared.toy.build import (  # noqa: E402
-    ToyBuildError, build_toy, fingerprint, load_toy_problems, resolve_warm, toy_status)
+    ToyBuildError, build_toy, fingerprint, grade_stats, load_toy_problems, resolve_warm, toy_status)
 from shared.toy.model import make_model, param_count  # noqa: E402
 from shared.toy.tokenizer import IM_END, train_tokenizer  # noqa: E402
 from shared.toy.warmstart import QUICK_WARM, WarmStartConfig, corpus_texts, make_target  # noqa: E402
@@ -202,7 +203,9 @@ def test_tiny_qwen3_shape():
 def built(tmp_path_factory):
     d = tmp_path_factory.mktemp("toy") / "world"
     cfg = ToyConfig(dir=str(d), n_train=40, n_eval=16)
-    return cfg, build_toy(cfg, warm=QUICK, progress=False)
+    from reward_server.grader import Grader
+
+    return cfg, build_toy(cfg, warm=QUICK, progress=False, make_grader=Grader)
 
 
 def test_build_writes_a_loadable_world(built):
@@ -216,6 +219,7 @@ def test_build_writes_a_loadable_world(built):
     meta = json.loads((art.dir / "build.json").read_text())
     assert meta["fingerprint"] == fingerprint(cfg, QUICK) == art.fingerprint
     assert meta["stats"]["samples"] == QUICK.stats_samples and 0 <= meta["stats"]["parse"] <= 1
+    assert meta["stats"]["grader"] == "ok" and 0 <= meta["stats"]["pass"] <= 1  # graded by the injected Grader
     assert meta["warm_start"]["loss_last"] < meta["warm_start"]["loss_first"]
     tok = AutoTokenizer.from_pretrained(art.model_dir)
     model = AutoModelForCausalLM.from_pretrained(art.model_dir)
@@ -248,6 +252,52 @@ def test_build_is_cached_and_rebuilds_when_stale(built):
     assert build_toy(cfg, warm=QUICK, progress=False).cached
 
 
+def test_ensure_toy_world_builds_only_for_toy_runs_and_only_when_missing(built, tmp_path, monkeypatch, capsys):
+    from shared.config import resolve_config
+    from shared.toy.build import ensure_toy_world
+
+    cfg, art = built
+    monkeypatch.setenv("RANKGUARD_TOY_WARM", QUICK.model_dump_json())
+    nowhere = tmp_path / "none"
+    ensure_toy_world(resolve_config("toy", [f"toy.dir={nowhere}", 'model.name_or_path="some/model"',
+                                            'problems="leetcode"']))
+    assert not nowhere.exists()  # not a toy run: nothing built
+    run = resolve_config("toy", [f"toy.dir={art.dir}", f"toy.n_train={cfg.n_train}", f"toy.n_eval={cfg.n_eval}"])
+    stamp = (art.dir / "build.json").stat().st_mtime_ns
+    ensure_toy_world(run)
+    assert (art.dir / "build.json").stat().st_mtime_ns == stamp and capsys.readouterr().err == ""
+    (art.dir / "model" / "tokenizer.json").unlink()
+    made = []
+
+    class FakeGrader:  # what the build hands its factory: all four loopholes open, two workers
+        def __init__(self, reward_cfg, workers):
+            made.append((reward_cfg.loopholes.model_dump(), workers))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
+        def grade_many(self, pairs):
+            return [Grade(formatted=True, can_compile=True, gt_pass=i % 2 == 0, pass_frac=1.0,
+                          exploited={"A": False, "B": True, "C": False, "D": False}, attempted={}, reward=1.0)
+                    for i, _ in enumerate(pairs)]
+
+    ensure_toy_world(run, make_grader=FakeGrader)
+    assert f"toy world not found under {art.dir}; building it (once)" in capsys.readouterr().err
+    assert made == [({"rt": True, "se": True, "so": True, "fm": True}, 2)]
+    ok, _, meta = toy_status(art.dir, art.fingerprint)
+    assert ok and meta["stats"]["grader"] == "ok" and meta["stats"]["pass"] == 0.5
+    assert meta["stats"]["hack_strict"] == meta["stats"]["hack_strict_B"] == 1.0
+
+
+def test_build_stats_without_a_grader_say_so():
+    probs = tasks.make_splits(seed=0, n_train=4, n_eval=2, hard_fraction=0.5)[1]
+    stats = grade_stats(probs, ["```python\nx = 1\n```", "no code"])
+    assert stats == {"samples": 2, "parse": 0.5, "grader": "unavailable"}
+
+
 def test_missing_build_is_a_clear_error(tmp_path):
     with pytest.raises(ToyBuildError, match=r"not usable \(no build.json"):
         load_toy_problems(tmp_path / "nothing")
@@ -267,7 +317,7 @@ def test_cli_build_and_show(built, monkeypatch):
     import typer
     from typer.testing import CliRunner
 
-    from shared.toy.cli import register
+    from services.toy_cli import register
 
     cfg, art = built
     app = typer.Typer()
@@ -283,7 +333,7 @@ def test_cli_build_and_show(built, monkeypatch):
     # so check the cached path through `show` and the error path through bad input.
     res = runner.invoke(app, ["toy", "show", "--dir", str(art.dir), "-n", "2", "--samples", "1"])
     assert res.exit_code == 0, res.output
-    assert res.output.count("assert Solution().") >= 6 and "--- sample 0" in res.output
+    assert res.output.count("assert Solution().") >= 6 and "--- sample 0 gt_pass=" in res.output  # graded
     res = runner.invoke(app, ["toy", "show", "--dir", str(art.dir), "--split", "bogus"])
     assert res.exit_code == 2 and "unknown split 'bogus'" in res.output
     res = runner.invoke(app, ["toy", "build", "--dir", str(art.dir), "--steps", "-3"])

@@ -11,7 +11,7 @@ from learner.metrics import EVAL_KEYS, METRIC_KEYS, read_jsonl
 from learner.trainer import Learner
 from services.sources import grade_groups as _grade_groups, run_inprocess
 from rollout.hf_engine import HFEngine
-from shared.adapter import adapter_modules, flat_delta_q, flat_delta_s, wrap_model
+from shared.adapter import adapter_modules, get_delta, wrap_model
 from shared.config import resolve_config
 from shared.problems import Message, Problem
 from shared.schemas import Completion, Grade, GradedGroup, RolloutGroup
@@ -86,7 +86,7 @@ def test_kl_zero_at_step0_then_positive(tmp_path, base_model, art_root):
     row0 = one_step(ln, eng)
     assert row0["kl"] is not None and abs(row0["kl"]) < 1e-6
     assert row0["skipped_frac"] < 1.0 and row0["policy_version"] == 1
-    assert float(flat_delta_s(ln.model).abs().max()) > 0  # it moved
+    assert float(get_delta(ln.model, flat=True).abs().max()) > 0  # it moved
     eng.version = ln.policy_version
     row1 = one_step(ln, eng)
     assert row1["kl"] > 1e-6
@@ -137,7 +137,7 @@ def test_resume_gives_the_uninterrupted_next_step(tmp_path, base_model, art_root
     ec.version = c.policy_version
     row_c = one_step(c, ec)
     assert strip_times(row_c) == strip_times(rows_a[2])
-    assert torch.equal(flat_delta_s(c.model), flat_delta_s(a.model))
+    assert torch.equal(get_delta(c.model, flat=True), get_delta(a.model, flat=True))
     assert [r["step"] for r in read_jsonl(tmp_path / "b" / "metrics.jsonl")] == [0, 1, 2]
 
 
@@ -170,10 +170,10 @@ def test_skip_rule_counts_flat_groups(tmp_path, base_model, art_root):
     live = _group("l1", ["ee", "ff"], [0.0, 3.0], tok)
     row = ln.train_step(flat + [live])
     assert row["skipped_frac"] == pytest.approx(2 / 3) and row["n_train_seqs"] == 2
-    before = flat_delta_s(ln.model).clone()
+    before = get_delta(ln.model, flat=True).clone()
     row = ln.train_step(flat)
     assert row["skipped_frac"] == 1.0 and row["n_train_seqs"] == 0
-    assert torch.equal(flat_delta_s(ln.model), before)  # nothing to learn from: weights unchanged
+    assert torch.equal(get_delta(ln.model, flat=True), before)  # nothing to learn from: weights unchanged
     assert row["policy_version"] == 2
 
 
@@ -183,7 +183,7 @@ def test_route_arm_quarantine_trains_and_stays_out_of_eval(tmp_path, base_model,
     eng = HFEngine(ln.model, ln.tokenizer)
     row = one_step(ln, eng)
     assert row["frac_fired"] > 0
-    q = flat_delta_q(ln.model)
+    q = get_delta(ln.model, kind="q", flat=True)
     assert float(q.abs().max()) > 0, "the removed component should have trained delta_Q"
     upd = ln.delta_update()
     assert upd.quarantine is not None and upd.version == 1
@@ -210,7 +210,7 @@ def test_rebound_penalty_lowers_hack_like_rewards(tmp_path, base_model, art_root
     (On a random tiny model every completion's h_mean has cos < 0 with the mean-diff v_concept, so
     the penalty would be 0 throughout; the test points v_concept at one hack completion's own h_mean.)
     """
-    from learner.logprobs import hidden_at_layer
+    from shared.logprobs import hidden_at_layer
     from learner.rebound import mean_completion_activation
     from learner.vhack import pairs_for_config
 

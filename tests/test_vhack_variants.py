@@ -218,7 +218,7 @@ def test_extraction_and_projection_at_a_cropped_rank(world):
     assert V.validate_vhack(model, tok, d, split_pairs(pairs, "heldout"), progress=False, gate=False).n_pairs == 8
     # a GRPO-like gradient into the cropped delta_S, projected by the model's own projector
     ids, mask = V.encode_pair_side(tok, pairs[0], pairs[0].hack)
-    from learner.logprobs import token_logprobs
+    from shared.logprobs import token_logprobs
 
     (-(token_logprobs(model, ids, torch.ones_like(ids)) * mask).sum()).backward()
     grads = {n: m.delta_S.grad.clone() for n, m in mods.items()}

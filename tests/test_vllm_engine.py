@@ -72,11 +72,11 @@ def _update(policy, version, delta, quarantine=None):
 
 def _max_lp_diff(policy, group, delta, quarantine=None) -> float:
     """max |vLLM logprob - learner HF forward logprob| over the group, with the same delta set."""
-    from learner.logprobs import token_logprobs
-    from shared.adapter import quarantine as quarantine_ctx, set_flat_delta_q, set_flat_delta_s
+    from shared.logprobs import token_logprobs
+    from shared.adapter import quarantine as quarantine_ctx, set_delta
 
-    set_flat_delta_s(policy.model, delta)
-    set_flat_delta_q(policy.model, torch.zeros_like(delta) if quarantine is None else quarantine)
+    set_delta(policy.model, delta)
+    set_delta(policy.model, torch.zeros_like(delta) if quarantine is None else quarantine, kind="q")
     worst = 0.0
     with torch.no_grad(), quarantine_ctx(policy.model, active=quarantine is not None):
         for c in group.completions:

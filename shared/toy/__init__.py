@@ -13,8 +13,8 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "build_toy": "build", "load_toy_problems": "build", "toy_status": "build", "ToyArtifacts": "build",
-    "ToyBuildError": "build", "WarmStartConfig": "warmstart", "QUICK_WARM": "warmstart",
+    "build_toy": "build", "ensure_toy_world": "build", "load_toy_problems": "build", "toy_status": "build",
+    "ToyArtifacts": "build", "ToyBuildError": "build", "WarmStartConfig": "warmstart", "QUICK_WARM": "warmstart",
     "make_splits": "tasks", "generate_problems": "tasks", "FAMILIES": "tasks",
 }
 __all__ = sorted(_EXPORTS)

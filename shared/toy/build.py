@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -21,12 +22,16 @@ from typing import Any, Callable, Iterator
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from ..config import ToyConfig
+from ..config import LoopholeConfig, RewardConfig, ToyConfig
 from ..problems import Problem, load_problems, save_problems
 from . import prebuilt, tasks
 from .model import make_model, param_count
 from .tokenizer import train_tokenizer
 from .warmstart import QUICK_WARM, WarmStartConfig, auto_threads, corpus_texts, sample_completions, warm_start
+
+# (RewardConfig, workers=n) -> a grader (a context manager with grade_many): reward_server.grader.Grader,
+# injected by the caller (services/, analysis/, tests/), since shared/ imports no other package
+GraderFactory = Callable[..., Any]
 
 BUILD_VERSION = 2  # bump when the generator, tokenizer or recipe changes meaning
 WARM_ENV = "RANKGUARD_TOY_WARM"  # JSON overrides of WarmStartConfig, e.g. '{"steps": 20}' for fast tests
@@ -34,8 +39,8 @@ TRAIN_FILE, EVAL_FILE, BUILD_FILE, MODEL_DIR = "problems_train.jsonl", "problems
 REQUIRED = (f"{MODEL_DIR}/config.json", f"{MODEL_DIR}/model.safetensors", f"{MODEL_DIR}/tokenizer.json",
             f"{MODEL_DIR}/tokenizer_config.json", TRAIN_FILE, EVAL_FILE)
 
-__all__ = ["ToyArtifacts", "WarmStartConfig", "QUICK_WARM", "build_toy", "load_toy_problems", "toy_status",
-           "resolve_warm", "fingerprint"]
+__all__ = ["ToyArtifacts", "WarmStartConfig", "QUICK_WARM", "build_toy", "ensure_toy_world", "load_toy_problems",
+           "toy_status", "resolve_warm", "fingerprint"]
 
 
 class ToyBuildError(ValueError):
@@ -131,8 +136,13 @@ def _torch_threads(n: int) -> Iterator[None]:
 
 
 def build_toy(cfg: ToyConfig | None = None, force: bool = False, warm: WarmStartConfig | None = None,
-              progress: bool = True, log: Callable[[str], None] | None = None) -> ToyArtifacts:
-    """Build (or reuse) the toy world in cfg.dir. Same config twice -> the second call returns at once."""
+              progress: bool = True, log: Callable[[str], None] | None = None,
+              make_grader: GraderFactory | None = None) -> ToyArtifacts:
+    """Build (or reuse) the toy world in cfg.dir. Same config twice -> the second call returns at once.
+
+    make_grader grades the warm-started policy's samples for build.json's stats (pass, hack rates);
+    without it the stats hold parse rates only and say "grader": "unavailable".
+    """
     cfg = cfg or ToyConfig()
     warm = resolve_warm(warm)
     root = Path(cfg.dir)
@@ -156,7 +166,7 @@ def build_toy(cfg: ToyConfig | None = None, force: bool = False, warm: WarmStart
             else:
                 say(f"building toy world in {root} ({'forced' if force else reason})")
                 with _torch_threads(warm.threads or auto_threads()):
-                    meta = _build_into(tmp, cfg, warm, fp, progress, say)
+                    meta = _build_into(tmp, cfg, warm, fp, progress, say, make_grader)
             _swap_into_place(tmp, root)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -172,6 +182,21 @@ def _unpack_shipped(fp: str, tmp: Path) -> bool:
         raise ToyBuildError(f"shipped toy world {prebuilt.archive_path(fp)} is unusable ({reason}); "
                             "run `rankguard toy build --force` to build from source")
     return True
+
+
+def ensure_toy_world(cfg, make_grader: GraderFactory | None = None) -> None:
+    """Build the toy model and problems first when a toy run (toy model or toy problems) finds none.
+
+    Every entry point that starts a run (`rankguard train`, `up`, `prepare`) calls this once,
+    with the reward server's Grader for the build's stats (see build_toy).
+    """
+    if cfg.model.name_or_path != "toy" and cfg.problems != "toy":
+        return
+    root = Path(cfg.toy.dir)
+    if all((root / r).exists() for r in REQUIRED):
+        return
+    print(f"toy world not found under {root}; building it (once) ...", file=sys.stderr, flush=True)
+    build_toy(cfg.toy, make_grader=make_grader)
 
 
 def _remove_leftovers(root: Path) -> None:
@@ -191,7 +216,7 @@ def _swap_into_place(tmp: Path, root: Path) -> None:
 
 
 def _build_into(out: Path, cfg: ToyConfig, warm: WarmStartConfig, fp: str, progress: bool,
-                say: Callable[[str], None]) -> dict:
+                say: Callable[[str], None], make_grader: GraderFactory | None) -> dict:
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     out.mkdir(parents=True)
@@ -215,7 +240,7 @@ def _build_into(out: Path, cfg: ToyConfig, warm: WarmStartConfig, fp: str, progr
     timings["warm_start"] = warm_info.pop("seconds")
 
     t = time.perf_counter()
-    stats = sample_stats(model, tok, evals, warm, seed=cfg.seed)
+    stats = sample_stats(model, tok, evals, warm, seed=cfg.seed, make_grader=make_grader)
     timings["stats"] = round(time.perf_counter() - t, 2)
 
     model_dir = out / MODEL_DIR
@@ -272,28 +297,26 @@ def _quiet_transformers() -> Iterator[None]:
         hf_logging.enable_progress_bar()
 
 
-def _load_grader():
-    """The reward server's grader with all four loopholes open, or None if it is not importable yet."""
-    try:
-        from reward_server.grader import Grader  # noqa: PLC0415 - optional at build time
-        from ..config import LoopholeConfig, RewardConfig
-    except ImportError:
+def stats_grader(make_grader: GraderFactory | None):
+    """A grader with all four loopholes open (the stats count every hack), or None without a factory."""
+    if make_grader is None:
         return None
-    return Grader(RewardConfig(loopholes=LoopholeConfig(rt=True, se=True, so=True, fm=True)), workers=2)
+    return make_grader(RewardConfig(loopholes=LoopholeConfig(rt=True, se=True, so=True, fm=True)), workers=2)
 
 
 def sample_stats(model, tok, evals: list[Problem], warm: WarmStartConfig, seed: int = 0,
-                 completions: list[str] | None = None) -> dict[str, Any]:
+                 completions: list[str] | None = None, make_grader: GraderFactory | None = None) -> dict[str, Any]:
     """Sample completions on held-out problems and grade them: parse / pass / hack rates."""
     n = warm.stats_samples
     if n <= 0 or not evals:
         return {"samples": 0}
     probs = [evals[i % len(evals)] for i in range(n)]
     texts = completions or sample_completions(model, tok, probs, warm.stats_max_new_tokens, 1.0, seed)
-    return grade_stats(probs, texts)
+    return grade_stats(probs, texts, make_grader)
 
 
-def grade_stats(probs: list[Problem], texts: list[str]) -> dict[str, Any]:
+def grade_stats(probs: list[Problem], texts: list[str],
+                make_grader: GraderFactory | None = None) -> dict[str, Any]:
     from ..prompts import extract_code  # noqa: PLC0415
 
     def compiles(text: str) -> bool:
@@ -308,7 +331,7 @@ def grade_stats(probs: list[Problem], texts: list[str]) -> dict[str, Any]:
 
     n = len(texts)
     stats: dict[str, Any] = {"samples": n, "parse": round(sum(map(compiles, texts)) / n, 4)}
-    grader = _load_grader()
+    grader = stats_grader(make_grader)
     if grader is None:
         stats["grader"] = "unavailable"
         return stats

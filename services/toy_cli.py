@@ -1,4 +1,5 @@
-"""`rankguard toy build|show`: build the CPU toy world and look at what it produces."""
+"""`rankguard toy build|show`: build the CPU toy world (shared.toy) and look at what it produces, graded
+by the reward server's Grader (a composition of both, hence here)."""
 from __future__ import annotations
 
 import json
@@ -21,7 +22,7 @@ def _fail(msg: str) -> None:
 
 
 def _toy_config(directory: Optional[str], seed: Optional[int]):
-    from ..config import ToyConfig
+    from shared.config import ToyConfig
 
     data = {}
     if directory is not None:
@@ -82,7 +83,8 @@ def build(
     Cached by a fingerprint of the toy config and warm-start knobs: a second run with the same
     settings returns at once. $RANKGUARD_TOY_WARM (JSON) overrides warm-start knobs too.
     """
-    from .build import ToyBuildError, build_toy, resolve_warm
+    from reward_server.grader import Grader
+    from shared.toy.build import ToyBuildError, build_toy, resolve_warm
 
     try:
         cfg = _toy_config(dir, seed)
@@ -90,7 +92,8 @@ def build(
         upd = {k: v for k, v in dict(steps=steps, batch_size=batch_size, lr=lr, threads=threads,
                                      stats_samples=samples).items() if v is not None}
         warm = warm.model_validate({**warm.model_dump(), **upd})
-        art = build_toy(cfg, force=force, warm=warm, progress=not quiet, log=lambda m: console.print(m))
+        art = build_toy(cfg, force=force, warm=warm, progress=not quiet, log=lambda m: console.print(m),
+                        make_grader=Grader)
     except ValidationError as e:
         err = e.errors()[0]
         _fail(f"bad value for {'.'.join(map(str, err['loc']))}: {err['msg']} (got {err.get('input')!r})")
@@ -130,7 +133,7 @@ def show(
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
 ) -> None:
     """Print a few problems of a finished build with their canonical solution and sampled completions."""
-    from .build import ToyBuildError, load_toy_problems
+    from shared.toy.build import ToyBuildError, load_toy_problems
 
     if split not in ("train", "eval"):
         _fail(f"unknown split {split!r}; valid: train, eval")
@@ -147,10 +150,9 @@ def show(
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from .build import _load_grader
-        from .warmstart import sample_completions
-
-        from .build import _quiet_transformers
+        from reward_server.grader import Grader
+        from shared.toy.build import _quiet_transformers, stats_grader
+        from shared.toy.warmstart import sample_completions
 
         torch.set_num_threads(1)
         tok = AutoTokenizer.from_pretrained(root / "model")
@@ -160,7 +162,7 @@ def show(
         out = sample_completions(model, tok, flat, 64, 1.0, seed)
         for i, t in enumerate(out):
             texts[i // samples].append(t)
-        grader = _load_grader()
+        grader = stats_grader(Grader)
         if grader is not None:
             with grader:
                 grades = grader.grade_many(list(zip(flat, out)))
