@@ -120,11 +120,21 @@ def test_full_preset_rehearsal_through_vllm(qwen3_dir, tmp_path):
         assert f"loaded policy 1:{version} " in rollout
     pipe = [json.loads(line) for line in (run / "pipeline.jsonl").read_text().splitlines()]
     assert all(p["sync_bytes"] > 0 and p["duplicates"] == 0 for p in pipe)
-    reward = (run / "logs" / "reward-0.log").read_text()
-    assert "'failed': 0" in reward
+    # every job sampled once by vLLM, every completion graded once on the real LeetCode tests
+    jobs, sampled = 2 * 2 + 2 * 2, 2 * 2 * 4 + 2 * 2 * 2  # (train + eval) prompts, completions
+    assert _stopping_stats(rollout)["jobs"] == jobs and _stopping_stats(rollout)["syncs"] == 3
+    graded = _stopping_stats((run / "logs" / "reward-0.log").read_text())
+    assert graded["completions"] == sampled and graded["failed"] == 0 and graded["duplicates"] == 0
     print(f"rehearsal: rankguard up --preset full, 2 steps through vLLM in {wall:.0f} s; "
           f"train {[round(r['t_train'], 1) for r in rows]} s, hack {[r['hack_strict'] for r in rows]}")
-    assert wall < 300
+
+
+def _stopping_stats(log: str) -> dict:
+    """The dict a worker logs when it stops ("stopping: {...}")."""
+    import ast
+
+    line = [ln for ln in log.splitlines() if "INFO stopping: {" in ln][-1]
+    return ast.literal_eval(line.split("stopping: ", 1)[1])
 
 
 @needs_vocab
