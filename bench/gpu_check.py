@@ -229,12 +229,10 @@ class Check:
         self.a, self.plan, self.dev, self.dtype, self.r = args, plan, dev, dtype, report
         self.shape = dict(plan["shape"])
         self.layers = args.layers or plan["layers"]
-        self.scale = plan["shape"]["num_hidden_layers"] / self.layers  # to the real depth
         self.tmp = tempfile.TemporaryDirectory(prefix="gpu-check-")
         self.wrapped = None  # full-depth AntiPaSTO model (fake factors), shared by the later sections
         self.dense = None  # full-depth dense engine model (merge target, generate baseline)
         self.tokenizer, self.prompts = self._tokenizer()
-        self.fwd_bwd_s: float | None = None
         self.learner_step_s: float | None = None
         self.update = None  # the learner's DeltaSUpdate
 
@@ -284,10 +282,10 @@ class Check:
         return self.dense
 
     @staticmethod
-    def checkpointing(model, on: bool = True) -> None:
-        if on:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.enable_input_require_grads()
+    def checkpointing(model) -> None:
+        """What shared.modeling.load_model does for gradient_checkpointing=True (the full preset)."""
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
         model.config.use_cache = False
 
     # ---- sections
@@ -406,7 +404,6 @@ class Check:
         wrapped.train()
         w = measure(wrapped, "antipasto")
         wrapped.eval()
-        self.fwd_bwd_s = w["fwd_bwd_s"]
         mem = "peak allocated" if self.dev.type == "cuda" else "state + saved for backward"
         put(time_ratio=w["fwd_bwd_s"] / d["fwd_bwd_s"], mem_ratio=w["peak_gb"] / d["peak_gb"])
         self.r.figure("fwd_bwd", f"learner fwd+bwd {B}x{L} tokens, grad checkpointing, {self.layers} layers",
