@@ -1,7 +1,14 @@
-"""`rankguard adapter report`: wrap the configured model and check the AntiPaSTO round trip."""
+"""`rankguard adapter report`: wrap the configured model and check the AntiPaSTO round trip.
+
+It also lists every Linear module kind of the model (layer index folded to `*`) as wrapped or not,
+with counts and parameter share: which projections delta_S can move is a choice made by
+`model.target_modules`, and on hybrid models (Qwen3.5: Gated-DeltaNet `linear_attn.*` layers beside
+full-attention ones) the default names leave whole kinds out. The report makes that visible.
+"""
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -13,6 +20,32 @@ REPORT_FILE = "adapter_report.json"
 FIXED_PROMPT = "def add(a, b):\n    return a + b\n\nassert add(2, 3) == 5\n"
 
 adapter_app = typer.Typer(help="AntiPaSTO adapter: wrap checks, SVD cache timings.", no_args_is_help=True)
+
+
+def linear_kinds(model, targets: list[str]) -> list[dict]:
+    """One row per Linear kind ("model.layers.*.mlp.up_proj"): wrapped?, count, params, share of all Linear
+    params and share of the decoder layers' Linear params (no lm_head: it is tied to the embeddings on
+    small Qwen models and never a target); model order. `wrapped` uses wrap_model's own rule (name ==
+    target or ends in "." + target)."""
+    from torch import nn
+
+    from shared.adapter import AntiPaSTOLinear, _matches
+
+    rows: dict[str, dict] = {}
+    for name, m in model.named_modules():
+        if not isinstance(m, (nn.Linear, AntiPaSTOLinear)):
+            continue
+        kind = re.sub(r"\.\d+(?=\.)", ".*", name)
+        row = rows.setdefault(kind, {"kind": kind, "wrapped": any(_matches(name, t) for t in targets),
+                                     "count": 0, "params": 0})
+        row["count"] += 1
+        row["params"] += m.in_features * m.out_features
+    total = sum(r["params"] for r in rows.values()) or 1
+    in_layers = sum(r["params"] for r in rows.values() if ".*." in r["kind"]) or 1
+    for r in rows.values():
+        r["share"] = round(r["params"] / total, 4)
+        r["share_in_layers"] = round(r["params"] / in_layers, 4) if ".*." in r["kind"] else None
+    return list(rows.values())
 
 
 def build_report(preset: str, overrides: list[str], rebuild: bool = False) -> dict:
@@ -36,6 +69,7 @@ def build_report(preset: str, overrides: list[str], rebuild: bool = False) -> di
         ids = tok(FIXED_PROMPT, return_tensors="pt").input_ids.to(policy.device)
         with torch.no_grad():
             ref = model(ids).logits.float()
+        kinds = linear_kinds(model, cfg.model.target_modules)
         cache = SVDCache(cfg.model.svd_cache_dir)
         t0 = time.perf_counter()
         names = wrap_model(model, cfg.model.target_modules, rank=cfg.model.rank, cache=cache,
@@ -64,6 +98,10 @@ def build_report(preset: str, overrides: list[str], rebuild: bool = False) -> di
             "wrap_from_cache_s": round(again.wrap_s, 4),
             "prompt_tokens": int(ids.shape[1]), "max_abs_dlogit_at_zero": dlogit,
             "svd_cache_dir": None if rebuild else cfg.model.svd_cache_dir,
+            "target_modules": list(cfg.model.target_modules), "linear_kinds": kinds,
+            "linear_params_wrapped_share": round(sum(k["share"] for k in kinds if k["wrapped"]), 4),
+            "layer_linear_params_wrapped_share": round(sum(k["share_in_layers"] or 0 for k in kinds if k["wrapped"]), 4),
+            "unwrapped_kinds": [k["kind"] for k in kinds if not k["wrapped"]],
         }
     finally:
         if tmp is not None:
@@ -113,7 +151,19 @@ def report_cmd(
     ]
     for k, v in rows:
         table.add_row(k, v)
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    kinds = Table(title=f"Linear modules by kind: wrapped {rep['layer_linear_params_wrapped_share']:.1%} of the "
+                        f"decoder layers' Linear parameters, {rep['linear_params_wrapped_share']:.1%} of all "
+                        f"(targets: {', '.join(rep['target_modules'])}; kinds under model.layers.*)")
+    for col, just in (("kind", "left"), ("wrapped", "left"), ("count", "right"), ("params", "right"),
+                      ("share in layers", "right"), ("share of all", "right")):
+        kinds.add_column(col, justify=just)
+    for k in rep["linear_kinds"]:
+        layers = "-" if k["share_in_layers"] is None else f"{k['share_in_layers']:.1%}"
+        kinds.add_row(k["kind"].removeprefix("model.layers.*."), "yes" if k["wrapped"] else "NO", str(k["count"]), f"{k['params']:,}", layers,
+                      f"{k['share']:.1%}")
+    console.print(kinds)
 
 
 def register(app: typer.Typer) -> None:
