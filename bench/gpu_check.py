@@ -291,7 +291,8 @@ class Check:
     # ---- sections
     def svd(self, put) -> None:
         from rollout.merge import DeltaMerger, factors_from_wrapped
-        from shared.adapter import DEFAULT_TARGETS, adapter_modules, svd_factors, wrap_model
+        from shared.adapter import DEFAULT_TARGETS, adapter_modules, wrap_model
+        from shared.svd import svd_factors
         from shared.svd_cache import SVDCache
         from bench.projection import module_shapes
 
@@ -356,7 +357,7 @@ class Check:
     def fwd_bwd(self, put) -> None:
         from bench.adapter import saved_bytes, state_bytes
         from learner.grpo import grpo_loss
-        from learner.logprobs import token_logprobs
+        from shared.logprobs import token_logprobs
 
         B, L = self.a.batch or self.plan["batch"], self.a.seq or self.plan["seq"]
         ids = self.ids(B, L, seed=1)
