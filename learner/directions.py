@@ -282,7 +282,8 @@ class ArmDirections:
         self._use(new)
         _append(self.run_dir / REFRESH_LOG, row)
         self._update_info(row)
-        log.info("step %d: v_hack re-extracted from %d %s (%d axes)%s", step, len(pairs), source, new.n_axes(),
+        log.info("step %d: v_hack %s from %d %s (%d axes)%s", step, "re-extracted" if old else "extracted", len(pairs),
+                 source, new.n_axes(),
                  f", cos(new, old) mean {row['cos_mean']:+.3f} min {row['cos_min']:+.3f}" if cos else "")
         extras = {"directions_step": step}
         if cos:

@@ -385,3 +385,25 @@ def test_cli_train_runs_a_registry_arm(tmp_path):
     bad = subprocess.run([*cmd[:5], "projected_svd5+refrsh2", "--run-dir", str(tmp_path / "bad")], cwd=root, env=env,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "unknown arm part 'refrsh2'" in bad.stderr and "refresh<N>" in bad.stderr
+
+
+@pytest.mark.parametrize("arm, check", [
+    ("projected_svd5", lambda ln, rows, info: max(ln.projector.ks) == 5 and info["vhack"]["basis"] == "svd"),
+    ("projected_refresh2", lambda ln, rows, info: "refresh_cos_mean" in rows[1] and info["n_extractions"] == 1),
+    ("projected_twosided", lambda ln, rows, info: ln.projector.gate == "twosided"),
+    ("mechanism", lambda ln, rows, info: info["vhack"]["pair_set"] == "mechanism"),
+    ("weak_flagged", lambda ln, rows, info: ln.route and "flagged_pairs" in rows[-1] and "exploratory" in info["source"]),
+])
+def test_exploratory_arm_runs_end_to_end(tmp_path, base_model, art_root, arm, check):
+    """Three steps through the one loop (in-process source, rule grader): the run finishes and the
+    config, directions.json and summary say which arm it was."""
+    cfg = cfg_for(tmp_path, arm, steps=3, extra=["vhack.flagged_min_pairs=2"] if arm == "weak_flagged" else [])
+    ln = learner_for(cfg, base_model, art_root)
+    summary = run_inprocess(cfg, learner=ln, grader=RuleGrader(), progress=False)
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    info = json.loads((tmp_path / "directions.json").read_text())
+    assert summary["steps"] == 3 and len(rows) == 3 and (tmp_path / "DONE").exists()
+    assert info["arm_name"] == summary["directions"]["arm_name"] == arm_name(cfg) and info["exploratory"]
+    assert check(ln, rows, info)
+    if arm != "weak_flagged":
+        assert all(r["cos_mean"] is not None for r in rows)
