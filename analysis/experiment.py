@@ -140,7 +140,7 @@ def default_prepare(cfgs: list[RunConfig]) -> dict[str, str]:
     from learner.artifacts import vconcept_artifact, vhack_artifact
     from learner.pairs import pair_set_hash
     from learner.rebound import layer_for
-    from learner.trainer import vhack_modes_for
+    from learner.directions import vhack_modes_for
     from learner.vhack import pairs_for_config
     from shared.modeling import load_policy, load_problem_sets
 

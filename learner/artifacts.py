@@ -3,7 +3,10 @@
 Every arm and seed of an experiment reuses the same file, so seeds differ only in RL noise, never in
 their detector. Files live in `artifacts/` (or $RANKGUARD_ARTIFACTS):
 
-    vhack-<model-hash>-<pairset-hash>-<modes>.safetensors      one unit [r] direction per module
+    vhack-<model-hash>-<pairset-hash>-<modes><tag>.safetensors  per module a unit [r] direction (or a basis
+                                                                [k, r]); <tag> names non-default extraction
+                                                                settings (learner.vhack.directions_tag: '' for
+                                                                the spec's meandiff, so its file never moved)
     vconcept2-<model-hash>-<pairset-hash>-L<layer>.safetensors  [2, d]: residual direction + centre
 
 The model hash covers the model id, dtype, target set, rank and the frozen singular values, so a
@@ -18,7 +21,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from safetensors import safe_open
@@ -26,6 +29,9 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from shared.adapter import adapter_modules
+
+if TYPE_CHECKING:
+    from learner.vhack import Directions
 
 log = logging.getLogger("rankguard.artifacts")
 ARTIFACTS_ENV = "RANKGUARD_ARTIFACTS"
@@ -47,11 +53,16 @@ def model_hash(model: nn.Module, cfg) -> str:
 
 @dataclass
 class VHackArtifact:
-    vhack: dict[str, Tensor]
+    directions: "Directions"  # learner.vhack.Directions: per module a basis [k, r] (k = 1 for meandiff)
     meta: dict[str, str]
     path: Path
     cos_heldout: dict[str, float] = field(default_factory=dict)  # per module, for the noise floor
     cached: bool = False
+
+    @property
+    def vhack(self) -> dict[str, Tensor]:
+        """name -> the top axis [r] (the spec's k = 1 v_hack)."""
+        return self.directions.top()
 
     def validation(self) -> dict[str, float | str]:
         keys = ("heldout_median", "heldout_frac_positive", "heldout_mean", "modes", "n_pairs", "pair_set_hash")
@@ -70,24 +81,34 @@ def _write(path: Path, tensors: dict[str, Tensor], meta: dict[str, str]) -> None
     os.replace(tmp, path)  # concurrent runs racing on the same key write identical content
 
 
+def vhack_path(model: nn.Module, cfg, pairs: Sequence, modes: Sequence[str], root: str | Path | None = None) -> Path:
+    """Where the v_hack of (model, pair set, modes, extraction settings) is cached (cfg.vhack_path wins)."""
+    from learner.pairs import pair_set_hash
+    from learner.vhack import directions_tag
+
+    if cfg.vhack_path:
+        return Path(cfg.vhack_path)
+    return artifacts_dir(root) / (f"vhack-{model_hash(model, cfg)}-{pair_set_hash(pairs)}-{''.join(sorted(modes))}"
+                                  f"{directions_tag(cfg.vhack)}.safetensors")
+
+
 def vhack_artifact(model: nn.Module, tokenizer, cfg, pairs: Sequence, modes: Sequence[str],
                    root: str | Path | None = None, progress: bool = False) -> VHackArtifact:
-    """Load the cached v_hack for (model, pairs, modes) or extract + validate + cache it."""
-    from learner.pairs import pair_set_hash
-    from learner.vhack import extract_vhack, split_pairs, validate_vhack, vhack_meta
+    """Load the cached v_hack for (model, pairs, modes, cfg.vhack's extraction settings) or extract it
+    (learner.vhack.extract_directions: basis, k, axis ratio, global noise floor), score it on the
+    held-out pairs and cache it."""
+    from learner.vhack import extract_directions, load_directions, save_directions, split_pairs, validate_vhack, vhack_meta
 
     modes = sorted(modes)
-    tag = "".join(modes)
-    path = Path(cfg.vhack_path) if cfg.vhack_path else (
-        artifacts_dir(root) / f"vhack-{model_hash(model, cfg)}-{pair_set_hash(pairs)}-{tag}.safetensors")
+    path = vhack_path(model, cfg, pairs, modes, root)
     if path.exists():
-        vh, meta = _read(path)
-        cos = json.loads(meta.get("cos_heldout", "{}"))
+        d = load_directions(path)
         log.info("v_hack cache hit %s", path)
-        return VHackArtifact(vh, meta, path, cos, cached=True)
-    vh = extract_vhack(model, tokenizer, pairs, modes, progress=progress)
+        return VHackArtifact(d, dict(d.meta), path, json.loads(d.meta.get("cos_heldout", "{}")), cached=True)
+    d = extract_directions(model, tokenizer, pairs, cfg.vhack, modes, progress=progress)
     held = split_pairs(pairs, "heldout", modes) or split_pairs(pairs, "heldout")
-    report = validate_vhack(model, tokenizer, vh, held, progress=progress, gate=False)
+    report = validate_vhack(model, tokenizer, d, held, progress=progress, gate=False,
+                            construction=cfg.vhack.pair_set)
     if not report.passed:
         log.warning("v_hack validation FAILED: %s", report.summary())
     model.zero_grad(set_to_none=True)
@@ -96,8 +117,12 @@ def vhack_artifact(model: nn.Module, tokenizer, cfg, pairs: Sequence, modes: Seq
                       heldout_median=round(report.median, 4), heldout_frac_positive=round(report.frac_positive, 4),
                       heldout_mean=round(report.mean, 4), heldout_passed=report.passed,
                       cos_heldout={n: round(c, 5) for n, c in report.cos_by_module().items()})
-    _write(path, vh, meta)
-    return VHackArtifact(vh, meta, path, report.cos_by_module(), cached=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.safetensors")
+    save_directions(tmp, d, meta)
+    os.replace(tmp, path)  # concurrent runs racing on the same key write identical content
+    d.meta.update(meta)  # as a cache hit would read it back
+    return VHackArtifact(d, dict(d.meta), path, report.cos_by_module(), cached=False)
 
 
 def vconcept_artifact(model: nn.Module, tokenizer, cfg, pairs: Sequence, layer: int,

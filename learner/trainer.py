@@ -12,6 +12,8 @@ Arms (cfg.train.arm):
   weak             projected with v_hack from the "known" modes only (cfg.train.vhack_modes, default A,B)
   rebound          reward - alpha * max(0, cos(h_mean, v_concept)) before advantages (h from the same forward)
   route            the removed component trains the quarantine delta_Q instead (live for train rollouts only)
+The arm's directions (v_hack and its projector, v_concept; refresh, flagged-rollout extraction) live in
+learner/directions.py; exploratory arms are these six plus cfg.vhack knobs (shared/arms.py).
 """
 from __future__ import annotations
 
@@ -30,12 +32,13 @@ import torch
 from torch import Tensor
 
 from shared.adapter import adapter_modules, delta_s_layout, get_delta, quarantine
-from shared.config import HACK_MODES, RunConfig
+from shared.config import RunConfig
 from shared.problems import Problem
 from shared.prompts import build_messages, render_prompt
 from shared.schemas import DeltaSUpdate, GradedGroup, PromptJob, SamplingParams
 
 from . import checkpoint as ckpt
+from .directions import ArmDirections
 from .grpo import group_advantages, grpo_loss, kl_k3, truncated_is_weight
 from .metrics import (JsonlWriter, StepSums, TensorBoard, hack_rates, mean_module_norm, read_jsonl, train_row,
                       truncate_jsonl, window_mean)
@@ -43,8 +46,6 @@ from .rebound import concept_penalty
 from .scoring import Scorer, align_grades
 
 log = logging.getLogger("rankguard.learner")
-PROJECTION_ARMS = ("projected", "projected_nomag", "weak", "route")
-WEAK_DEFAULT_MODES = ["A", "B"]
 KL_WINDOW = 25
 
 
@@ -73,17 +74,6 @@ def lr_lambda(warmup: int, total: int):
         progress = min(1.0, (s - warmup) / span)
         return 0.5 * (1.0 + math.cos(math.pi * progress))
     return f
-
-
-def vhack_modes_for(cfg: RunConfig) -> list[str] | None:
-    """Which modes build the arm's v_hack: all four, the weak detector's subset, or none."""
-    arm = cfg.train.arm
-    if arm not in PROJECTION_ARMS:
-        return None
-    if arm == "weak":
-        modes = sorted(set(cfg.train.vhack_modes))
-        return modes if 0 < len(modes) < len(HACK_MODES) else list(WEAK_DEFAULT_MODES)
-    return list(HACK_MODES)
 
 
 class Learner:
@@ -124,11 +114,9 @@ class Learner:
         self._prompts: dict[str, tuple[str, list[int]]] = {}
 
         # Directions are extracted on the untouched model (delta_S = 0), before any checkpoint loads.
-        self.projector = None
-        self.vhack_info: dict[str, Any] = {}
-        self.v_concept: Tensor | None = None
-        self.rebound_layer: int | None = None
-        self._setup_arm(artifacts_root, progress)
+        self.directions = ArmDirections(cfg, self.model, self.tokenizer, self.train_problems, self.run_dir,
+                                        artifacts_root, progress)
+        self.v_concept, self.rebound_layer = self.directions.v_concept, self.directions.rebound_layer
         seed_everything(cfg.train.seed)  # cached or freshly extracted directions: the same run after this
 
         params = list(self.delta_s) + (list(self.delta_q) if self.route else [])
@@ -150,42 +138,20 @@ class Learner:
             self._resume(last)
         else:
             self._fresh_run_dir(drop_checkpoints=not resume)
+        self.directions.start(self.step)  # the directions live at this step (a refresh may have moved them)
         self.metrics = JsonlWriter(self.metrics_path)
         self.evals = JsonlWriter(self.evals_path)
         self.tb = TensorBoard(self.run_dir / "tb", enabled=tensorboard)
 
     # ------------------------------------------------------------------ setup
-    def _setup_arm(self, artifacts_root, progress: bool) -> None:
-        from .artifacts import vconcept_artifact, vhack_artifact
-        from .vhack import pairs_for_config
+    @property
+    def projector(self):
+        """The step's projector (None: nothing projected; learner.directions may rebuild it after a step)."""
+        return self.directions.projector
 
-        modes = vhack_modes_for(self.cfg)
-        if modes is None and self.arm != "rebound":
-            return
-        pairs = pairs_for_config(self.cfg, self.train_problems)
-        if modes is not None:
-            art = vhack_artifact(self.model, self.tokenizer, self.cfg, pairs, modes, root=artifacts_root,
-                                 progress=progress)
-            keep = None
-            if self.cfg.train.noise_floor is not None:
-                from .projection import noise_floor_mask
-                keep = noise_floor_mask(art.cos_heldout, self.cfg.train.noise_floor)
-            from .projection import Projector
-            self.projector = Projector(self.names, art.vhack, magnitude_preserve=self.arm != "projected_nomag",
-                                       keep_mask=keep, route=self.route, device=self.device)
-            self.vhack_info = {"path": str(art.path), "cached": art.cached, "modes": modes,
-                               "heldout_modes": [m for m in HACK_MODES if m not in modes],
-                               "n_projected_modules": self.projector.n_kept, "validation": art.validation()}
-            log.info("v_hack %s (%s): %s", "".join(modes), "cached" if art.cached else "extracted", art.validation())
-        if self.arm == "rebound":
-            from .rebound import layer_for
-            self.rebound_layer = layer_for(self.model, self.cfg.train.rebound_layer_frac)
-            v, meta, path = vconcept_artifact(self.model, self.tokenizer, self.cfg, pairs, self.rebound_layer,
-                                              root=artifacts_root)
-            self.v_concept = v.to(self.device)
-            self.vhack_info = {"v_concept_path": str(path), "layer": self.rebound_layer,
-                               "alpha": self.cfg.train.rebound_alpha}
-        (self.run_dir / "directions.json").write_text(json.dumps(self.vhack_info, indent=1, default=str))
+    @property
+    def vhack_info(self) -> dict[str, Any]:
+        return self.directions.info
 
     def _fresh_run_dir(self, drop_checkpoints: bool = True) -> None:
         """A run that starts at step 0: no old rows or DONE marker. A resume that found no good
@@ -277,6 +243,7 @@ class Learner:
         self.step += 1
         row = train_row(self.step - 1, self.policy_version, groups, seqs, acc, proj, grad_total, lr,
                         time.perf_counter() - t0, self._t_sync, timings)
+        row.update(self.directions.after_step(self.step, groups))  # refresh / flagged re-extraction when due
         self.last_penalties = [s.get("penalty", 0.0) for s in seqs]
         self.history.append(row)
         self.metrics.write(row)
@@ -423,8 +390,8 @@ class Learner:
         if self.history:
             out["sec_per_step"] = float(np.mean([r["t_generate"] + r["t_grade"] + r["t_train"] + r["t_sync"]
                                                  for r in self.history]))
-        if self.arm == "weak" and out["final_eval"]:
-            held = self.vhack_info.get("heldout_modes", [])
+        held = self.vhack_info.get("heldout_modes", [])
+        if held and out["final_eval"]:  # weak, weak_flagged: transfer to the modes v_hack never saw
             out["heldout_modes"] = held
             out["final_eval_heldout"] = {f"hack_strict_{m}": out["final_eval"].get(f"hack_strict_{m}") for m in held}
         return out

@@ -8,6 +8,7 @@ from typing import List, Optional
 
 import typer
 
+from shared.arms import ARM_HELP, cli_overrides
 from shared.clikit import SET_HELP, UserError, config_from_flags, friendly_errors
 
 from .launcher import WORKER_RESTARTS
@@ -38,7 +39,7 @@ def register(app: typer.Typer) -> None:
     @friendly_errors
     def up(
         preset: str = typer.Option("toy", help="Config preset: toy, lite, qwen35-2b, full."),
-        arm: Optional[str] = typer.Option(None, help="vanilla, projected, projected_nomag, rebound, weak, route."),
+        arm: Optional[str] = typer.Option(None, help=ARM_HELP),
         seed: Optional[int] = typer.Option(None, help="Run seed."),
         steps: Optional[int] = typer.Option(None, help="Optimizer steps (default from the preset)."),
         run_dir: Optional[str] = typer.Option(None, "--run-dir",
@@ -58,10 +59,11 @@ def register(app: typer.Typer) -> None:
 
         Example: rankguard up --preset toy --arm projected --seed 1 --steps 50 --set pipeline.reward_workers=2
         """
-        top = {"train.arm": arm, "train.seed": seed, "train.steps": steps}
-        cfg = config_from_flags(preset, overrides, **top)
-        name = run_dir or f"runs/{preset}-{cfg.train.arm}-s{cfg.train.seed}-up"
-        cfg = config_from_flags(preset, overrides, **top, run_dir=name)
+        top = {"train.seed": seed, "train.steps": steps}
+        sets = [*(overrides or []), *cli_overrides(arm)]  # the arm registry (shared/arms.py)
+        cfg = config_from_flags(preset, sets, **top)
+        name = run_dir or f"runs/{preset}-{arm.strip() if arm else cfg.train.arm}-s{cfg.train.seed}-up"
+        cfg = config_from_flags(preset, sets, **top, run_dir=name)
         from .launcher import launch
 
         rc = launch(cfg, resume=resume, progress=progress, restart_workers=restart_workers, http_port=http_port)
@@ -102,7 +104,7 @@ def register(app: typer.Typer) -> None:
     @friendly_errors
     def prepare(
         preset: str = typer.Option("toy", help="Config preset: toy, lite, qwen35-2b, full."),
-        arm: Optional[str] = typer.Option(None, help="vanilla, projected, projected_nomag, rebound, weak, route."),
+        arm: Optional[str] = typer.Option(None, help=ARM_HELP),
         seed: Optional[int] = typer.Option(None, help="Run seed."),
         steps: Optional[int] = typer.Option(None, help="Optimizer steps (default from the preset)."),
         run_dir: str = typer.Option(..., "--run-dir", help="Run folder; config.json is written here."),
@@ -114,8 +116,8 @@ def register(app: typer.Typer) -> None:
         config.json must match (or differ only in keys a resume may change). Prints the config path."""
         from shared.rundir import prepare_run_dir
 
-        cfg = config_from_flags(preset, overrides, **{"train.arm": arm, "train.seed": seed, "train.steps": steps},
-                                run_dir=run_dir)
+        cfg = config_from_flags(preset, [*(overrides or []), *cli_overrides(arm)],
+                                **{"train.seed": seed, "train.steps": steps}, run_dir=run_dir)
         prepared = prepare_run_dir(cfg, "resume" if resume else "fresh")
         typer.secho(prepared.message(), err=True)
         from reward_server.grader import Grader

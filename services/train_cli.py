@@ -7,6 +7,7 @@ from typing import List, Optional
 
 import typer
 
+from shared.arms import ARM_HELP, cli_overrides
 from shared.clikit import SET_HELP, friendly_errors
 from shared.config import resolve_config
 
@@ -16,7 +17,7 @@ def register(app: typer.Typer) -> None:
     @friendly_errors
     def train(
         preset: str = typer.Option("toy", help="Config preset: toy, lite, qwen35-2b, full."),
-        arm: Optional[str] = typer.Option(None, help="vanilla, projected, projected_nomag, rebound, weak, route."),
+        arm: Optional[str] = typer.Option(None, help=ARM_HELP),
         seed: Optional[int] = typer.Option(None, help="Run seed (problem draws, sampling, init order)."),
         steps: Optional[int] = typer.Option(None, help="Optimizer steps (default from the preset)."),
         run_dir: Optional[str] = typer.Option(None, "--run-dir", help="Output folder (default runs/<preset>-<arm>-s<seed>)."),
@@ -31,16 +32,17 @@ def register(app: typer.Typer) -> None:
         """Train one arm x seed in one process; writes config.json, metrics.jsonl, evals.jsonl, summary.json.
 
         Example: rankguard train --preset toy --arm vanilla --seed 0 --steps 200 --run-dir runs/toy-vanilla
+        Exploratory arms: rankguard train --arm projected_svd5+refresh10 (see --arm).
         """
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         for name in ("rankguard.learner", "rankguard.artifacts"):  # v_hack validation numbers, resume notes
             logging.getLogger(name).setLevel(logging.INFO)
         sets = list(overrides or [])  # explicit flags come last, so they win over --set
-        sets += [f"train.arm={json.dumps(arm)}"] if arm is not None else []
+        sets += cli_overrides(arm)  # the registry: train.arm=<base> + the arm's knobs (shared/arms.py)
         sets += [f"train.seed={seed}"] if seed is not None else []
         sets += [f"train.steps={steps}"] if steps is not None else []
         cfg = resolve_config(preset, sets)
-        name = run_dir or f"runs/{preset}-{cfg.train.arm}-s{cfg.train.seed}"
+        name = run_dir or f"runs/{preset}-{arm.strip() if arm else cfg.train.arm}-s{cfg.train.seed}"
         cfg = resolve_config(preset, sets + [f"run_dir={json.dumps(name)}"])
         from reward_server.grader import Grader
         from shared.rundir import prepare_run_dir

@@ -52,6 +52,8 @@ _PARTS: list[tuple[re.Pattern, Callable[[re.Match], dict[str, Any]]]] = [
     (re.compile("(" + "|".join(PAIR_SETS) + ")"), lambda m: {"vhack.pair_set": m.group(1)}),
 ]
 PART_FORMS = "svd<k>, meandiff, refresh<N>, onesided, twosided, nf<percent>, r<rank>, " + ", ".join(PAIR_SETS)
+ARM_HELP = (f"A base arm ({', '.join(ARMS)}), an alias ({', '.join(ALIASES)}), or a base followed by _part or "
+            f"+part with parts {PART_FORMS}; e.g. projected_svd5+refresh10, mechanism+svd5, weak_flagged.")
 
 
 @dataclass(frozen=True)
@@ -79,7 +81,7 @@ def _part(token: str) -> dict[str, Any]:
                     raise ConfigError(f"arm part {token!r}: {key} must be >= 1")
             return out
     raise ConfigError(f"unknown arm part {token!r}; parts are {PART_FORMS} (after a base arm: "
-                      f"{', '.join(ARMS)}, or an alias: {', '.join(ALIASES)})")
+                      f"{', '.join(ARMS)}, or an alias: {', '.join(ALIASES)}; e.g. projected_svd5+refresh10)")
 
 
 def _split_head(part: str) -> tuple[str | None, list[str]]:
@@ -105,6 +107,8 @@ def resolve_arm(name: str) -> ArmSpec:
     explicit: dict[str, Any] = {}
     for part in name.split("+"):
         head, tokens = _split_head(part.strip())
+        if not tokens and head is None:
+            raise ConfigError(f"arm {name!r} has an empty part; valid arms: {ARM_HELP}")
         if head is not None:
             head_base, head_over = ALIASES.get(head, (head, {}))
             if head in PAIR_SETS:  # a pair-set alias is a part like any other
@@ -134,3 +138,42 @@ def resolve_arm(name: str) -> ArmSpec:
 def arm_overrides(name: str) -> list[str]:
     """Dotted KEY=VALUE overrides for `resolve_config`: train.arm=<base> first, then the arm's knobs."""
     return resolve_arm(name).override_list()
+
+
+def cli_overrides(arm: str | None) -> list[str]:
+    """What an `--arm NAME` flag means for the config (none for no flag); names the arm on a bad name."""
+    if arm is None:
+        return []
+    try:
+        return arm_overrides(arm)
+    except ConfigError as e:
+        msg = str(e)
+        raise ConfigError(msg if repr(arm.strip()) in msg else f"arm {arm!r}: {msg}") from None
+
+
+def arm_name(cfg) -> str:
+    """The registry name of what a RunConfig does: its base arm and the registry knobs that differ from the
+    defaults, in one canonical spelling (resolve_arm(arm_name(cfg)) gives back those knobs). Derived from
+    the config rather than stored beside it, so the name can never disagree with what the run did.
+    Knobs the grammar has no part for (vhack.min_axis_ratio, train.vhack_modes, ...) are not named."""
+    from .config import VhackConfig
+
+    v, d = cfg.vhack, VhackConfig()
+    head = cfg.train.arm
+    refresh_default = 0
+    if v.from_rollouts and head == "route" and sorted(cfg.train.vhack_modes) == ["A", "B"]:
+        head, refresh_default = "weak_flagged", WEAK_FLAGGED_REFRESH
+    parts = []
+    if v.pair_set != d.pair_set:
+        parts.append(v.pair_set)
+    if v.basis == "svd":
+        parts.append(f"svd{v.k}")
+    if v.refresh_every != refresh_default:
+        parts.append(f"refresh{v.refresh_every}")
+    if v.gate != d.gate:
+        parts.append(v.gate)
+    if v.noise_floor_global and float(v.noise_floor_global * 100).is_integer():
+        parts.append(f"nf{int(v.noise_floor_global * 100)}")
+    if cfg.model.rank is not None:
+        parts.append(f"r{cfg.model.rank}")
+    return "_".join([head, *parts])

@@ -136,6 +136,13 @@ class VhackConfig(_Strict):
         "weak_flagged arm: build v_hack from the policy's own rollouts flagged by a weak detector that sees "
         "train.vhack_modes only (clean = an honest pass on the same prompt, else the canonical solution), "
         "re-extracted every refresh_every steps."))
+    flag: Literal["attempted", "exploited"] = Field("attempted", description=(
+        "from_rollouts: what the weak detector flags. attempted: static evidence of a mode-A/B hack in the code "
+        "(the detector never runs it); exploited: that mode's vulnerable check passed while the real tests failed."))
+    flagged_min_pairs: int = Field(8, ge=1, description=(
+        "from_rollouts: flagged pairs needed before the first extraction; until then nothing is projected or routed."))
+    flagged_max_pairs: int = Field(64, ge=1, description=(
+        "from_rollouts: the pool v_hack is extracted from: the newest this many flagged pairs."))
 
 
 class PipelineConfig(_Strict):
