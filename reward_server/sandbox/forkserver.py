@@ -16,7 +16,8 @@ Isolation, chosen once at start (`isolation` = auto | namespaces | bwrap | fallb
   network, filesystem and pid-1 sweep as above, no per-slot uid, plus the fallback's audit hook.
 - fallback: no namespaces. The child runs in its own session with the same rlimits and a Python
   audit hook that refuses sockets, process creation, ctypes, signals to other processes, writes
-  outside the working dir and reads of the hidden paths. Weaker (a determined native-code escape
+  outside the working dir and reads of the hidden paths or of other processes' /proc entries
+  (the grader's memory holds the expected values). Weaker (a determined native-code escape
   is possible), so the grader logs loudly which mode is active.
 
 Control protocol (unix stream socket, frames = 4-byte length + marshal): the grader sends a job
@@ -39,7 +40,7 @@ import sys
 import time
 import traceback
 
-from reward_server import harness
+from reward_server.sandbox import harness
 
 _LEN = struct.Struct(">I")
 PRELOAD = (
@@ -326,6 +327,13 @@ def install_audit_guard(workdir: str, hide: list[str], expose: list[str]) -> Non
     def inside_wd(p: str) -> bool:
         return p == wd or p.startswith(wd + "/")
 
+    def _foreign_proc(p: str) -> bool:
+        """/proc/<pid>/... of another process (mem, environ, fds): the grader's among them."""
+        if not p.startswith("/proc/"):
+            return False
+        head = p[6:].split("/", 1)[0]
+        return head.isdigit() and int(head) != getpid()
+
     def hook(event: str, args: tuple) -> None:
         if event == "open":
             path, mode, flags = args
@@ -337,6 +345,8 @@ def install_audit_guard(workdir: str, hide: list[str], expose: list[str]) -> Non
             if writing and not inside_wd(p):
                 raise blocked(f"writing {p}")
             if _under(p, hide) and not _under(p, expose):
+                raise blocked(f"reading {p}")
+            if _foreign_proc(p):
                 raise blocked(f"reading {p}")
         elif event in ("os.listdir", "os.scandir"):
             p = resolve(args[0] if args[0] is not None else ".")
