@@ -313,7 +313,7 @@ def install_audit_guard(workdir: str, hide: list[str], expose: list[str]) -> Non
     wd = os.path.realpath(workdir)
     hide = [os.path.realpath(h) for h in hide if h]
     expose = [os.path.realpath(e) for e in expose if e]
-    realpath, fspath, getpid = os.path.realpath, os.fspath, os.getpid
+    realpath, fspath, getpid, isdir = os.path.realpath, os.fspath, os.getpid, os.path.isdir
 
     def blocked(what: str):
         return PermissionError(errno.EACCES, f"sandbox: {what} is not allowed")
@@ -328,11 +328,15 @@ def install_audit_guard(workdir: str, hide: list[str], expose: list[str]) -> Non
         return p == wd or p.startswith(wd + "/")
 
     def _foreign_proc(p: str) -> bool:
-        """/proc/<pid>/... of another process (mem, environ, fds): the grader's among them."""
-        if not p.startswith("/proc/"):
+        """/proc/<pid>/... of another process (mem, environ, fds: the grader's among them), or a
+        directory under /proc at all: a directory fd would let a relative path (dir_fd=, which this
+        hook cannot see) reach another process's entries."""
+        if p != "/proc" and not p.startswith("/proc/"):
             return False
         head = p[6:].split("/", 1)[0]
-        return head.isdigit() and int(head) != getpid()
+        if head.isdigit() and int(head) != getpid():
+            return True
+        return isdir(p)
 
     def hook(event: str, args: tuple) -> None:
         if event == "open":
