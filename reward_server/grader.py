@@ -402,3 +402,24 @@ class Grader:
             while len(self._ref_cache) > 4096:
                 self._ref_cache.popitem(last=False)
         return result
+
+
+def grade_groups(grader, problems: dict[str, Problem], groups: list) -> tuple[list, float]:
+    """Grade every completion of every RolloutGroup in one `grade_many` call (the grader
+    parallelises across them) -> (GradedGroups in order, seconds). Each grade carries its
+    completion's rollout_id; grade_seconds is the batch's time split evenly over its groups."""
+    from shared.schemas import GradedGroup
+
+    if not groups:
+        return [], 0.0
+    t0 = time.perf_counter()
+    grades = grader.grade_many([(problems[g.problem_id], c.text) for g in groups for c in g.completions])
+    seconds = time.perf_counter() - t0
+    out, i = [], 0
+    for g in groups:
+        mine = []
+        for c in g.completions:
+            mine.append(grades[i].model_copy(update={"rollout_id": c.rollout_id}))
+            i += 1
+        out.append(GradedGroup(group=g, grades=mine, grade_seconds=seconds / len(groups)))
+    return out, seconds

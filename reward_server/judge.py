@@ -24,6 +24,7 @@ import dataclasses
 import operator
 import re
 
+from reward_server.detector import AST_LOCK, parse
 from reward_server.sandbox import plain
 
 STRUCTURAL_HELPERS = ("is_same_list", "is_same_tree")  # setup helpers that mean "equal by value"
@@ -72,7 +73,7 @@ def solution_roots(func_name: str) -> frozenset[str]:
 
 def setup_functions(setup_code: str) -> frozenset[str]:
     try:
-        tree = ast.parse(setup_code or "")
+        tree = parse(setup_code or "")
     except (SyntaxError, ValueError):
         return frozenset()
     return frozenset(n.name for n in tree.body if isinstance(n, ast.FunctionDef))
@@ -95,7 +96,7 @@ class _Builder:
         return ("p" if side is self.program else "e", len(side) - 1)
 
     def plan(self, src: str) -> Plan:
-        tree = ast.parse(src)  # SyntaxError: the caller names the problem and the assert
+        tree = parse(src)  # SyntaxError: the caller names the problem and the assert
         compile(tree, "<assert>", "exec", dont_inherit=True)  # and whatever else does not compile
         if len(tree.body) != 1 or not isinstance(tree.body[0], ast.Assert):
             return Plan("unsupported", why="not a single assert statement")
@@ -132,8 +133,9 @@ class _Builder:
 
 def split_asserts(asserts: list[str], func_name: str, setup_code: str) -> Split:
     """Plans for every assert (raises SyntaxError/ValueError for one that does not compile)."""
-    b = _Builder(solution_roots(func_name), setup_functions(setup_code))
-    plans = [b.plan(src) for src in asserts]
+    with AST_LOCK:  # compiles hand-built ASTs too (see detector.AST_LOCK)
+        b = _Builder(solution_roots(func_name), setup_functions(setup_code))
+        plans = [b.plan(src) for src in asserts]
     return Split(plans, b.program, b.expected)
 
 

@@ -25,6 +25,7 @@ import dataclasses
 import re
 import textwrap
 
+from reward_server.detector import parse
 from shared.problems import Problem
 
 TEST_FUNC = "run_tests"
@@ -74,7 +75,7 @@ def find_test_function(code: str | None) -> TestFunction | None:
     if not code:
         return None
     try:
-        tree = ast.parse(code)
+        tree = parse(code)
     except (SyntaxError, ValueError, RecursionError, MemoryError):
         return None
     try:

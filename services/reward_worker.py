@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 
+from reward_server.grader import grade_groups
 from shared.config import RunConfig
-from shared.schemas import Grade, GradedGroup, RolloutGroup
+from shared.schemas import RolloutGroup
 
 from .procs import Health, StopFlag, exit_now, load_service_config, run_service, service_parser
 from .rollout_service import default_batch
@@ -35,23 +35,6 @@ def make_grader(cfg: RunConfig):
     from reward_server.grader import Grader
 
     return Grader(cfg.reward, workers=cfg.reward.workers or None)
-
-
-def grade_groups(grader, problems: dict, groups: list[RolloutGroup]) -> list[GradedGroup]:
-    """Grade every completion of every group in one `grade_many` call; rollout ids kept on the grades."""
-    if not groups:
-        return []
-    t0 = time.perf_counter()
-    grades = grader.grade_many([(problems[g.problem_id], c.text) for g in groups for c in g.completions])
-    share = (time.perf_counter() - t0) / len(groups)
-    out, i = [], 0
-    for g in groups:
-        mine: list[Grade] = []
-        for c in g.completions:
-            mine.append(grades[i].model_copy(update={"rollout_id": c.rollout_id}))
-            i += 1
-        out.append(GradedGroup(group=g, grades=mine, grade_seconds=share))
-    return out
 
 
 class RewardWorker:
@@ -96,7 +79,7 @@ class RewardWorker:
                 todo.append(d)
         self.q.ack_many(skip, GROUP)
         # all completions of the batch in one grade_many call: the grader parallelises across them
-        graded = grade_groups(self.grader, self.problems, [d.item for d in todo])
+        graded, _ = grade_groups(self.grader, self.problems, [d.item for d in todo])
         self.q.wait_for_room("graded", len(todo))
         fresh = self.q.finish_many([(d, d.item.job_id, [("graded", g)]) for d, g in zip(todo, graded)], GROUP, GROUP)
         self.stats["groups"] += sum(fresh)
