@@ -232,6 +232,18 @@ class Grader:
             seconds=time.perf_counter() - t0, **extra,
         )
 
+    def canonical_cpu(self, problem: Problem, cpu_s: float) -> tuple[float, bool, str]:
+        """(CPU seconds, passed, status) of the honest check on the problem's canonical solution
+        under a CPU budget of cpu_s: what `rankguard problems calibrate` measures."""
+        blob, err = compile_program(problem.canonical_solution)
+        if blob is None:
+            return 0.0, False, f"compile_error: {err}"
+        ck, extra = self._checks(problem), {"timings": {}}
+        expected = self._expected(ck, extra, cpu_s)
+        res = self._run(ExecJob("eval", ck.setup, blob, {}, {"exprs": ck.program_exprs}, cpu_s=cpu_s), "gt", extra)
+        outcome = judge.judge(ck.split, judge.parse_results(res.verdict, len(ck.split.program_exprs)), expected)
+        return res.cpu_s, ck.n > 0 and outcome.passed == ck.n, res.status
+
     def submit(self, problem: Problem, completion: str, loopholes: LoopholeConfig | None = None,
                rollout_id: str = "") -> Future:
         """Queue one grade on the pool; the Future yields the Grade."""

@@ -47,7 +47,7 @@ def _same(a, b) -> bool:
     return a == b
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, database=None)
 @given(values)
 def test_plain_round_trip_keeps_value_and_type(x):
     value, opaque = plain.loads(plain.dumps(x))
