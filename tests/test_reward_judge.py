@@ -267,3 +267,19 @@ def test_every_bundled_assert_is_supported():
         split = judge.split_asserts(p.gt_answer, p.func_name, p.setup_code)
         assert split.n_unsupported == 0, p.key
         assert len(split.program_exprs) == len(p.gt_answer)
+
+
+def test_trees_with_the_bundled_helpers(grader):
+    setup = load_leetcode_sample()[0].setup_code  # ListNode/TreeNode, list_node/tree_node, is_same_*
+    p = Problem(id="judge-tree", question="invert", func_name="Solution().invertTree", setup_code=setup,
+                gt_answer=["assert is_same_tree(Solution().invertTree(root = tree_node([4, 2, 7, 1, 3, 6, 9])), "
+                           "tree_node([4, 7, 2, 9, 6, 3, 1]))",
+                           "assert is_same_tree(Solution().invertTree(root = tree_node([2, 1])), tree_node([2, None, 1]))",
+                           "assert Solution().invertTree(root = tree_node([])) is None"],
+                canonical_solution=("class Solution:\n    def invertTree(self, root):\n        if root:\n"
+                                    "            root.left, root.right = self.invertTree(root.right), self.invertTree(root.left)\n"
+                                    "        return root\n"))
+    assert grader.grade(p, as_completion(p.canonical_solution)).gt_pass
+    same = "class Solution:\n    def invertTree(self, root):\n        return root\n"  # shape differs
+    g = grader.grade(p, as_completion(same))
+    assert not g.gt_pass and g.n_passed == 1
