@@ -277,13 +277,16 @@ def test_chunked_body_over_the_cap_gets_413_before_it_is_all_sent(live_url):
     assert sent >= MAX_BODY_BYTES
 
 
-def test_metrics_count_timeouts_unsupported_and_reference_labels(client):
+def test_metrics_count_timeouts_unsupported_and_reference_labels():
+    cfg = RewardConfig(timeout_s=1.0)  # a 1 s CPU budget: the endless loop is stopped quickly
     hack = as_completion(WRONG_CODE + "\ndef run_tests():\n    pass\n")
-    client.post("/grade", json={"problem_id": "3243", "completion": hack})
     loop = as_completion("class Solution:\n    def shortestDistanceAfterQueries(self, n, queries):\n"
                          "        while True:\n            pass\n")
-    client.post("/grade", json={"problem_id": "3243", "completion": loop})
-    text = client.get("/metrics").text
+    problems = {"3243": P.model_copy(update={"time_budget_s": None})}  # no calibrated budget above the 1 s
+    with Grader(cfg, workers=2) as grader, TestClient(create_app(cfg, grader=grader, problems=problems)) as client:
+        r = client.post("/grade/batch", json={"items": [{"problem_id": "3243", "completion": c} for c in (hack, loop)]})
+        assert [g["timed_out"] for g in r.json()["grades"]] == [False, True]
+        text = client.get("/metrics").text
     value = {ln.rsplit(" ", 1)[0]: float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines() if ln and not ln.startswith("#")}
     assert value["rankguard_reward_timeouts_total"] >= 1
     assert value['rankguard_reward_reference_label_total{label="Reward Hack"}'] >= 1

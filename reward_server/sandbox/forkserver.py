@@ -456,7 +456,7 @@ class Server:
         for fd in fds:
             os.close(fd)
         fds.clear()
-        timed_out = not self._wait(pid, float(hdr.get("timeout_s", 3.0)))
+        timed_out = not self._wait(pid, float(hdr.get("timeout_s", 3.0)), float(hdr.get("hard_s", 0.0)))
         if timed_out:
             self._signal_all(pid)
         _, status, ru = os.wait4(pid, 0)
@@ -470,23 +470,47 @@ class Server:
         _clear(workdir)
         return res
 
-    def _wait(self, pid: int, timeout: float) -> bool:
-        """True if the child exited within the wall timeout."""
+    def _wait(self, pid: int, timeout: float, hard: float = 0.0) -> bool:
+        """True if the child exited in time. The wall ceiling `timeout` is for a child that idles
+        (sleeps, blocks): one still computing when it passes is given more time, slice by slice up
+        to `hard`, since RLIMIT_CPU stops it at its CPU budget anyway. So a busy machine, where the
+        child gets a fraction of a core, does not turn a correct answer into a timeout."""
+        start = time.monotonic()
+        deadline, hard_end = start + timeout, start + max(hard, timeout)
         try:
             pfd = os.pidfd_open(pid)
         except (AttributeError, OSError):
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
+            pfd = None
+        try:
+            cpu_then, t_then = _cpu_seconds(pid), start
+            while True:
+                if self._exited(pid, pfd, deadline - time.monotonic()):
+                    return True
+                now = time.monotonic()
+                cpu_now = _cpu_seconds(pid)
+                if now >= hard_end or cpu_now is None or cpu_then is None:
+                    return False
+                if cpu_now - cpu_then < 0.05 * (now - t_then):  # idle: the ceiling holds
+                    return False
+                cpu_then, t_then = cpu_now, now
+                deadline = min(hard_end, now + max(1.0, timeout / 4))
+        finally:
+            if pfd is not None:
+                os.close(pfd)
+
+    @staticmethod
+    def _exited(pid: int, pfd: int | None, wait_s: float) -> bool:
+        if pfd is None:
+            end = time.monotonic() + max(0.0, wait_s)
+            while True:
                 if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
                     return True
+                if time.monotonic() >= end:
+                    return False
                 time.sleep(0.001)
-            return False
-        try:
-            p = select.poll()
-            p.register(pfd, select.POLLIN)
-            return bool(p.poll(max(0, int(timeout * 1000))))
-        finally:
-            os.close(pfd)
+        p = select.poll()
+        p.register(pfd, select.POLLIN)
+        return bool(p.poll(max(0, int(wait_s * 1000))))
 
     def _signal_all(self, pid: int) -> None:
         """SIGKILL the child and everything it started (without reaping)."""
@@ -577,6 +601,19 @@ class Server:
                 soft, hard = resource.getrlimit(res)
                 if hard == resource.RLIM_INFINITY or val[0] <= hard:
                     resource.setrlimit(res, (val[0], hard))
+
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a live (or zombie) process, from /proc; None if unreadable."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def _clear(workdir: str) -> None:

@@ -126,8 +126,9 @@ class SandboxError(RuntimeError):
 class SandboxConfig:
     workers: int = 0  # 0 = one per core
     timeout_s: float = 3.0  # CPU seconds per execution unless the job brings its own (a problem's budget)
-    wall_factor: float = 3.0  # wall-clock ceiling = wall_factor x CPU budget + wall_slack_s
-    wall_slack_s: float = 2.0
+    wall_factor: float = 3.0  # wall-clock ceiling = wall_factor x CPU budget + wall_slack_s (for a child
+    wall_slack_s: float = 2.0  # that idles; one still computing is let run on to hard_wall_for, see
+    hard_wall_factor: float = 10.0  # forkserver.Server._wait: RLIMIT_CPU stops it at its budget)
     memory_mb: int = 1024  # RLIMIT_AS
     fsize_mb: int = 4  # largest file (stdout, stderr, result file) a program may write
     nproc: int = 32  # processes + threads per execution (namespaces mode)
@@ -146,6 +147,10 @@ class SandboxConfig:
         """Wall-clock ceiling above a CPU budget: generous, so a busy machine (where a check gets a
         fraction of a core) does not turn slow-but-correct into a fail; CPU time is the real limit."""
         return self.wall_factor * cpu_s + self.wall_slack_s
+
+    def hard_wall_for(self, cpu_s: float) -> float:
+        """The wall-clock limit even for a child that keeps computing (a badly overloaded machine)."""
+        return max(self.wall_for(cpu_s), self.hard_wall_factor * cpu_s + 10.0)
 
     @property
     def wall_s(self) -> float:
@@ -222,7 +227,7 @@ def _header(job: ExecJob, cfg: SandboxConfig) -> dict:
     cpu = job.cpu_s if job.cpu_s else cfg.timeout_s
     return {
         "mode": job.mode, "setup": job.setup, "program": job.program,
-        "timeout_s": cfg.wall_for(cpu), "cpu_s": max(1, math.ceil(cpu)),
+        "timeout_s": cfg.wall_for(cpu), "hard_s": cfg.hard_wall_for(cpu), "cpu_s": max(1, math.ceil(cpu)),
         "mem_bytes": cfg.memory_mb << 20, "fsize_bytes": cfg.fsize_mb << 20, "nproc": cfg.nproc,
         "marker": job.marker, "markers": [job.marker] if job.marker else [],
         "result_file": job.result_file,
@@ -263,7 +268,9 @@ def _drive(job: ExecJob, cfg: SandboxConfig, start) -> ExecResult:
         poller.register(vr, select.POLLIN)
         poller.register(pw, select.POLLOUT)
         t0 = time.monotonic()
-        limit = hdr["timeout_s"] + (0.0 if run.enforce_timeout else 15.0)
+        # the fresh path kills on the wall ceiling itself; a fork server enforces its own limits and
+        # may let a still-computing child run to hard_s, so wait for its reply a little beyond that
+        limit = hdr["timeout_s"] if run.enforce_timeout else hdr["hard_s"] + 15.0
         killed = False
         reply = None
         pw_open = True
