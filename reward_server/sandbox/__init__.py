@@ -9,7 +9,7 @@
 Nothing in this package imports from the rest of rankguard: fork servers are started from its
 source text alone (see pool.BOOT).
 """
-from reward_server.sandbox.pool import (  # noqa: F401 - the package's public names
+from reward_server.sandbox.pool import (
     ISOLATIONS,
     REPO_ROOT,
     ExecJob,
@@ -25,3 +25,7 @@ from reward_server.sandbox.pool import (  # noqa: F401 - the package's public na
     default_hide,
     make_executor,
 )
+
+__all__ = ["ISOLATIONS", "REPO_ROOT", "ExecJob", "ExecResult", "ForkServer", "FreshExecutor", "SandboxConfig",
+           "SandboxError", "SandboxPool", "bwrap_argv", "bwrap_works", "default_expose", "default_hide",
+           "make_executor"]

@@ -22,7 +22,8 @@ Isolation, chosen once at start (`isolation` = auto | namespaces | bwrap | fallb
 
 Control protocol (unix stream socket, frames = 4-byte length + marshal): the grader sends a job
 header together with two fds (payload pipe read end, verdict pipe write end) via SCM_RIGHTS; the
-server replies with a result dict. The hidden asserts and the nonce never pass through this process.
+server replies with a result dict. The hidden call sides, asserts and nonces never pass through
+this process (and the expected values of the honest check exist only on the grader side).
 """
 from __future__ import annotations
 

@@ -10,8 +10,9 @@ Isolation (SandboxConfig.isolation, see forkserver.py for what each gives):
 
 `SandboxPool.run(job) -> ExecResult` is thread-safe; each call borrows one fork-server slot.
 The grader side owns two pipes per execution: it writes the `pre` frame at once and the `post`
-frame (hidden asserts / nonce) only when the harness reports the program loaded, and it reads the
-nonce-tagged verdict lines itself, so neither ever passes through the fork server.
+frame (call sides / asserts / nonce) only when the harness reports the program loaded, and it reads
+the result lines itself (untrusted: the grader decides, see reward_server/judge.py), so neither
+ever passes through the fork server.
 """
 from __future__ import annotations
 
