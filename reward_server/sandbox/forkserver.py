@@ -23,7 +23,7 @@ Isolation, chosen once at start (`isolation` = auto | namespaces | bwrap | fallb
 Control protocol (unix stream socket, frames = 4-byte length + marshal): the grader sends a job
 header together with two fds (payload pipe read end, verdict pipe write end) via SCM_RIGHTS; the
 server replies with a result dict. The hidden call sides, asserts and nonces never pass through
-this process (and the expected values of the honest check exist only on the grader side).
+this process (the honest check's expected values live in the grader, computed by a program-free run).
 """
 from __future__ import annotations
 
