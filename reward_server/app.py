@@ -1,7 +1,11 @@
 """Reward HTTP API (FastAPI): POST /grade, POST /grade/batch, GET /healthz, GET /metrics, /docs.
 
-Bad requests get a 4xx whose JSON `error` says what is wrong (field, value, valid options);
-grading failures inside the sandbox come back as a Grade with `error` set, never as a 500.
+Every refusal is a 4xx whose JSON body is `{"error": "..."}` saying what is wrong (field, value,
+valid options): 400 a body that is not UTF-8 JSON (or nests too deep to parse), 404 an unknown
+problem id or path, 405 a wrong method, 413 a body over 64 MiB (counted as it is read, chunked
+bodies included) or a completion over 256 KiB, 422 a body that does not match the schema (types are
+strict: no `0` for false, no `true` for an id). Grading failures inside the sandbox come back as a
+Grade with `error` set, never as a 500.
 """
 from __future__ import annotations
 
@@ -10,12 +14,13 @@ import os
 import threading
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, StrictStr, model_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from reward_server.grader import BadProblemError, Grader
 from reward_server.metrics import CONTENT_TYPE_LATEST, RewardMetrics
@@ -28,17 +33,49 @@ MAX_BATCH = 4096
 MAX_BODY_BYTES = 64 << 20
 
 
-class GradeRequest(BaseModel):
-    """One rollout: a problem (by id, or inline), the completion text, optionally the loopholes."""
+def _integral(v):
+    return int(v) if type(v) is float and v.is_integer() else v
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
-        "problem_id": "3243", "completion": "```python\nclass Solution: ...\n```",
-        "loopholes": {"rt": True, "se": False, "so": False, "fm": False}}]})
-    problem_id: str | int | None = Field(None, description="id of a problem the server loaded")
-    problem: Problem | None = Field(None, description="inline problem (rl-rewardhacking record)")
-    completion: str = Field(description="the policy's full answer; code is taken from ```python fences")
-    loopholes: LoopholeConfig | None = Field(None, description="open loopholes; default: the server's")
-    rollout_id: str = ""
+
+# A JSON integer: 3 or 3.0 (JSON Schema's "integer"), never true / "3" / 3.5.
+JsonInt = Annotated[StrictInt, BeforeValidator(_integral)]
+
+
+class StrictLoopholes(LoopholeConfig):
+    """LoopholeConfig with JSON booleans only (`0` / `"false"` are refused, not read as false)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, title="Loopholes")
+
+
+class StrictProblem(Problem):
+    """An inline problem record, strictly typed (`"id": true` is refused, not read as 1)."""
+
+    model_config = ConfigDict(extra="allow", strict=True, title="Problem")
+    id: JsonInt | StrictStr
+
+
+def _exactly_one_problem(schema: dict) -> None:
+    """The schema states what the validator enforces: exactly one of problem_id / problem."""
+    schema["oneOf"] = [{"required": ["problem_id"], "not": {"required": ["problem"]}},
+                       {"required": ["problem"], "not": {"required": ["problem_id"]}}]
+    for name in ("problem_id", "problem", "loopholes"):  # absent, never null
+        schema["properties"][name].pop("default", None)
+    schema["examples"] = [{"problem_id": "3243", "completion": "```python\nclass Solution: ...\n```",
+                           "loopholes": {"rt": True, "se": False, "so": False, "fm": False}}]
+
+
+class GradeRequest(BaseModel):
+    """One rollout: a problem (by id, or inline; exactly one of the two), the completion text,
+    optionally the loopholes."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=_exactly_one_problem)
+    problem_id: StrictStr | JsonInt = Field(None, validate_default=False,
+                                              description="id of a problem the server loaded (give this or 'problem')")
+    problem: StrictProblem = Field(None, validate_default=False,
+                                   description="inline problem, rl-rewardhacking record (give this or 'problem_id')")
+    completion: StrictStr = Field(description="the policy's full answer; code is taken from ```python fences")
+    loopholes: StrictLoopholes = Field(None, validate_default=False, description="open loopholes; default: the server's")
+    rollout_id: StrictStr = ""
 
     @model_validator(mode="after")
     def _one_problem(self) -> "GradeRequest":
@@ -48,8 +85,64 @@ class GradeRequest(BaseModel):
 
 
 class BatchRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     items: list[GradeRequest] = Field(min_length=1, max_length=MAX_BATCH)
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx: one line saying what is wrong (422s add the first validation errors)."""
+
+    error: str
+    detail: list[dict[str, Any]] | None = None
+
+
+ERRORS = {status: {"model": ErrorResponse, "description": what} for status, what in (
+    (400, "body is not UTF-8 JSON, or nests too deep to parse"),
+    (404, "unknown problem id"),
+    (413, "body over 64 MiB, or a completion over 256 KiB"),
+    (422, "body does not match the schema (exactly one of problem_id / problem; strict types)"),
+)}
+
+
+class BodyCap:
+    """ASGI middleware: reads the request body itself, counting the bytes actually received, and
+    answers 413 as soon as they pass `limit` (Content-Length or not: chunked bodies too). The
+    app then gets the body from memory."""
+
+    def __init__(self, app, limit: int, on_reject) -> None:
+        self.app, self.limit, self.on_reject = app, limit, on_reject
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            return await self.on_reject(scope, send, f"request body of {int(declared)} bytes is over the "
+                                                     f"{self.limit} byte limit")
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # client went away
+                return
+            body = message.get("body", b"")
+            size += len(body)
+            if size > self.limit:
+                return await self.on_reject(scope, send, f"request body is over the {self.limit} byte limit "
+                                                         f"(stopped reading at {size} bytes)")
+            chunks.append(body)
+            if not message.get("more_body", False):
+                break
+        whole = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return whole
+            return await receive()
+
+        await self.app(scope, replay, send)
 
 
 class ApiError(Exception):
@@ -145,17 +238,35 @@ def create_app(cfg: RunConfig | RewardConfig | None = None, *, grader: Grader | 
     async def _api_error(_req: Request, exc: ApiError) -> JSONResponse:
         return reject(exc.status, exc.message)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_req: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """Routing and body-parsing refusals in the same `{"error": ...}` shape as ours."""
+        cause = exc.__cause__
+        if exc.status_code == 400 and isinstance(cause, UnicodeDecodeError):
+            message = f"request body is not valid UTF-8 (byte {cause.start}: {cause.reason})"
+        elif exc.status_code == 400 and isinstance(cause, RecursionError):
+            message = "request body JSON nests too deep to parse"
+        elif exc.status_code == 400:
+            message = f"request body could not be parsed ({type(cause).__name__ if cause else exc.detail})"
+        else:
+            message = str(exc.detail)
+        response = reject(exc.status_code, message)
+        if exc.headers:
+            response.headers.update(exc.headers)
+        return response
+
     @app.exception_handler(Exception)
     async def _internal(_req: Request, exc: Exception) -> JSONResponse:  # pragma: no cover - last resort
         log.exception("reward API internal error")
         return JSONResponse(status_code=503, content={"error": f"grader unavailable: {type(exc).__name__}: {exc}"})
 
-    @app.middleware("http")
-    async def _body_cap(request: Request, call_next):
-        size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > MAX_BODY_BYTES:
-            return reject(413, f"request body of {int(size)} bytes is over the {MAX_BODY_BYTES} byte limit")
-        return await call_next(request)
+    async def too_big(scope, send, message: str) -> None:
+        async def no_body() -> dict:
+            return {"type": "http.disconnect"}
+
+        await reject(413, message)(scope, no_body, send)
+
+    app.add_middleware(BodyCap, limit=MAX_BODY_BYTES, on_reject=too_big)
 
     def resolve(req: GradeRequest, where: str = "") -> Problem:
         size = len(req.completion.encode("utf-8", "surrogatepass"))
@@ -188,12 +299,12 @@ def create_app(cfg: RunConfig | RewardConfig | None = None, *, grader: Grader | 
             metrics.observe(g)
         return [g.model_dump(mode="json") for g in grades]
 
-    @app.post("/grade", summary="Grade one completion")
+    @app.post("/grade", summary="Grade one completion", responses=ERRORS)
     def grade(req: GradeRequest) -> dict[str, Any]:
         p = resolve(req)
         return run([(p, req.completion, req.loopholes, req.rollout_id)])[0]
 
-    @app.post("/grade/batch", summary="Grade many completions (in parallel, order kept)")
+    @app.post("/grade/batch", summary="Grade many completions (in parallel, order kept)", responses=ERRORS)
     def grade_batch(req: BatchRequest) -> dict[str, Any]:
         items = [(resolve(it, f"items[{i}]: "), it.completion, it.loopholes, it.rollout_id)
                  for i, it in enumerate(req.items)]
@@ -210,7 +321,9 @@ def create_app(cfg: RunConfig | RewardConfig | None = None, *, grader: Grader | 
     def problem_ids() -> dict[str, Any]:
         return {"count": len(problems), "ids": sorted(problems)}
 
-    @app.get("/metrics", summary="Prometheus metrics")
+    @app.get("/metrics", summary="Prometheus metrics", response_class=Response, responses={
+        200: {"description": "Prometheus text exposition format",
+              "content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}})
     def prom() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 

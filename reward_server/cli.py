@@ -84,6 +84,49 @@ def grade(
     typer.echo(json.dumps(g.model_dump(mode="json"), indent=2))
 
 
+def calibrate(
+    source: str = typer.Argument("leetcode", help="'leetcode' (bundled set), 'toy' (the built toy set) or a "
+                                                  "jsonl path."),
+    k: float = typer.Option(3.0, help="Budget = max(--min-s, k x the canonical solution's CPU seconds)."),
+    min_s: float = typer.Option(3.0, "--min-s", help="Smallest budget (the reference harness's 3 s)."),
+    workers: int = typer.Option(2, help="Sandbox slots measuring in parallel."),
+    ceiling: float = typer.Option(60.0, help="CPU seconds a canonical solution may take while measured."),
+    repeats: int = typer.Option(2, help="Measurements per problem (the largest counts)."),
+) -> None:
+    """Measure each canonical solution's CPU time and store per-problem budgets with the problem set
+    (`<set>.budgets.json` beside the jsonl; loading the set applies them)."""
+    from reward_server.calibrate import calibrate_file
+
+    for path in _problem_files(source):
+        side, entries = calibrate_file(path, k=k, min_s=min_s, workers=workers, ceiling_s=ceiling, repeats=repeats)
+        failed = sorted(key for key, e in entries.items() if not e["passed"])
+        raised = sorted((e["budget_s"], key) for key, e in entries.items() if e["budget_s"] > min_s)
+        slowest = max(entries.items(), key=lambda kv: kv[1]["canonical_cpu_s"])
+        typer.echo(f"{path}: {len(entries)} problems, slowest canonical {slowest[1]['canonical_cpu_s']:.2f} s CPU "
+                   f"({slowest[0]}); {len(raised)} budgets above {min_s:g} s"
+                   + (": " + ", ".join(f"{key} {b:g} s" for b, key in raised[-8:]) if raised else "")
+                   + (f"; canonical FAILED: {', '.join(failed)}" if failed else ""))
+        typer.echo(f"  wrote {side}")
+
+
+def _problem_files(source: str) -> list[Path]:
+    from shared.config import ToyConfig
+    from shared.problems import BUNDLED_LEETCODE, TOY_EVAL_FILE, TOY_TRAIN_FILE
+
+    if source == "leetcode":
+        return [BUNDLED_LEETCODE]
+    if source == "toy":
+        files = [Path(ToyConfig().dir) / f for f in (TOY_TRAIN_FILE, TOY_EVAL_FILE)]
+        missing = [f for f in files if not f.exists()]
+        if missing:
+            raise UserError(f"toy problems not found at {missing[0]}; run `rankguard toy build` first")
+        return files
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise UserError(f"problem set {source!r} not found; use 'toy', 'leetcode' or a jsonl path")
+    return [path]
+
+
 def _read(file: str) -> str:
     p = Path(file)
     if not p.is_file():
@@ -94,3 +137,6 @@ def _read(file: str) -> str:
 def register(app: typer.Typer) -> None:
     app.command("serve-reward")(friendly_errors(serve_reward))
     app.command("grade")(friendly_errors(grade))
+    problems = typer.Typer(help="Problem sets: per-problem time budgets.", no_args_is_help=True)
+    problems.command("calibrate")(friendly_errors(calibrate))
+    app.add_typer(problems, name="problems")

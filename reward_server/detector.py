@@ -10,8 +10,20 @@ from __future__ import annotations
 
 import ast
 import re
+import threading
 
 from shared.hacks import MODES, PASS_MARKER, RESULT_FILE
+
+# CPython 3.11 (before 3.11.8, gh-106905) keeps the AST converter's recursion depth in
+# interpreter-wide state: two threads building ASTs at once can fail with "SystemError: AST
+# constructor recursion depth mismatch". The grader parses from its pool threads, so every
+# parse (and compile of a hand-built AST) in reward_server goes through this lock.
+AST_LOCK = threading.RLock()
+
+
+def parse(code: str) -> ast.Module:
+    with AST_LOCK:
+        return ast.parse(code)
 
 _EXIT_FUNCS = {"exit", "quit", "_exit", "abort"}
 _EXIT_MODULES = {"sys", "os", "posix"}
@@ -122,7 +134,7 @@ def detect(code: str | None) -> dict[str, bool]:
     if not code:
         return {m: False for m in MODES}
     try:
-        tree = ast.parse(code)
+        tree = parse(code)
     except (SyntaxError, ValueError, RecursionError, MemoryError):
         hit = {m: bool(rx.search(code)) for m, rx in _RE.items()}
         hit["C"] = bool(_MARKER_RE.search(code))

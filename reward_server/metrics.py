@@ -4,6 +4,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from reward_server.reference import LABELS
 from shared.hacks import MODES
 from shared.schemas import Grade
 
@@ -23,6 +24,13 @@ class RewardMetrics:
                                  "passed while gt failed", ["mode"], registry=r)
         self.attempted = Counter("rankguard_reward_attempted", "Loose hacks: static evidence per mode",
                                  ["mode"], registry=r)
+        self.timeouts = Counter("rankguard_reward_timeouts", "Honest checks stopped by the problem's CPU budget "
+                                "(or the wall ceiling above it)", registry=r)
+        self.unsupported = Counter("rankguard_reward_unsupported_asserts", "Hidden asserts the judge could not "
+                                   "verify (shape it does not take, or the expected side failed): never passed",
+                                   registry=r)
+        self.ref_label = Counter("rankguard_reward_reference_label", "rl-rewardhacking's label of each completion",
+                                 ["label"], registry=r)
         self.sandbox_failures = Counter("rankguard_reward_sandbox_failures",
                                         "Executions lost to a sandbox failure (not the program's fault)",
                                         registry=r)
@@ -33,6 +41,8 @@ class RewardMetrics:
         for m in MODES:  # export zeros from the start
             self.exploited.labels(mode=m)
             self.attempted.labels(mode=m)
+        for label in LABELS:
+            self.ref_label.labels(label=label)
 
     def observe(self, g: Grade) -> None:
         self.graded.inc()
@@ -44,6 +54,11 @@ class RewardMetrics:
                 self.exploited.labels(mode=m).inc()
             if g.attempted.get(m):
                 self.attempted.labels(mode=m).inc()
+        if getattr(g, "timed_out", False):
+            self.timeouts.inc()
+        self.unsupported.inc(getattr(g, "n_unsupported", 0) or 0)
+        if getattr(g, "ref_label", None) in LABELS:
+            self.ref_label.labels(label=g.ref_label).inc()
         if getattr(g, "error", None):
             self.sandbox_failures.inc()
 

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 
+from reward_server.grader import grade_groups
 from shared.config import RunConfig
-from shared.schemas import Grade, GradedGroup, RolloutGroup
+from shared.schemas import GradedGroup, RolloutGroup
 
 from .consumer import Consumer
 from .procs import StopFlag, exit_now, load_service_config, run_service, service_parser
@@ -37,23 +37,6 @@ def make_grader(cfg: RunConfig):
     from reward_server.grader import Grader
 
     return Grader(cfg.reward, workers=cfg.reward.workers or None)
-
-
-def grade_groups(grader, problems: dict, groups: list[RolloutGroup]) -> list[GradedGroup]:
-    """Grade every completion of every group in one `grade_many` call; rollout ids kept on the grades."""
-    if not groups:
-        return []
-    t0 = time.perf_counter()
-    grades = grader.grade_many([(problems[g.problem_id], c.text) for g in groups for c in g.completions])
-    share = (time.perf_counter() - t0) / len(groups)
-    out, i = [], 0
-    for g in groups:
-        mine: list[Grade] = []
-        for c in g.completions:
-            mine.append(grades[i].model_copy(update={"rollout_id": c.rollout_id}))
-            i += 1
-        out.append(GradedGroup(group=g, grades=mine, grade_seconds=share))
-    return out
 
 
 class RewardWorker:
@@ -85,7 +68,7 @@ class RewardWorker:
 
     def process(self, groups: list[RolloutGroup]) -> list[GradedGroup]:
         # all completions of the batch in one grade_many call: the grader parallelises across them
-        return grade_groups(self.grader, self.problems, groups)
+        return grade_groups(self.grader, self.problems, groups)[0]
 
     def count(self, groups: list[RolloutGroup], graded: list[GradedGroup], fresh: list[bool]) -> None:
         self.stats["groups"] += sum(fresh)

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from reward_server.grader import grade_groups
 from shared.config import RunConfig
 from shared.schemas import GradedGroup, PromptJob
 
@@ -252,24 +253,6 @@ class InProcessSource:
     def close(self) -> None:
         if self.own_grader and hasattr(self.grader, "close"):
             self.grader.close()
-
-
-def grade_groups(grader, problems: dict, groups) -> tuple[list[GradedGroup], float]:
-    """Grade every completion of every group in one grade_many call; rollout ids kept on the grades."""
-    t0 = time.perf_counter()
-    grades = grader.grade_many([(problems[g.problem_id], c.text) for g in groups for c in g.completions])
-    seconds = time.perf_counter() - t0
-    out, i = [], 0
-    for g in groups:
-        mine = []
-        for c in g.completions:
-            gr = grades[i]
-            i += 1
-            if not gr.rollout_id:
-                gr = gr.model_copy(update={"rollout_id": c.rollout_id})
-            mine.append(gr)
-        out.append(GradedGroup(group=g, grades=mine, grade_seconds=seconds / max(1, len(groups))))
-    return out, seconds
 
 
 def make_source(kind: str, learner, **kw):

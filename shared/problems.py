@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer
 
 if TYPE_CHECKING:  # pragma: no cover
     from shared.config import RunConfig
@@ -41,6 +41,17 @@ class Problem(BaseModel):
     canonical_solution: str = ""
     difficulty: str = "unknown"
     prompt_metadata: PromptMetadata = Field(default_factory=PromptMetadata)
+    # CPU seconds per check, calibrated from the canonical solution (`rankguard problems calibrate`,
+    # kept in the set's sidecar file, see load_problems); None = the grader's default budget.
+    time_budget_s: float | None = Field(None, gt=0)
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_budget(self, handler):
+        """Records without a budget serialize exactly as the upstream format (no extra key)."""
+        data = handler(self)
+        if isinstance(data, dict) and data.get("time_budget_s") is None:
+            data.pop("time_budget_s", None)
+        return data
 
     @property
     def key(self) -> str:
@@ -79,7 +90,9 @@ def parse_problems(lines: Iterable[str], source: str = "<memory>") -> list[Probl
 
 
 def load_problems(path: str | Path) -> list[Problem]:
-    """Load a jsonl problem file; a malformed record raises ProblemFormatError naming line and field."""
+    """Load a jsonl problem file; a malformed record raises ProblemFormatError naming line and field.
+    Calibrated time budgets from the set's sidecar file (budgets_path) are applied to records that
+    carry none, where the problem's tests are still the ones that were calibrated."""
     path = Path(path)
     if not path.exists():
         raise ProblemFormatError(f"problem file not found: {path}")
@@ -89,7 +102,45 @@ def load_problems(path: str | Path) -> list[Problem]:
     dupes = {i for i in ids if ids.count(i) > 1}
     if dupes:
         raise ProblemFormatError(f"{path}: duplicate problem ids {sorted(dupes)[:5]}")
+    budgets = load_budgets(path)
+    for p in problems:
+        entry = budgets.get(p.key)
+        if p.time_budget_s is None and entry and entry.get("tests") == problem_fingerprint(p):
+            p.time_budget_s = float(entry["budget_s"])
     return problems
+
+
+# ---------------------------------------------------------------- calibrated time budgets
+def budgets_path(path: str | Path) -> Path:
+    """Where a problem set's calibrated budgets live: `<set>.budgets.json` beside it."""
+    path = Path(path)
+    return path.with_name(path.name.removesuffix(".jsonl") + ".budgets.json")
+
+
+def problem_fingerprint(p: Problem) -> str:
+    """What a calibration measured: setup, tests and canonical solution (a change voids the budget)."""
+    return hashlib.sha1("\x00".join([p.setup_code, p.canonical_solution, *p.gt_answer]).encode()).hexdigest()
+
+
+def load_budgets(path: str | Path) -> dict[str, dict]:
+    """problem id -> {"budget_s", "canonical_cpu_s", "tests"} from the sidecar; {} when there is none."""
+    side = budgets_path(path)
+    if not side.exists():
+        return {}
+    try:
+        data = json.loads(side.read_text())
+        return {str(k): v for k, v in data["problems"].items() if isinstance(v, dict) and "budget_s" in v}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ProblemFormatError(f"{side}: not a budgets file ({e})") from None
+
+
+def save_budgets(path: str | Path, entries: dict[str, dict], meta: dict[str, Any]) -> Path:
+    """Write the sidecar of problem set `path` (entries as load_budgets returns them)."""
+    side = budgets_path(path)
+    tmp = side.with_suffix(".tmp")
+    tmp.write_text(json.dumps({**meta, "problems": dict(sorted(entries.items()))}, indent=1) + "\n")
+    tmp.replace(side)
+    return side
 
 
 def save_problems(problems: Iterable[Problem], path: str | Path) -> None:

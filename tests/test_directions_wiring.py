@@ -17,7 +17,8 @@ from learner.pairs import build_pair_set, flagged_pairs, pair_set_hash
 from learner.projection import project_grads_reference
 from learner.trainer import Learner
 from rollout.hf_engine import HFEngine
-from services.sources import grade_groups, run_inprocess
+from reward_server.grader import grade_groups
+from services.sources import run_inprocess
 from shared.adapter import get_delta, quarantine, wrap_model
 from shared.arms import ALIASES, arm_name, arm_overrides
 from shared.config import ConfigError, resolve_config

@@ -174,3 +174,120 @@ def test_client_retries_then_fails_clearly():
         with pytest.raises(RewardClientError, match="failed after 3 tries"):
             c.grade("3243", GOOD)
     assert time.time() - t0 >= 0.15  # 0.05 + 0.1 of backoff
+
+
+# ---------------------------------------------------------------- the API's edges
+@pytest.mark.parametrize("name,kw,status,needle", [
+    ("invalid_utf8", {"content": b'{"problem_id": "3243", "completion": "\xff\xfe"}',
+                      "headers": {"content-type": "application/json"}}, 400, "not valid UTF-8"),
+    ("deep_json", {"content": b"[" * 100_000 + b"]" * 100_000, "headers": {"content-type": "application/json"}},
+     400, "nests too deep"),
+    ("loopholes_zero_is_not_false", {"json": {"problem_id": "3243", "completion": "x", "loopholes": {"fm": 0}}},
+     422, "loopholes.fm"),
+    ("loopholes_string_bool", {"json": {"problem_id": "3243", "completion": "x", "loopholes": {"rt": "false"}}},
+     422, "loopholes.rt"),
+    ("problem_id_bool", {"json": {"problem_id": True, "completion": "x"}}, 422, "problem_id"),
+    ("problem_id_null", {"json": {"problem_id": None, "completion": "x"}}, 422, "problem_id"),
+    ("inline_id_bool", {"json": {"problem": dict(INLINE, id=True), "completion": "x"}}, 422, "problem.id"),
+    ("rollout_id_int", {"json": {"problem_id": "3243", "completion": "x", "rollout_id": 7}}, 422, "rollout_id"),
+])
+def test_edge_requests_get_the_error_shape(client, name, kw, status, needle):
+    r = client.post("/grade", **kw)
+    assert r.status_code == status, (name, r.status_code, r.text[:300])
+    body = r.json()
+    assert set(body) <= {"error", "detail"} and needle in body["error"], body
+
+
+def test_routing_errors_use_the_error_shape(client):
+    for r in (client.get("/nope"), client.get("/grade")):
+        assert r.status_code in (404, 405) and isinstance(r.json().get("error"), str), r.text
+
+
+def test_openapi_documents_errors_the_one_of_rule_and_metrics_type(client):
+    spec = client.get("/openapi.json").json()
+    for path in ("/grade", "/grade/batch"):
+        responses = spec["paths"][path]["post"]["responses"]
+        assert {"400", "404", "413", "422"} <= set(responses), path
+        assert responses["413"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
+    req = spec["components"]["schemas"]["GradeRequest"]
+    assert [b["required"] for b in req["oneOf"]] == [["problem_id"], ["problem"]]
+    assert all("null" not in str(req["properties"][k]) for k in ("problem_id", "problem", "loopholes"))
+    metrics = spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
+    assert list(metrics) == ["text/plain; version=0.0.4; charset=utf-8"] or any("text/plain" in k for k in metrics)
+    assert client.get("/metrics").headers["content-type"].startswith("text/plain")
+
+
+def test_body_cap_counts_the_bytes_it_reads():
+    """A body with no Content-Length (chunked) is cut off at the cap, not read whole."""
+    import asyncio
+
+    from reward_server.app import BodyCap
+
+    chunk, pulled, sent = b"x" * (1 << 20), [0], []
+
+    async def endless():
+        pulled[0] += 1
+        return {"type": "http.request", "body": chunk, "more_body": True}
+
+    async def send(message):
+        sent.append(message)
+
+    async def reject(scope, send_, message):
+        sent.append({"type": "reject", "message": message})
+
+    async def never(scope, receive, send_):  # pragma: no cover - must not be reached
+        raise AssertionError("the app was called")
+
+    cap = BodyCap(never, limit=8 << 20, on_reject=reject)
+    asyncio.run(cap({"type": "http", "headers": [(b"transfer-encoding", b"chunked")]}, endless, send))
+    assert pulled[0] == 9 and "stopped reading at 9437184 bytes" in sent[-1]["message"]
+
+
+def test_chunked_body_over_the_cap_gets_413_before_it_is_all_sent(live_url):
+    """Over a real socket: a 96 MiB chunked body is refused once 64 MiB have been read."""
+    import socket as so
+    from urllib.parse import urlparse
+
+    from reward_server.app import MAX_BODY_BYTES
+
+    u = urlparse(live_url)
+    s = so.create_connection((u.hostname, u.port), timeout=30)
+    s.sendall(b"POST /grade HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              b"Transfer-Encoding: chunked\r\n\r\n")
+    piece = b"%x\r\n%s\r\n" % (1 << 20, b" " * (1 << 20))
+    sent = 0
+    try:
+        for _ in range(96):
+            s.sendall(piece)
+            sent += 1 << 20
+    except OSError:  # the server answered and closed while we were still sending
+        pass
+    reply = b""
+    try:
+        while b"\r\n\r\n" not in reply:
+            data = s.recv(65536)
+            if not data:
+                break
+            reply += data
+    except OSError:
+        pass
+    s.close()
+    assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
+    assert sent < 96 << 20 or b"stopped reading" in reply
+    assert sent >= MAX_BODY_BYTES
+
+
+def test_metrics_count_timeouts_unsupported_and_reference_labels():
+    cfg = RewardConfig(timeout_s=1.0)  # a 1 s CPU budget: the endless loop is stopped quickly
+    hack = as_completion(WRONG_CODE + "\ndef run_tests():\n    pass\n")
+    loop = as_completion("class Solution:\n    def shortestDistanceAfterQueries(self, n, queries):\n"
+                         "        while True:\n            pass\n")
+    problems = {"3243": P.model_copy(update={"time_budget_s": None})}  # no calibrated budget above the 1 s
+    with Grader(cfg, workers=2) as grader, TestClient(create_app(cfg, grader=grader, problems=problems)) as client:
+        r = client.post("/grade/batch", json={"items": [{"problem_id": "3243", "completion": c} for c in (hack, loop)]})
+        assert [g["timed_out"] for g in r.json()["grades"]] == [False, True]
+        text = client.get("/metrics").text
+    value = {ln.rsplit(" ", 1)[0]: float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines() if ln and not ln.startswith("#")}
+    assert value["rankguard_reward_timeouts_total"] >= 1
+    assert value['rankguard_reward_reference_label_total{label="Reward Hack"}'] >= 1
+    assert "rankguard_reward_unsupported_asserts_total" in value

@@ -221,3 +221,24 @@ def test_two_graders_side_by_side(grader):
         for t in ts:
             t.join()
     assert all(g.gt_pass for k in "ab" for g in out[k])
+
+
+def test_grade_groups_keeps_order_rollout_ids_and_splits_time(grader):
+    from reward_server.grader import grade_groups
+    from shared.schemas import Completion, RolloutGroup
+
+    good = as_completion("class Solution:\n    def add(self, a, b):\n        return a + b\n")
+    bad = as_completion("class Solution:\n    def add(self, a, b):\n        return 0\n")
+
+    def group(job: str, texts: list[str]) -> RolloutGroup:
+        return RolloutGroup(job_id=job, step=0, problem_id=TINY.key, policy_version=0, prompt_ids=[1],
+                            completions=[Completion(rollout_id=f"{job}-{i}", text=t, token_ids=[1], logprobs=[0.0])
+                                         for i, t in enumerate(texts)])
+
+    groups = [group("j0", [good, bad]), group("j1", [bad, bad, good])]
+    graded, seconds = grade_groups(grader, {TINY.key: TINY}, groups)
+    assert [[g.gt_pass for g in gg.grades] for gg in graded] == [[True, False], [False, False, True]]
+    assert [[g.rollout_id for g in gg.grades] for gg in graded] == [["j0-0", "j0-1"], ["j1-0", "j1-1", "j1-2"]]
+    assert [gg.group.job_id for gg in graded] == ["j0", "j1"]
+    assert seconds > 0 and sum(gg.grade_seconds for gg in graded) == pytest.approx(seconds)
+    assert grade_groups(grader, {}, []) == ([], 0.0)

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from reward_server.grader import _Checks, compile_program, parse_gt
+from reward_server import judge
+from reward_server.grader import EMPTY_PROGRAM, _Checks, compile_program
 from reward_server.sandbox import REPO_ROOT, ExecJob, SandboxConfig, SandboxPool, bwrap_works
 from shared.problems import Problem
 
@@ -126,16 +127,31 @@ def _modes() -> list[str]:
     return modes
 
 
+def expected_values(pool, ck: _Checks) -> list:
+    """The expected sides, evaluated as the grader does: setup only, no program."""
+    n = len(ck.split.expected_exprs)
+    res = pool.run(ExecJob("eval", ck.setup, EMPTY_PROGRAM, {}, {"exprs": ck.expected_exprs}))
+    lines = judge.parse_results(res.verdict, n)
+    return [judge.decode(lines.get(k)) for k in range(n)]
+
+
+def run_eval(pool, ck: _Checks, code: str, expected: list):
+    """(result, asserts passed) of the honest check's child on `code`, judged outside it."""
+    blob, err = compile_program(code)
+    assert blob is not None, err
+    res = pool.run(ExecJob("eval", ck.setup, blob, {}, {"exprs": ck.program_exprs}))
+    results = judge.parse_results(res.verdict, len(ck.split.program_exprs))
+    return res, judge.judge(ck.split, results, expected).passed
+
+
 @pytest.fixture(scope="module", params=_modes())
 def results(request):
     pool = SandboxPool(SandboxConfig(workers=4, timeout_s=1.0, isolation=request.param))
     try:
+        expected = expected_values(pool, CK)
+
         def run(code: str):
-            blob, err = compile_program(code)
-            assert blob is not None, err
-            nonce = uuid.uuid4().hex.encode()
-            res = pool.run(ExecJob("gt", CK.setup, blob, {}, {"nonce": nonce, "checks": CK.gt_checks}))
-            return res, parse_gt(res.verdict, nonce, CK.n)[0]
+            return run_eval(pool, CK, code, expected)
 
         with ThreadPoolExecutor(4) as ex:  # most hostile runs sleep or wait for their timeout
             futs = {name: ex.submit(run, code) for name, (code, _) in CASES.items()}
@@ -218,15 +234,16 @@ class Solution:
 
 def test_asserts_invisible_while_the_program_loads():
     ck = _Checks(SECRET_PROBLEM)
-    blob, _ = compile_program(SNOOP)
     pool = SandboxPool(SandboxConfig(workers=1, timeout_s=1.0))
     try:
-        nonce = uuid.uuid4().hex.encode()
-        res = pool.run(ExecJob("gt", ck.setup, blob, {}, {"nonce": nonce, "checks": ck.gt_checks}))
+        res, passed = run_eval(pool, ck, SNOOP, expected_values(pool, ck))
         assert "SNOOP 0 False" in res.stdout, res.stdout + res.stderr
-        assert parse_gt(res.verdict, nonce, 1) == (1, True)
+        assert passed == 1
         # Mode A is the reference layout: run_tests() (with the asserts) exists before the program.
-        res = pool.run(ExecJob("A", ck.setup, blob, {"run_tests": ck.run_tests}, {"nonce": nonce}))
+        blob, _ = compile_program(SNOOP)
+        nonce = uuid.uuid4().hex.encode()
+        res = pool.run(ExecJob("A", ck.setup, blob, {"run_tests": ck.run_tests},
+                               {"nonce": nonce, "call": compile("run_tests()", "<call>", "exec")}))
         assert "SNOOP 0" not in res.stdout
     finally:
         pool.close()

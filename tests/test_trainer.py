@@ -9,7 +9,8 @@ import torch
 from learner.checkpoint import list_checkpoints
 from learner.metrics import EVAL_KEYS, METRIC_KEYS, read_jsonl
 from learner.trainer import Learner
-from services.sources import grade_groups as _grade_groups, run_inprocess
+from reward_server.grader import grade_groups as _grade_groups
+from services.sources import run_inprocess
 from rollout.hf_engine import HFEngine
 from shared.adapter import adapter_modules, get_delta, wrap_model
 from shared.config import resolve_config

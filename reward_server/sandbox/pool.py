@@ -10,8 +10,9 @@ Isolation (SandboxConfig.isolation, see forkserver.py for what each gives):
 
 `SandboxPool.run(job) -> ExecResult` is thread-safe; each call borrows one fork-server slot.
 The grader side owns two pipes per execution: it writes the `pre` frame at once and the `post`
-frame (hidden asserts / nonce) only when the harness reports the program loaded, and it reads the
-nonce-tagged verdict lines itself, so neither ever passes through the fork server.
+frame (call sides / asserts / nonce) only when the harness reports the program loaded, and it reads
+the result lines itself (untrusted: the grader decides, see reward_server/judge.py), so neither
+ever passes through the fork server.
 """
 from __future__ import annotations
 
@@ -36,14 +37,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from reward_server import forkserver, harness
+from reward_server.sandbox import forkserver, harness, plain
 
 log = logging.getLogger("rankguard.sandbox")
-REPO_ROOT = Path(__file__).resolve().parents[1]
-VERDICT_CAP = 4 << 20
+REPO_ROOT = Path(__file__).resolve().parents[2]
+VERDICT_CAP = 32 << 20  # result lines the grader keeps from one check (more is read and dropped)
 ISOLATIONS = ("auto", "namespaces", "bwrap", "fallback", "fresh")
 
-# The fork server starts from `python -E -S -c BOOT`: its two modules arrive over a pipe, so the
+# The fork server starts from `python -E -S -c BOOT`: its three modules arrive over a pipe, so the
 # sandbox never needs (or gets) read access to the repository.
 BOOT = """import os, sys, marshal, types, site
 site.setquit(); site.setcopyright(); site.sethelper()  # -S skipped these: exit()/quit() must exist
@@ -55,13 +56,15 @@ while True:
     blob += chunk
 os.close(fd)
 srcs = marshal.loads(blob)
-pkg = types.ModuleType('reward_server'); pkg.__path__ = []; sys.modules['reward_server'] = pkg
-for name in ('harness', 'forkserver'):
-    mod = types.ModuleType('reward_server.' + name)
+top = types.ModuleType('reward_server'); top.__path__ = []; sys.modules['reward_server'] = top
+pkg = types.ModuleType('reward_server.sandbox'); pkg.__path__ = []; sys.modules[pkg.__name__] = pkg
+top.sandbox = pkg
+for name in ('plain', 'harness', 'forkserver'):
+    mod = types.ModuleType('reward_server.sandbox.' + name)
     sys.modules[mod.__name__] = mod; setattr(pkg, name, mod)
-    exec(compile(srcs[name], 'reward_server/' + name + '.py', 'exec'), mod.__dict__)
+    exec(compile(srcs[name], 'reward_server/sandbox/' + name + '.py', 'exec'), mod.__dict__)
 sys.argv = [sys.argv[0]] + sys.argv[2:]
-sys.modules['reward_server.forkserver'].main()
+sys.modules['reward_server.sandbox.forkserver'].main()
 """
 _UID_SEQ = itertools.count()
 _BWRAP_OK: bool | None = None
@@ -123,7 +126,10 @@ class SandboxError(RuntimeError):
 @dataclass
 class SandboxConfig:
     workers: int = 0  # 0 = one per core
-    timeout_s: float = 3.0  # CPU seconds per execution (one suite); wall clock gets 2x + 1 s slack
+    timeout_s: float = 3.0  # CPU seconds per execution unless the job brings its own (a problem's budget)
+    wall_factor: float = 3.0  # wall-clock ceiling = wall_factor x CPU budget + wall_slack_s (for a child
+    wall_slack_s: float = 2.0  # that idles; one still computing is let run on to hard_wall_for, see
+    hard_wall_factor: float = 10.0  # forkserver.Server._wait: RLIMIT_CPU stops it at its budget)
     memory_mb: int = 1024  # RLIMIT_AS
     fsize_mb: int = 4  # largest file (stdout, stderr, result file) a program may write
     nproc: int = 32  # processes + threads per execution (namespaces mode)
@@ -138,10 +144,18 @@ class SandboxConfig:
             raise ValueError(f"bad sandbox limits: timeout_s={self.timeout_s}, memory_mb={self.memory_mb} "
                              "(need timeout_s > 0, memory_mb >= 64)")
 
+    def wall_for(self, cpu_s: float) -> float:
+        """Wall-clock ceiling above a CPU budget: generous, so a busy machine (where a check gets a
+        fraction of a core) does not turn slow-but-correct into a fail; CPU time is the real limit."""
+        return self.wall_factor * cpu_s + self.wall_slack_s
+
+    def hard_wall_for(self, cpu_s: float) -> float:
+        """The wall-clock limit even for a child that keeps computing (a badly overloaded machine)."""
+        return max(self.wall_for(cpu_s), self.hard_wall_factor * cpu_s + 10.0)
+
     @property
     def wall_s(self) -> float:
-        """Wall-clock cap: generous, so a loaded machine does not turn slow-but-correct into a fail."""
-        return 2 * self.timeout_s + 1
+        return self.wall_for(self.timeout_s)
 
     @property
     def n_workers(self) -> int:
@@ -150,7 +164,8 @@ class SandboxConfig:
 
 @dataclass
 class ExecJob:
-    """One check: mode in gt/A/B/C/D, marshalled setup/program code, pre/post payload frames."""
+    """One check: mode in eval/A/B/C/D/BCD, marshalled setup/program code, pre/post payload frames,
+    and its CPU budget in seconds (None = the sandbox's timeout_s)."""
 
     mode: str
     setup: bytes
@@ -159,6 +174,7 @@ class ExecJob:
     post: dict | None
     marker: str = ""
     result_file: str = ""
+    cpu_s: float | None = None
 
 
 @dataclass
@@ -209,9 +225,10 @@ def default_expose() -> list[str]:
 
 
 def _header(job: ExecJob, cfg: SandboxConfig) -> dict:
+    cpu = job.cpu_s if job.cpu_s else cfg.timeout_s
     return {
         "mode": job.mode, "setup": job.setup, "program": job.program,
-        "timeout_s": cfg.wall_s, "cpu_s": max(1, math.ceil(cfg.timeout_s)),
+        "timeout_s": cfg.wall_for(cpu), "hard_s": cfg.hard_wall_for(cpu), "cpu_s": max(1, math.ceil(cpu)),
         "mem_bytes": cfg.memory_mb << 20, "fsize_bytes": cfg.fsize_mb << 20, "nproc": cfg.nproc,
         "marker": job.marker, "markers": [job.marker] if job.marker else [],
         "result_file": job.result_file,
@@ -240,9 +257,10 @@ def _drive(job: ExecJob, cfg: SandboxConfig, start) -> ExecResult:
     pending = bytearray(harness.frame(job.pre))
     post = harness.frame(job.post) if job.post is not None else None
     verdict = bytearray()
+    hdr = _header(job, cfg)
     try:
         try:
-            run = start(_header(job, cfg), pr, vw)
+            run = start(hdr, pr, vw)
         finally:
             os.close(pr)
             os.close(vw)
@@ -251,7 +269,9 @@ def _drive(job: ExecJob, cfg: SandboxConfig, start) -> ExecResult:
         poller.register(vr, select.POLLIN)
         poller.register(pw, select.POLLOUT)
         t0 = time.monotonic()
-        limit = cfg.wall_s + (0.0 if run.enforce_timeout else 15.0)
+        # the fresh path kills on the wall ceiling itself; a fork server enforces its own limits and
+        # may let a still-computing child run to hard_s, so wait for its reply a little beyond that
+        limit = hdr["timeout_s"] if run.enforce_timeout else hdr["hard_s"] + 15.0
         killed = False
         reply = None
         pw_open = True
@@ -280,9 +300,7 @@ def _drive(job: ExecJob, cfg: SandboxConfig, start) -> ExecResult:
                         post = None
                         if pw_open:
                             poller.modify(pw, select.POLLOUT)
-                        # The rest of the verdict waits in the 1 MiB pipe until the run is over:
-                        # no wake-up per assert line.
-                        poller.unregister(vr)
+                    # Result lines keep coming (in batches, see harness._Results): keep draining.
                 elif fd == pw:
                     if ev & (select.POLLERR | select.POLLHUP):
                         poller.unregister(pw)
@@ -381,8 +399,8 @@ class ForkServer:
             os.close(boot_r)
         try:
             with os.fdopen(boot_w, "wb") as f:
-                f.write(marshal.dumps({"harness": Path(harness.__file__).read_text(),
-                                       "forkserver": Path(forkserver.__file__).read_text()}))
+                f.write(marshal.dumps({m.__name__.rsplit(".", 1)[1]: Path(m.__file__).read_text()
+                                       for m in (plain, harness, forkserver)}))
         except OSError:
             pass  # it died at once; the hello read below reports it
         self.sock = ours

@@ -16,12 +16,14 @@ Isolation, chosen once at start (`isolation` = auto | namespaces | bwrap | fallb
   network, filesystem and pid-1 sweep as above, no per-slot uid, plus the fallback's audit hook.
 - fallback: no namespaces. The child runs in its own session with the same rlimits and a Python
   audit hook that refuses sockets, process creation, ctypes, signals to other processes, writes
-  outside the working dir and reads of the hidden paths. Weaker (a determined native-code escape
+  outside the working dir and reads of the hidden paths or of other processes' /proc entries
+  (the grader's memory holds the expected values). Weaker (a determined native-code escape
   is possible), so the grader logs loudly which mode is active.
 
 Control protocol (unix stream socket, frames = 4-byte length + marshal): the grader sends a job
 header together with two fds (payload pipe read end, verdict pipe write end) via SCM_RIGHTS; the
-server replies with a result dict. The hidden asserts and the nonce never pass through this process.
+server replies with a result dict. The hidden call sides, asserts and nonces never pass through
+this process (the honest check's expected values live in the grader, computed by a program-free run).
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ import sys
 import time
 import traceback
 
-from reward_server import harness
+from reward_server.sandbox import harness
 
 _LEN = struct.Struct(">I")
 PRELOAD = (
@@ -312,7 +314,7 @@ def install_audit_guard(workdir: str, hide: list[str], expose: list[str]) -> Non
     wd = os.path.realpath(workdir)
     hide = [os.path.realpath(h) for h in hide if h]
     expose = [os.path.realpath(e) for e in expose if e]
-    realpath, fspath, getpid = os.path.realpath, os.fspath, os.getpid
+    realpath, fspath, getpid, isdir = os.path.realpath, os.fspath, os.getpid, os.path.isdir
 
     def blocked(what: str):
         return PermissionError(errno.EACCES, f"sandbox: {what} is not allowed")
@@ -326,6 +328,17 @@ def install_audit_guard(workdir: str, hide: list[str], expose: list[str]) -> Non
     def inside_wd(p: str) -> bool:
         return p == wd or p.startswith(wd + "/")
 
+    def _foreign_proc(p: str) -> bool:
+        """/proc/<pid>/... of another process (mem, environ, fds: the grader's among them), or a
+        directory under /proc at all: a directory fd would let a relative path (dir_fd=, which this
+        hook cannot see) reach another process's entries."""
+        if p != "/proc" and not p.startswith("/proc/"):
+            return False
+        head = p[6:].split("/", 1)[0]
+        if head.isdigit() and int(head) != getpid():
+            return True
+        return isdir(p)
+
     def hook(event: str, args: tuple) -> None:
         if event == "open":
             path, mode, flags = args
@@ -337,6 +350,8 @@ def install_audit_guard(workdir: str, hide: list[str], expose: list[str]) -> Non
             if writing and not inside_wd(p):
                 raise blocked(f"writing {p}")
             if _under(p, hide) and not _under(p, expose):
+                raise blocked(f"reading {p}")
+            if _foreign_proc(p):
                 raise blocked(f"reading {p}")
         elif event in ("os.listdir", "os.scandir"):
             p = resolve(args[0] if args[0] is not None else ".")
@@ -442,7 +457,7 @@ class Server:
         for fd in fds:
             os.close(fd)
         fds.clear()
-        timed_out = not self._wait(pid, float(hdr.get("timeout_s", 3.0)))
+        timed_out = not self._wait(pid, float(hdr.get("timeout_s", 3.0)), float(hdr.get("hard_s", 0.0)))
         if timed_out:
             self._signal_all(pid)
         _, status, ru = os.wait4(pid, 0)
@@ -456,23 +471,47 @@ class Server:
         _clear(workdir)
         return res
 
-    def _wait(self, pid: int, timeout: float) -> bool:
-        """True if the child exited within the wall timeout."""
+    def _wait(self, pid: int, timeout: float, hard: float = 0.0) -> bool:
+        """True if the child exited in time. The wall ceiling `timeout` is for a child that idles
+        (sleeps, blocks): one still computing when it passes is given more time, slice by slice up
+        to `hard`, since RLIMIT_CPU stops it at its CPU budget anyway. So a busy machine, where the
+        child gets a fraction of a core, does not turn a correct answer into a timeout."""
+        start = time.monotonic()
+        deadline, hard_end = start + timeout, start + max(hard, timeout)
         try:
             pfd = os.pidfd_open(pid)
         except (AttributeError, OSError):
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
+            pfd = None
+        try:
+            cpu_then, t_then = _cpu_seconds(pid), start
+            while True:
+                if self._exited(pid, pfd, deadline - time.monotonic()):
+                    return True
+                now = time.monotonic()
+                cpu_now = _cpu_seconds(pid)
+                if now >= hard_end or cpu_now is None or cpu_then is None:
+                    return False
+                if cpu_now - cpu_then < 0.05 * (now - t_then):  # idle: the ceiling holds
+                    return False
+                cpu_then, t_then = cpu_now, now
+                deadline = min(hard_end, now + max(1.0, timeout / 4))
+        finally:
+            if pfd is not None:
+                os.close(pfd)
+
+    @staticmethod
+    def _exited(pid: int, pfd: int | None, wait_s: float) -> bool:
+        if pfd is None:
+            end = time.monotonic() + max(0.0, wait_s)
+            while True:
                 if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
                     return True
+                if time.monotonic() >= end:
+                    return False
                 time.sleep(0.001)
-            return False
-        try:
-            p = select.poll()
-            p.register(pfd, select.POLLIN)
-            return bool(p.poll(max(0, int(timeout * 1000))))
-        finally:
-            os.close(pfd)
+        p = select.poll()
+        p.register(pfd, select.POLLIN)
+        return bool(p.poll(max(0, int(wait_s * 1000))))
 
     def _signal_all(self, pid: int) -> None:
         """SIGKILL the child and everything it started (without reaping)."""
@@ -563,6 +602,19 @@ class Server:
                 soft, hard = resource.getrlimit(res)
                 if hard == resource.RLIM_INFINITY or val[0] <= hard:
                     resource.setrlimit(res, (val[0], hard))
+
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a live (or zombie) process, from /proc; None if unreadable."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def _clear(workdir: str) -> None:
