@@ -73,7 +73,8 @@ def find_runs(runs_dir: Path) -> list[RunRecord]:
     """Every run folder (holding config.json) below runs_dir, in arm order then seed order."""
     runs_dir = Path(runs_dir)
     paths = sorted({p.parent for p in runs_dir.rglob("config.json")
-                    if not SKIP_PARTS & set(p.relative_to(runs_dir).parts[:-1])})
+                    if not SKIP_PARTS & set(p.relative_to(runs_dir).parts[:-1])
+                    and not any(".old-" in part for part in p.relative_to(runs_dir).parts[:-1])})  # moved aside
     runs = [load_run(p) for p in paths]
     return sorted(runs, key=lambda r: (arm_order(r.arm), r.seed, str(r.path)))
 
@@ -108,7 +109,10 @@ HEADLINE = [
 MODE_COLUMNS = ([(f"strict_{m}", f"hack_strict_{m}", f"strict {m}") for m in HACK_MODES]
                 + [("strict", "hack_strict", "strict any")]
                 + [(f"loose_{m}", f"hack_loose_{m}", f"loose {m}") for m in HACK_MODES]
-                + [("loose", "hack_loose", "loose any")])
+                + [("loose", "hack_loose", "loose any")]
+                # the judge's other columns: budget timeouts, and rl-rewardhacking's labels beside ours
+                + [("timeout", "timeout_rate", "timeout"), ("ref_hack", "ref_reward_hack", "ref RH"),
+                   ("ref_attempted", "ref_attempted", "ref RH+attempted")])
 
 
 @dataclass

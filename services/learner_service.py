@@ -1,7 +1,10 @@
 """Learner service: the one training loop (learner/loop.py) over the Redis source (services/sources.py),
 with the rollout engine and the grader on the other side of Redis.
 
-    python -m services.learner_service --config RUN_DIR/config.json [--redis-url URL] [--no-resume]
+    python -m services.learner_service --config RUN_DIR/config.json [--redis-url URL]
+
+It always resumes from the run dir's newest good checkpoint: a fresh start goes through
+`rankguard up --fresh` / `prepare --fresh`, which move the old run aside (nothing is deleted here).
 
 Per step: publish the policy (DeltaSUpdate -> Redis key + notification) -> enqueue the step's
 PromptJobs -> collect exactly one GradedGroup per job (duplicates ignored) -> train_step -> publish ->
@@ -29,7 +32,6 @@ from .sources import Stopped, make_source
 
 def main(argv: list[str] | None = None) -> int:
     parser = service_parser("learner_service", __doc__.splitlines()[0])
-    parser.add_argument("--no-resume", action="store_true", help="start fresh even if checkpoints exist")
     args = parser.parse_args(argv)
 
     def body(log: logging.Logger) -> None:
@@ -40,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         from learner.loop import run_training
         from learner.trainer import Learner
 
-        learner = Learner(cfg, resume=not args.no_resume)
+        learner = Learner(cfg, resume=True)
         try:
             summary = run_training(learner, make_source("redis", learner, queues=q, log=log, stop=stop))
             log.info("finished: %s", json.dumps({k: summary.get(k) for k in ("arm", "seed", "steps", "sec_per_step")}))

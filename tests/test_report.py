@@ -239,3 +239,14 @@ def test_report_reads_the_trainer_eval_keys():
     used = {e for _, e, *_ in HEADLINE} | {e for _, e, _ in MODE_COLUMNS}
     assert used <= set(metrics.EVAL_KEYS), used - set(metrics.EVAL_KEYS)
     assert {"cos_mean", "frac_fired", "hack_strict", "pass_rate"} <= set(metrics.METRIC_KEYS)
+
+
+def test_runs_moved_aside_by_fresh_are_not_counted(tmp_path):
+    from analysis.rundata import find_runs
+
+    make_run(tmp_path, "vanilla", 0, [0.2, 0.4], [0.4, 0.3])
+    make_run(tmp_path, "vanilla", 1, [0.2, 0.5], [0.4, 0.3])
+    (tmp_path / "vanilla" / "seed1").rename(tmp_path / "vanilla" / "seed1.old-20261201-101500")
+    make_run(tmp_path, "vanilla", 1, [0.1, 0.3], [0.4, 0.3])
+    runs = find_runs(tmp_path)
+    assert sorted(str(r.path.relative_to(tmp_path)) for r in runs) == ["vanilla/seed0", "vanilla/seed1"]
