@@ -1,4 +1,5 @@
-"""`rankguard experiment` (arms × seeds runner) and `rankguard report` (headline table, Pareto, H1/H3/H4)."""
+"""`rankguard experiment` (arms × seeds runner), `rankguard report` (headline table, Pareto, H1/H3/H4) and
+`rankguard diagnose` (post-hoc: why a null is a null)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -90,3 +91,39 @@ def register(app: typer.Typer) -> None:
         typer.echo(res["report_md"].read_text())
         typer.echo(f"wrote {res['report_md']}, {res['report_csv']}, {res['verdicts_json']}"
                    + "".join(f", {p}" for p in res["figures"].values()))
+
+    @app.command("diagnose")
+    @friendly_errors
+    def diagnose_cmd(
+        run_dir: Path = typer.Argument(..., help="A run folder (config.json, checkpoints/step-N/)."),
+        out: Optional[Path] = typer.Option(None, help="Where to write diagnose.json/.md/.png (default: RUN_DIR)."),
+        samples: int = typer.Option(192, min=1, help="Rollouts sampled per checkpoint to build v_oracle from."),
+        grad_batches: int = typer.Option(4, min=1, help="Fresh train batches per checkpoint for g_RL "
+                                                        "(one policy gradient each, as one step sees it)."),
+        checkpoints: int = typer.Option(4, min=1, help="At most this many checkpoints, spread evenly (the last "
+                                                       "always included)."),
+        base: bool = typer.Option(True, help="Also diagnose delta_S = 0 (the base model, where v_hack is extracted)."),
+        max_pairs: int = typer.Option(64, min=1, help="Strict-hack pairs per checkpoint for v_oracle, at most."),
+        min_pairs: int = typer.Option(8, min=2, help="Fewer strict-hack pairs than this: no v_oracle at that "
+                                                     "checkpoint (said, never invented)."),
+        random_draws: int = typer.Option(16, min=1, help="Random unit directions per module for the baseline."),
+        seed: int = typer.Option(0, help="Seed of the random directions."),
+        recipe: str = typer.Option("pooled", help="v_oracle the verdict uses: pooled (mean grad over strict hacks - "
+                                                  "mean over honest passes, each on its own prompt) or paired "
+                                                  "(same-prompt pairs, canonical solution when the prompt has no "
+                                                  "honest pass). Both are computed and reported."),
+        plot: bool = typer.Option(True, help="Draw diagnose.png."),
+    ) -> None:
+        """Why a null is a null (post-hoc, exploratory; nothing here feeds the preregistered arms).
+
+        At each checkpoint of RUN_DIR: v_oracle from the policy's own rollouts (strict hack vs honest pass, v_hack's gradient-difference extraction at delta_S = 0) and the RL gradient on fresh batches; then cos(v_oracle, v_hack), cos(g, v_oracle) vs cos(g, v_hack) vs random directions of the same sizes, the share of the update's squared norm along each, v_oracle's stability, and a one-line verdict (thresholds in analysis/diagnose.py). A toy run takes about a minute on one core.
+        """
+        from analysis.diagnose import diagnose
+
+        rec = diagnose(run_dir, out=out, samples=samples, grad_batches=grad_batches, checkpoints=checkpoints,
+                       with_base=base, max_pairs=max_pairs, min_pairs=min_pairs, n_random=random_draws, seed=seed,
+                       recipe=recipe, plot=plot)
+        dest = Path(out or run_dir)
+        typer.echo((dest / "diagnose.md").read_text())
+        typer.echo(f"verdict: {rec['verdict']['line']}")
+        typer.echo(f"wrote {dest / 'diagnose.json'}, {dest / 'diagnose.md'}" + (f", {rec['figure']}" if plot else ""))
