@@ -41,21 +41,27 @@ def register(app: typer.Typer) -> None:
     @friendly_errors
     def experiment(
         preset: str = typer.Option("toy", help="Config preset (toy, lite, qwen35-2b, full)."),
-        arms: str = typer.Option(DEFAULT_ARMS, help="Comma-separated arms, from shared.config.ARMS."),
-        seeds: str = typer.Option("3", help="A count (3 -> seeds 0,1,2) or a comma list (41,42,43)."),
+        arms: str = typer.Option(DEFAULT_ARMS, help="Comma-separated arm names: the spec's (vanilla, projected, "
+                                                    "projected_nomag, rebound, weak, route) or exploratory ones from "
+                                                    "shared/arms.py (projected_svd5, mechanism, placebo, "
+                                                    "weak_flagged, oracle = the ceiling cheat ...)."),
+        seeds: Optional[str] = typer.Option(None, help="A count (3 -> seeds 0,1,2) or a comma list (41,42,43). "
+                                                       "Default: 8 for the toy preset, else 3."),
         steps: Optional[int] = typer.Option(None, help="Training steps per run (default: the preset's)."),
-        mode: str = typer.Option("services", help="services (Redis + workers + learner) or inprocess."),
+        mode: Optional[str] = typer.Option(None, help="services (Redis + workers + learner) or inprocess. Default: "
+                                                      "inprocess for the toy preset (faster on 2 cores), else services."),
         out: Optional[Path] = typer.Option(None, help="Experiment folder (default runs/exp-<preset>)."),
         set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
         report: bool = typer.Option(True, help="Write the report when the runs end."),
         progress: bool = typer.Option(True, help="Show the live progress display."),
-        parallel: int = typer.Option(1, min=1, help="Runs at once (services mode). On the 2-core toy box, 2 "
-                                                    "keeps both cores busy while one run's stages wait on "
-                                                    "each other; on a GPU box keep 1 per GPU."),
+        parallel: int = typer.Option(1, min=1, help="Runs at once, each its own process (services: a process "
+                                                    "tree; inprocess: a spawned interpreter with one torch "
+                                                    "thread). On the 2-core toy box 2 is the useful value; on a "
+                                                    "GPU box keep 1 per GPU."),
     ) -> None:
         """Run every (arm, seed) into OUT/<arm>/seed<k>/ (--parallel at a time), then write the report.
 
-        Finished runs (DONE marker and the same config) are skipped, interrupted ones resumed. v_hack is extracted once per pair-set + model + modes before the runs, and every run reads the cached file.
+        Finished runs (DONE marker and the same config) are skipped, interrupted ones resumed. v_hack is extracted once per pair-set + model + modes before the runs, and every run reads the cached file. The exploratory ceiling arm `oracle` (a cheat) runs last: for seed s it projects against v_oracle from the finished vanilla run of the next seed in the grid (OUT/artifacts/v_oracle-vanilla-seed<k>.safetensors).
 
         Writes OUT/experiment.json (plan, git commit, per-run timings). Example: rankguard experiment --preset toy --arms vanilla,projected --seeds 3 --steps 200 --mode inprocess --out runs/exp-toy
         """

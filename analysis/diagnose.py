@@ -253,7 +253,8 @@ class RunWorld:
     Learner on the run's own folder would resume it and remove its DONE marker)."""
 
     def __init__(self, run_dir: str | Path, artifacts_root: str | Path | None = None, grader_workers: int = 1,
-                 progress: bool = False, cfg: RunConfig | None = None):
+                 progress: bool = False, cfg: RunConfig | None = None, policy=None, problems=None, grader=None):
+        """policy / problems / grader: injected (tests); by default the run's own, from its config."""
         from learner.trainer import Learner
 
         self.run_dir = Path(run_dir)
@@ -263,8 +264,8 @@ class RunWorld:
         scratch_cfg = self.cfg.model_copy(update={"run_dir": str(self.scratch)})
         self.artifacts_root = artifacts_root
         # built at delta_S = 0: the arm's directions are extracted (or read) before any checkpoint loads
-        self.learner = Learner(scratch_cfg, resume=False, artifacts_root=artifacts_root, tensorboard=False,
-                               progress=progress)
+        self.learner = Learner(scratch_cfg, resume=False, policy=policy, problems=problems,
+                               artifacts_root=artifacts_root, tensorboard=False, progress=progress)
         self.model, self.tokenizer = self.learner.model, self.learner.tokenizer
         self.names, self.sizes = list(self.learner.names), list(self.learner.sizes)
         self.vhack, self.vhack_info = self._reference_vhack()
@@ -272,7 +273,8 @@ class RunWorld:
         from rollout.hf_engine import HFEngine
 
         self.engine = HFEngine(self.model, self.tokenizer, device=self.learner.device)
-        self.grader = Grader(self.cfg.reward, workers=grader_workers)
+        self.own_grader = grader is None
+        self.grader = grader if grader is not None else Grader(self.cfg.reward, workers=grader_workers)
         self._zero = {n: m.detach().clone() for n, m in self._deltas().items()}
 
     def _deltas(self) -> dict[str, Tensor]:
@@ -336,7 +338,7 @@ class RunWorld:
     def close(self) -> None:
         try:
             self.learner.close()
-            if hasattr(self.grader, "close"):
+            if self.own_grader and hasattr(self.grader, "close"):
                 self.grader.close()
         finally:
             shutil.rmtree(self.scratch, ignore_errors=True)
@@ -534,21 +536,11 @@ def diagnose(run_dir: str | Path, out: str | Path | None = None, samples: int = 
             world.load_step(path)
             rates, orcs = oracle_at(world, samples, max_pairs, min_pairs, tag=2 * i)
             grads = [world.policy_gradient(b) for b in world.sample(2 * i + 1, grad_batches)]
-            grads = [g for g in grads if sum(float(x.norm()) for x in g.values()) > 0]  # all-flat batches: no g
-            row: dict[str, Any] = {"step": step, "checkpoint": str(path) if path else "delta_S = 0 (base model)",
-                                   **rates, "n_grad_batches": len(grads),
-                                   "g_vhack": alignment(grads, world.vhack),
-                                   "g_random": random_alignment(grads, sizes, n_random, seed=seed + step),
-                                   "oracles": {}}
+            row = checkpoint_row(step, str(path) if path else "delta_S = 0 (base model)", rates, grads, world.vhack,
+                                 orcs, sizes, n_random, seed + step)
             for name, orc in orcs.items():
-                entry = orc.to_dict()
                 if orc.vector is not None:
                     vectors[name][step] = orc.vector
-                    c = direction_cosines(orc.vector, world.vhack)
-                    entry["g"] = alignment(grads, orc.vector)
-                    entry["cos_vhack"] = {"median": _median(list(c.values())), "mean": _nanmean(list(c.values())),
-                                          "per_module": c}
-                row["oracles"][name] = entry
             row["seconds"] = round(time.time() - t_ck, 2)
             rows.append(row)
             if progress:
@@ -556,9 +548,7 @@ def diagnose(run_dir: str | Path, out: str | Path | None = None, samples: int = 
     finally:
         if own:
             world.close()
-    stability = {r: stability_table(vectors[r]) for r in RECIPES}
-    summary = {r: pool(rows, stability[r], r) for r in RECIPES}
-    verdicts = {r: dict(zip(("key", "line"), verdict(summary[r]))) for r in RECIPES}
+    stability, summary, verdicts = conclude(rows, vectors)
     rec = {
         "run_dir": str(run_dir), "arm": cfg.train.arm, "arm_name": run_dir.parent.name, "seed": cfg.train.seed,
         "exploratory": True,
@@ -582,6 +572,35 @@ def diagnose(run_dir: str | Path, out: str | Path | None = None, samples: int = 
     if plot:
         rec["figure"] = str(plot_diagnose(rec, out / "diagnose.png"))
     return rec
+
+
+def checkpoint_row(step: int, where: str, rates: Mapping[str, float], grads: Sequence[Mapping[str, Tensor]],
+                   vhack: Mapping[str, Tensor], oracles: Mapping[str, OracleDirection], sizes: Mapping[str, int],
+                   n_random: int = 16, seed: int = 0) -> dict[str, Any]:
+    """One checkpoint's statistics from its gradients and directions (batches whose gradient is all zero,
+    every group flat, are left out)."""
+    grads = [g for g in grads if sum(float(x.norm()) for x in g.values()) > 0]
+    row: dict[str, Any] = {"step": step, "checkpoint": where, **rates, "n_grad_batches": len(grads),
+                           "g_vhack": alignment(grads, vhack), "g_random": random_alignment(grads, sizes, n_random, seed),
+                           "oracles": {}}
+    for name, orc in oracles.items():
+        entry = orc.to_dict()
+        if orc.vector is not None:
+            c = direction_cosines(orc.vector, vhack)
+            entry["g"] = alignment(grads, orc.vector)
+            entry["cos_vhack"] = {"median": _median(list(c.values())), "mean": _nanmean(list(c.values())),
+                                  "per_module": c}
+        row["oracles"][name] = entry
+    return row
+
+
+def conclude(rows: Sequence[dict], vectors: Mapping[str, Mapping[int, Mapping[str, Tensor]]]
+             ) -> tuple[dict, dict, dict]:
+    """(stability, pooled summary, verdict) per recipe, from the checkpoint rows and the v_oracle vectors."""
+    stability = {r: stability_table(vectors.get(r, {})) for r in RECIPES}
+    summary = {r: pool(rows, stability[r], r) for r in RECIPES}
+    verdicts = {r: dict(zip(("key", "line"), verdict(summary[r]))) for r in RECIPES}
+    return stability, summary, verdicts
 
 
 def _json_default(x):
@@ -624,9 +643,10 @@ def stability_table(oracles: Mapping[int, Mapping[str, Tensor]]) -> dict[str, An
 
 def pool(rows: Sequence[dict], stability: Mapping[str, Any], recipe: str) -> dict[str, Any]:
     """The verdict's inputs: means over the checkpoints with gradients (v_oracle's over those that have one)."""
+    none = {"has_oracle": False, "coherence": None}
     with_g = [r for r in rows if r["n_grad_batches"]]
-    orc = [r["oracles"][recipe] for r in with_g if r["oracles"][recipe]["has_oracle"]]
-    with_o = [r for r in with_g if r["oracles"][recipe]["has_oracle"]]
+    with_o = [r for r in with_g if r["oracles"].get(recipe, none)["has_oracle"]]
+    orc = [r["oracles"][recipe] for r in with_o]
 
     def m(ds: Sequence[dict | None], k: str) -> float | None:
         return _nanmean([d[k] for d in ds if d and d.get(k) is not None])
@@ -642,7 +662,7 @@ def pool(rows: Sequence[dict], stability: Mapping[str, Any], recipe: str) -> dic
         "random_frac_sq": m([r["g_random"] for r in with_g], "frac_sq"),
         "hack_ratio": ratio(hack, rand), "oracle_ratio": ratio(m(og, "mean_abs"), rand_o),
         "cos_oracle_vhack": _nanmean([o["cos_vhack"]["median"] for o in orc]) if orc else None,
-        "coherence": _nanmean([r["oracles"][recipe]["coherence"] for r in rows]),
+        "coherence": _nanmean([r["oracles"].get(recipe, none)["coherence"] for r in rows]),
         "stability": stability.get("median_successive"),
     }
 
@@ -791,7 +811,8 @@ def plot_diagnose(rec: dict, path: Path) -> Path:
 # ---------------------------------------------------------------- the oracle ceiling arm's direction
 
 def build_oracle(run_dir: str | Path, out_path: str | Path, samples: int = 256, max_pairs: int = 128,
-                 min_pairs: int = MIN_PAIRS, recipe: str = "pooled", artifacts_root: str | Path | None = None) -> Path:
+                 min_pairs: int = MIN_PAIRS, recipe: str = "pooled", artifacts_root: str | Path | None = None,
+                 world: RunWorld | None = None) -> Path:
     """v_oracle of a run's final checkpoint, saved as a v_hack file (one unit [r] tensor per module,
     header kind=v_oracle) for `vhack_path`: the exploratory `oracle` ceiling arm, a cheat by design."""
     from learner.checkpoint import latest_checkpoint
@@ -801,7 +822,8 @@ def build_oracle(run_dir: str | Path, out_path: str | Path, samples: int = 256, 
     last = latest_checkpoint(run_dir)
     if last is None:
         raise DiagnoseError(f"{run_dir} has no complete checkpoint to build v_oracle from")
-    world = RunWorld(run_dir, artifacts_root=artifacts_root)
+    own = world is None
+    world = world or RunWorld(run_dir, artifacts_root=artifacts_root)
     try:
         step = int(json.loads((last / "state.json").read_text())["step"])
         world.load_step(last)
@@ -818,4 +840,5 @@ def build_oracle(run_dir: str | Path, out_path: str | Path, samples: int = 256, 
                 "extracted_at": "delta_S = 0"}
         return save_vhack(out_path, orc.vector, meta)
     finally:
-        world.close()
+        if own:
+            world.close()

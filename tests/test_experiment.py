@@ -13,6 +13,9 @@ from analysis.experiment import (ExperimentError, parse_arms, parse_seeds, plan_
                                  run_progress)
 from shared.config import ARMS, RunConfig
 
+VALID = (f"valid arms: {', '.join(ARMS)}, or exploratory names such as projected_svd5, mechanism, placebo, "
+         "weak_flagged, oracle (shared/arms.py)")
+
 
 class FakeTrainer:
     """Writes what the trainer writes (config.json, metrics/evals rows, DONE), optionally dying mid-run."""
@@ -126,7 +129,9 @@ def test_folder_with_other_config_is_refused(tmp_path):
 def test_bad_arms_seeds_mode():
     with pytest.raises(ExperimentError) as e:
         parse_arms("vanilla,projectd")
-    assert str(e.value) == f"unknown arm 'projectd'; valid arms: {', '.join(ARMS)}"
+    assert str(e.value) == f"unknown arm 'projectd'; {VALID}"
+    with pytest.raises(ExperimentError, match="bad arm name 'projected_svdx': unknown arm part 'svdx'"):
+        parse_arms("projected_svdx")
     with pytest.raises(ExperimentError, match="no arms given; valid arms: vanilla"):
         parse_arms(" , ")
     assert parse_arms("weak, vanilla,weak") == ["weak", "vanilla"]
@@ -152,7 +157,7 @@ def test_cli_bad_arm_is_one_error_line(tmp_path):
     r = CliRunner().invoke(app, ["experiment", "--arms", "vanilla,bogus", "--out", str(tmp_path)])
     assert r.exit_code == 2
     lines = [ln for ln in r.output.splitlines() if ln.strip()]
-    assert lines == [f"error: unknown arm 'bogus'; valid arms: {', '.join(ARMS)}"]
+    assert lines == [f"error: unknown arm 'bogus'; {VALID}"]
     r = CliRunner().invoke(app, ["experiment", "--help"])
     assert r.exit_code == 0 and "--seeds" in r.output and "skipped" in r.output
 
