@@ -460,9 +460,10 @@ class Experiment:
 
     def run(self) -> dict:
         states = {r.name: run_state(r) for r in self.runs}  # fail fast on a foreign folder
-        run_fn = self.run_fn or default_run_fn(self.mode, progress=not self.progress, stop=self._stop)
-        if self.mode == "inprocess" and self.parallel > 1:
-            run_fn = ChildProcessRun(run_fn, self._stop)  # N interpreters, never N runs in one
+        if self.mode == "inprocess" and self.parallel > 1:  # N interpreters, never N runs in one
+            run_fn = ChildProcessRun(self.run_fn or InProcessRun(progress=False), self._stop)  # no N tqdm bars
+        else:
+            run_fn = self.run_fn or default_run_fn(self.mode, progress=not self.progress, stop=self._stop)
         old = self._previous()
         previous, history = self._previous_entries(old), self._history(old)
         t0 = time.time()
