@@ -54,10 +54,11 @@ def register(app: typer.Typer) -> None:
         set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
         report: bool = typer.Option(True, help="Write the report when the runs end."),
         progress: bool = typer.Option(True, help="Show the live progress display."),
-        parallel: int = typer.Option(1, min=1, help="Runs at once, each its own process (services: a process "
-                                                    "tree; inprocess: a spawned interpreter with one torch "
-                                                    "thread). On the 2-core toy box 2 is the useful value; on a "
-                                                    "GPU box keep 1 per GPU."),
+        parallel: Optional[int] = typer.Option(None, min=1, help="Runs at once, each its own process (services: a "
+                                                                 "process tree; inprocess: a spawned interpreter with "
+                                                                 "one torch thread). Default: 2 for the toy preset "
+                                                                 "(the 2-core boxes), else 1; on a GPU box keep 1 per "
+                                                                 "GPU."),
     ) -> None:
         """Run every (arm, seed) into OUT/<arm>/seed<k>/ (--parallel at a time), then write the report.
 

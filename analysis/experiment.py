@@ -38,6 +38,7 @@ MODES = ("services", "inprocess")
 # measured faster than the services on the 2-core boxes, see docs/ARCHITECTURE.md).
 DEFAULT_SEEDS = {"toy": 8}
 DEFAULT_MODE = {"toy": "inprocess"}
+DEFAULT_PARALLEL = {"toy": 2}  # the 2-core boxes: two single-threaded runs at once
 ORACLE_DIR = "artifacts"  # OUT/artifacts/ (the report's run finder skips it)
 
 
@@ -689,15 +690,20 @@ def default_mode(preset: str) -> str:
     return DEFAULT_MODE.get(preset, "services")
 
 
+def default_parallel(preset: str) -> int:
+    return DEFAULT_PARALLEL.get(preset, 1)
+
+
 def run_experiment(preset: str = "toy", arms: str | Sequence[str] = "vanilla,projected", seeds: str | int | None = None,
                    out: str | Path | None = None, mode: str | None = None, steps: int | None = None,
                    overrides: Sequence[str] = (), run_fn: RunFn | None = None, prepare_fn: PrepareFn | None = None,
-                   report: bool = True, progress: bool = True, parallel: int = 1,
+                   report: bool = True, progress: bool = True, parallel: int | None = 1,
                    oracle_fn: OracleFn | None = None) -> dict:
     """Run (or finish) an arms × seeds experiment into OUT and write OUT/experiment.json + the report.
-    seeds / mode None: the preset's defaults (toy: 8 seeds, in-process)."""
+    seeds / mode / parallel None: the preset's defaults (toy: 8 seeds, in-process, 2 at a time)."""
     exp = Experiment(preset=preset, arms=arms, seeds=default_seeds(preset) if seeds is None else seeds,
                      out=Path(out or f"runs/exp-{preset}"), mode=mode or default_mode(preset), steps=steps,
                      overrides=list(overrides), run_fn=run_fn, prepare_fn=prepare_fn, report=report,
-                     progress=progress, parallel=parallel, oracle_fn=oracle_fn)
+                     progress=progress, parallel=default_parallel(preset) if parallel is None else parallel,
+                     oracle_fn=oracle_fn)
     return exp.run()

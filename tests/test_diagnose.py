@@ -284,3 +284,21 @@ def test_oracle_file_is_read_through_vhack_path(tiny_run):
         assert all(torch.equal(art.vhack[n], vo[n]) for n in vo)
     finally:
         learner.close()
+
+
+def test_cli_diagnose_errors_are_one_line(tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from analysis.cli import register
+
+    app = typer.Typer()
+    register(app)
+    r = CliRunner().invoke(app, ["diagnose", str(tmp_path)])
+    assert r.exit_code == 2
+    assert [ln for ln in r.output.splitlines() if ln.strip()] == [f"error: {tmp_path} holds no config.json: not a run folder"]
+    (tmp_path / "config.json").write_text("{}")
+    r = CliRunner().invoke(app, ["diagnose", str(tmp_path)])
+    assert r.exit_code == 2 and "has no complete checkpoint under checkpoints/" in r.output
+    r = CliRunner().invoke(app, ["diagnose", "--help"])
+    assert r.exit_code == 0 and "--samples" in r.output and "--checkpoints" in r.output and "--recipe" in r.output

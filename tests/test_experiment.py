@@ -308,10 +308,10 @@ def test_report_labels_the_oracle_arm_a_cheat():
 
 
 def test_toy_defaults_are_eight_seeds_in_process():
-    from analysis.experiment import default_mode, default_seeds
+    from analysis.experiment import default_mode, default_parallel, default_seeds
 
-    assert default_seeds("toy") == 8 and default_mode("toy") == "inprocess"
-    assert default_seeds("full") == 3 and default_mode("full") == "services"
+    assert default_seeds("toy") == 8 and default_mode("toy") == "inprocess" and default_parallel("toy") == 2
+    assert default_seeds("full") == 3 and default_mode("full") == "services" and default_parallel("full") == 1
 
 
 class ChildRecorder(FakeTrainer):
