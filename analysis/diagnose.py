@@ -290,7 +290,7 @@ class RunWorld:
         """The authored direction to compare with: the one the run projects against; for an arm that does
         not project (or the oracle arm) the preregistered `projected` arm's v_hack of the same pair set."""
         from learner.artifacts import vhack_artifact
-        from learner.trainer import vhack_modes_for
+        from learner.directions import vhack_modes_for
         from learner.vhack import pairs_for_config
 
         ref = self.cfg.model_copy(deep=True)
@@ -321,7 +321,7 @@ class RunWorld:
 
     def sample(self, tag: int, n_batches: int) -> list[list]:
         """n_batches fresh train batches (the run's P prompts x G samples each), graded; one engine call."""
-        from services.sources import grade_groups
+        from reward_server.grader import grade_groups
 
         jobs = [self.learner.make_jobs(DIAG_STEP + tag * 1000 + b) for b in range(n_batches)]
         flat = [j for js in jobs for j in js]
