@@ -134,10 +134,32 @@ def _experiment_info(runs_dir: Path) -> dict:
     return {}
 
 
+def exploratory_line(arms: list[str]) -> str | None:
+    """Which arms are exploratory (shared.arms: anything but the spec's six); the oracle one is labelled a cheat."""
+    from shared.arms import ORACLE, resolve_arm
+    from shared.config import ARMS, ConfigError
+
+    def explo(a: str) -> bool:
+        try:
+            return resolve_arm(a).exploratory
+        except ConfigError:
+            return a not in ARMS
+
+    names = [f"`{a}`" + (" (ceiling: projects against v_oracle from another seed's vanilla rollouts, a cheat)"
+                         if ORACLE in a.replace("+", "_").split("_") else "") for a in arms if explo(a)]
+    if not names:
+        return None
+    return ("Exploratory arms (not preregistered; the preregistered check below uses only the spec's arms): "
+            + ", ".join(names) + ".")
+
+
 def _status_lines(runs: list[RunRecord], info: dict) -> list[str]:
     lines = []
     finished = [r for r in runs if r.finished]
     lines.append(f"Runs found: {len(runs)}, finished: {len(finished)}.")
+    explo = exploratory_line(list(dict.fromkeys(r.arm for r in runs)))
+    if explo:
+        lines.append(explo)
     planned = [(a, s) for a in info.get("arms", []) for s in info.get("seeds", [])]
     have = {(r.arm, r.seed) for r in runs}
     missing = [f"{a}/seed{s}" for a, s in planned if (a, s) not in have]

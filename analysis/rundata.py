@@ -60,10 +60,27 @@ class RunRecord:
         return sorted({int(r["step"]) for r in self.evals if "step" in r})
 
 
+def run_arm(path: Path, base: str, seed: int) -> str:
+    """The run's arm: its experiment folder's name (<arm>/seed<k>) when that names a registered arm whose
+    base behaviour is this run's train.arm (exploratory arms share a base: `mechanism` is projected with
+    another pair set, `oracle` projected with another direction), else train.arm."""
+    folder = path.parent.name
+    if path.name != f"seed{seed}" or folder == base:
+        return base
+    from shared.arms import resolve_arm
+    from shared.config import ConfigError
+
+    try:
+        return folder if resolve_arm(folder).base == base else base
+    except ConfigError:
+        return base
+
+
 def load_run(path: Path) -> RunRecord:
     cfg = json.loads((path / "config.json").read_text())
     train = cfg.get("train", {})
-    return RunRecord(path=path, arm=train.get("arm", "?"), seed=int(train.get("seed", 0)),
+    seed = int(train.get("seed", 0))
+    return RunRecord(path=path, arm=run_arm(path, train.get("arm", "?"), seed), seed=seed,
                      preset=cfg.get("preset", "?"), planned_steps=int(train.get("steps", 0)),
                      done=(path / "DONE").exists(), evals=read_jsonl(path / "evals.jsonl"),
                      metrics=read_jsonl(path / "metrics.jsonl"))

@@ -13,6 +13,9 @@ are spelled from parts, joined by `_` after a base name or by `+` between parts:
     weak_authored           today's `weak`: authored A,B pairs, projected
     weak_flagged            the spec's weak-detector arm: route on v_hack from the policy's own rollouts
                             flagged in modes A,B, re-extracted every 10 steps (vhack.from_rollouts)
+    oracle                  exploratory CEILING, a cheat: projected against v_oracle, the direction built
+                            from a vanilla run's own rollouts of another seed; the experiment runner fills
+                            vhack_path per seed (analysis.experiment.oracle_source_seed)
     mechanism+svd5+refresh10, route+mechanism, vanilla_r64 ...
 
 Parts without a base (svd5, mechanism, ...) imply `projected`. A part may not be given twice with
@@ -32,6 +35,7 @@ from .config import ARMS, ConfigError
 PAIR_SETS = ("solution", "mechanism", "framing", "placebo")
 PROJECTING = ("projected", "projected_nomag", "weak", "route")
 WEAK_FLAGGED_REFRESH = 10  # the spec says "re-extracted on a schedule"; refreshN overrides it
+ORACLE = "oracle"  # its vhack_path depends on the seed, so the experiment runner sets it
 
 # name -> (base arm, overrides); checked before the part grammar, so they may contain `_`.
 ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -39,6 +43,7 @@ ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
     "weak_flagged": ("route", {"vhack.from_rollouts": True, "train.vhack_modes": ["A", "B"],
                                "vhack.refresh_every": WEAK_FLAGGED_REFRESH}),
     **{p: ("projected", {"vhack.pair_set": p}) for p in PAIR_SETS},
+    ORACLE: ("projected", {}),  # + vhack_path=<v_oracle of vanilla seed s+1>, set per run by the runner
 }
 
 # part pattern -> overrides; every key here is a v_hack knob except model.rank.
