@@ -28,7 +28,7 @@ from typing import Any, Callable, Sequence
 
 from shared.arms import ORACLE, arm_overrides, resolve_arm
 from shared.config import ARMS, ConfigError, RunConfig, resolve_config
-from shared.rundir import check_config_drift, config_diff, read_config_json  # noqa: F401 - config_diff re-exported
+from shared.rundir import OUTCOME_NEUTRAL, check_config_drift, config_diff, read_config_json  # noqa: F401 - config_diff re-exported
 
 RunFn = Callable[[RunConfig], Any]
 PrepareFn = Callable[[list[RunConfig]], Any]
@@ -158,7 +158,8 @@ def run_state(run: PlannedRun) -> str:
         stored = read_config_json(cfg_path)
     except ConfigError as e:
         raise ExperimentError(f"{e}; move that run folder aside or use another --out") from None
-    drift = check_config_drift(stored, run.cfg.model_dump(mode="json"), allowed_keys=())  # all of it must match
+    # everything that can change the numbers must match
+    drift = check_config_drift(stored, run.cfg.model_dump(mode="json"), allowed_keys=OUTCOME_NEUTRAL)
     if drift:
         raise ExperimentError(f"{run.run_dir} holds a run with a different config: {drift.describe(3)}; "
                               "use another --out or move that folder aside")

@@ -193,7 +193,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                    "verdict_cache": 8192},
         "sampling": {"group_size": 8, "max_new_tokens": 48},
         "train": {"lr": 1e-2, "weight_decay": 0.0, "warmup_steps": 0, "steps": 200, "prompts_per_step": 3,
-                  "beta_kl": 0.0, "micro_batch": 16, "eval_every": 25},
+                  "beta_kl": 0.0, "micro_batch": 16, "eval_every": 25,
+                  "keep_checkpoints": 9},  # all 8 of a 200-step run: `rankguard diagnose` reads steps 25-75 too
         "pipeline": {"engine": "hf"},
     },
     "lite": {

@@ -10,7 +10,7 @@
   fresh: a run dir that holds outputs is renamed to a timestamped sibling `<name>.old-<time>`
       (the message names it and what it held), never deleted; the new run starts in an empty folder.
 
-`check_config_drift` is also what the experiment runner uses (with no allowed keys) to refuse a
+`check_config_drift` is also what the experiment runner uses (allowing only OUTCOME_NEUTRAL keys) to refuse a
 folder that belongs to another configuration, so both paths agree on what "the same run" means.
 """
 from __future__ import annotations
@@ -42,6 +42,9 @@ RESUME_MUTABLE = frozenset({
     "pipeline.claim_idle_s",
     "reward.workers",
 })
+# the subset that cannot change a run's numbers (where it lives, what it keeps, how many processes
+# share the work): the experiment runner counts a finished run as done whatever these say
+OUTCOME_NEUTRAL = RESUME_MUTABLE - {"train.steps", "train.checkpoint_every"}
 # keys the trainer may fill in when it writes config.json; a planned None then matches any value
 FILLED_BY_RUN = frozenset({"vhack_path"})
 
