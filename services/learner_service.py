@@ -44,14 +44,14 @@ def main(argv: list[str] | None = None) -> int:
 
         learner = Learner(cfg, resume=True)
         try:
+            if stop:  # SIGTERM while the model and directions were loading
+                raise Stopped()
             summary = run_training(learner, make_source("redis", learner, queues=q, log=log, stop=stop))
             log.info("finished: %s", json.dumps({k: summary.get(k) for k in ("arm", "seed", "steps", "sec_per_step")}))
         except Stopped:
-            from learner.checkpoint import latest_checkpoint
+            from learner.checkpoint import resume_point
 
-            last = latest_checkpoint(learner.run_dir)
-            log.info("stopped at step %d; %s", learner.step,
-                     f"a resume continues from {last.name}" if last else "no checkpoint yet: a resume starts at step 0")
+            log.info("stopped at step %d; %s", learner.step, resume_point(learner.run_dir))
             learner.close()
 
     return run_service("learner", body)

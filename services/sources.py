@@ -29,7 +29,7 @@ LOST_CHECK_S = 1.0
 
 
 class Stopped(Exception):
-    """SIGTERM while waiting: leave without a new checkpoint (resume starts from the last one)."""
+    """SIGTERM while waiting: leave without a new checkpoint (the log line says where a resume starts)."""
 
 
 @dataclass

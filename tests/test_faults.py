@@ -169,10 +169,15 @@ def test_crashed_worker_fails_the_run_without_restart_budget(toy_dir, tmp_path):
     try:
         st = up.state()
         up.wait_for_log("reward-0", "waiting for rollouts")
+        up.wait_for_log("learner", "incarnation")  # the learner is in its loop, before its first checkpoint
         os.kill(st["services"]["reward-0"], signal.SIGKILL)
         assert up.wait(60) == 1
         assert "FAILED: reward-0 (exit -9; 0/0 restarts used)" in up.output()
         assert wait_all_dead(all_pids(st), timeout=5) == []
+        if not list((tmp_path / "run" / "checkpoints").glob("step-*/complete")):  # stopped before the first one
+            learner_log = (tmp_path / "run" / "logs" / "learner.log").read_text()
+            assert "no checkpoint yet: a resume starts over at step 0" in learner_log, learner_log[-2000:]
+            assert "continues from" not in learner_log  # issue #12: it used to claim a checkpoint
     finally:
         up.kill()
 
