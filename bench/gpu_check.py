@@ -435,7 +435,7 @@ class Check:
         for n, m in adapter_modules(model).items():
             v = torch.randn(m.rank, generator=g)
             vhack[n] = v / v.norm()
-        learner.projector = TimedProjector(Projector(learner.names, vhack, device=learner.device), self.dev)
+        learner.directions.projector = TimedProjector(Projector(learner.names, vhack, device=learner.device), self.dev)
         P, G, T = cfg.train.prompts_per_step, cfg.sampling.group_size, cfg.sampling.max_new_tokens
         put(P=P, G=G, max_new_tokens=T, micro_batch=cfg.train.micro_batch, beta_kl=cfg.train.beta_kl,
             dr_grpo=cfg.train.unbiased, prompts=self.prompts, delta_s_values=sum(learner.sizes))

@@ -142,7 +142,8 @@ def test_qwen35_linear_attention_hf_engine_and_adapter_report(tmp_path):
     """Tiny Qwen3.5 (3 linear-attention + 1 full-attention layer) through load_policy, the HF engine (delta_S
     push, log-probs vs the learner's forward) and a learner backward; the report lists what is left unwrapped."""
     from shared.logprobs import token_logprobs
-    from rollout.hf_engine import HFEngine, encode_floats
+    from rollout.hf_engine import HFEngine
+    from shared.codec import encode_floats
     from shared.adapter import delta_s_layout
     from shared.adapter_cli import build_report
     from shared.config import resolve_config
