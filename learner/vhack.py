@@ -47,6 +47,7 @@ from .pairs import (Pair, PairError, build_pair_set, decompose_pairs, leetcode_p
                     split_pairs)
 
 GATE_FRAC = 0.5
+PART_FLOOR = 0.3  # decomposition: below this |median cos| with both parts, v_hack is about neither
 TARGET_MEAN = 0.2
 
 
@@ -557,15 +558,22 @@ class DecompositionReport(BaseModel):
     def correctness_dominates(self) -> bool:
         return self.median_correctness > self.median_mechanism
 
+    @property
+    def aligned_with_either(self) -> bool:
+        """False when v_hack has little to do with either part (|median cos| < PART_FLOOR for both),
+        e.g. a framing or placebo set: then neither part "dominates"."""
+        return max(abs(self.median_correctness), abs(self.median_mechanism)) >= PART_FLOOR
+
     def summary(self) -> str:
-        part = "CORRECTNESS part dominates" if self.correctness_dominates else "mechanism part dominates"
+        part = ("neither part (both |median cos| < %.1f)" % PART_FLOOR if not self.aligned_with_either
+                else "CORRECTNESS part dominates" if self.correctness_dominates else "mechanism part dominates")
         return (f"v_hack decomposition over {len(self.names)} modules, {self.n_pairs} pairs ({','.join(self.modes)}): "
                 f"median cos(v, v_correctness) {self.median_correctness:+.3f}, median cos(v, v_mechanism) "
                 f"{self.median_mechanism:+.3f}, median cos(v_correctness, v_mechanism) {self._median(self.cos_parts):+.3f}: "
                 f"{part}")
 
     def warning(self) -> str | None:
-        if not self.correctness_dominates:
+        if not (self.correctness_dominates and self.aligned_with_either):
             return None
         return ("warning: v_hack points more along 'stub body vs reference solution' (code correctness) than along "
                 "'same body with vs without the hack tail' (the hack mechanism); it may be a correctness direction "

@@ -185,7 +185,7 @@ def test_decomposition_parts_add_up_and_report(world):
         assert a == pytest.approx(V.direction_cos(dirs["full"], dirs["correctness"])[n])
         assert b == pytest.approx(V.direction_cos(dirs["full"], dirs["mechanism"])[n])
     assert report.correctness_dominates == (report.median_correctness > report.median_mechanism)
-    assert (report.warning() is not None) == report.correctness_dominates
+    assert (report.warning() is not None) == (report.correctness_dominates and report.aligned_with_either)
     assert "median cos(v, v_correctness)" in report.summary()
 
 
@@ -234,3 +234,17 @@ def test_extraction_and_projection_at_a_cropped_rank(world):
     full = V.extract_directions(world["model"], tok, pairs, progress=False)
     with pytest.raises(Exception, match="v_hack has 64 values|has 8 values"):
         Projector.for_model(model, full.basis).project_model_(model)
+
+
+def test_decomposition_warns_only_when_a_part_is_aligned():
+    from learner.vhack import PART_FLOOR, DecompositionReport
+
+    def rep(c, m):
+        return DecompositionReport(names=["a", "b", "c"], cos_correctness=[c] * 3, cos_mechanism=[m] * 3,
+                                   cos_parts=[-0.8] * 3, n_pairs=4, modes=["A"])
+
+    assert rep(0.95, -0.54).warning() is not None and "CORRECTNESS" in rep(0.95, -0.54).summary()
+    assert rep(-0.83, 1.0).warning() is None and "mechanism part dominates" in rep(-0.83, 1.0).summary()
+    placebo = rep(0.001, -0.012)  # the toy placebo set: about neither part
+    assert placebo.correctness_dominates and not placebo.aligned_with_either
+    assert placebo.warning() is None and f"< {PART_FLOOR:.1f}" in placebo.summary()
