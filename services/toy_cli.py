@@ -81,7 +81,9 @@ def build(
     """Build (or reuse) the toy world: problems, BPE tokenizer, tiny Qwen3, supervised warm start, stats.
 
     Cached by a fingerprint of the toy config and warm-start knobs: a second run with the same
-    settings returns at once. $RANKGUARD_TOY_WARM (JSON) overrides warm-start knobs too.
+    settings returns at once. The default world ships with the code (shared/toy/prebuilt/, sha256
+    checked) and is unpacked in a second; --force rebuilds it from source (about 4 min on one thread,
+    bit-identical with --threads 1). $RANKGUARD_TOY_WARM (JSON) overrides warm-start knobs too.
     """
     from reward_server.grader import Grader
     from shared.toy.build import ToyBuildError, build_toy, resolve_warm
