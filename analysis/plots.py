@@ -24,6 +24,25 @@ from analysis.stats import Paired  # noqa: E402
 ARM_COLORS = {"vanilla": "#444444", "projected": "#1f77b4", "projected_nomag": "#17becf",
               "rebound": "#d62728", "weak": "#2ca02c", "route": "#9467bd"}
 ARM_MARKERS = {"vanilla": "s", "projected": "o", "projected_nomag": "D", "rebound": "^", "weak": "v", "route": "P"}
+# exploratory arms: distinct colours and markers, the same arm alike in every plot of a report
+EXTRA_COLORS = ["#8c564b", "#e377c2", "#bcbd22", "#ff7f0e", "#7f7f7f", "#aec7e8", "#98df8a", "#ff9896",
+                "#c5b0d5", "#c49c94", "#f7b6d2", "#dbdb8d", "#9edae5", "#393b79"]
+EXTRA_MARKERS = ["X", "*", "h", "<", ">", "d", "p", "8"]
+
+
+_SEEN: dict[str, int] = {}  # exploratory arm -> slot, in order of first appearance (stable within a report)
+
+
+def _slot(arm: str, n: int) -> int:
+    return _SEEN.setdefault(arm, len(_SEEN)) % n
+
+
+def color_of(arm: str) -> str:
+    return ARM_COLORS.get(arm) or EXTRA_COLORS[_slot(arm, len(EXTRA_COLORS))]
+
+
+def marker_of(arm: str) -> str:
+    return ARM_MARKERS.get(arm) or EXTRA_MARKERS[_slot(arm, len(EXTRA_MARKERS))]
 
 
 def pareto_frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -42,7 +61,7 @@ def plot_pareto(summaries: dict[str, ArmSummary], path: Path) -> Path:
     for i, (arm, s) in enumerate(summaries.items()):
         pts = [(p, h) for p, h in zip(s.values["pass"], s.values["hack"]) if p is not None and h is not None]
         all_pts += pts
-        c, mk = ARM_COLORS.get(arm, "#8c564b"), ARM_MARKERS.get(arm, "o")
+        c, mk = color_of(arm), marker_of(arm)
         if pts:
             ax.scatter([p for p, _ in pts], [h for _, h in pts], color=c, marker=mk, alpha=0.45, s=40,
                        edgecolors=c, linewidths=0.8)
@@ -101,9 +120,9 @@ def _band_panel(ax, summaries, rows_of, key: str, scale: float, ylabel: str, tit
         if not steps:
             continue
         drew = True
-        c = ARM_COLORS.get(arm, "#8c564b")
+        c = color_of(arm)
         # earlier arms drawn wider underneath, so coinciding curves stay visible
-        ax.plot(steps, m, color=c, marker=ARM_MARKERS.get(arm, "o") if len(steps) <= 12 else None,
+        ax.plot(steps, m, color=c, marker=marker_of(arm) if len(steps) <= 12 else None,
                 ms=max(3.0, 7.0 - i), lw=max(1.2, 3.6 - 0.5 * i), label=f"{_label(arm)} (n={s.n})", zorder=2 + i)
         ax.fill_between(steps, [a - b for a, b in zip(m, e)], [a + b for a, b in zip(m, e)], color=c, alpha=0.18,
                         lw=0)
@@ -127,9 +146,9 @@ def plot_trajectories(summaries: dict[str, ArmSummary], path: Path) -> Path:
         ax.set_ylim(-3, 103)
     handles, labels = axes[0].get_legend_handles_labels()
     if handles:
-        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 3), fontsize=8, frameon=False)
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8, frameon=False)
     fig.suptitle("Evaluations vs training step (mean ± SEM across seeds)")
-    fig.tight_layout(rect=(0, 0.1 if handles else 0, 1, 1))
+    fig.tight_layout(rect=(0, 0.04 + 0.035 * -(-len(handles) // 4) if handles else 0, 1, 1))
     fig.savefig(path)
     plt.close(fig)
     return path
@@ -147,9 +166,9 @@ def plot_diagnostics(summaries: dict[str, ArmSummary], path: Path) -> Path:
     axes[1].set_ylim(-0.03, 1.03)
     handles, labels = axes[0].get_legend_handles_labels()
     if handles:
-        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 3), fontsize=8, frameon=False)
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8, frameon=False)
     fig.suptitle("Projection diagnostics (dotted: 'active' thresholds 0.2 and 0.4)")
-    fig.tight_layout(rect=(0, 0.1 if handles else 0, 1, 1))
+    fig.tight_layout(rect=(0, 0.04 + 0.035 * -(-len(handles) // 4) if handles else 0, 1, 1))
     fig.savefig(path)
     plt.close(fig)
     return path
@@ -167,9 +186,9 @@ def plot_paired_steps(per_step: list[Paired], path: Path) -> Path:
                 by_arm.setdefault(p.arm, []).append(p)
         for i, (arm, ps) in enumerate(by_arm.items()):
             ps = sorted(ps, key=lambda p: int(p.at))
-            c = ARM_COLORS.get(arm, "#8c564b")
+            c = color_of(arm)
             steps = [int(p.at) for p in ps]
-            ax.plot(steps, [p.mean for p in ps], color=c, marker=ARM_MARKERS.get(arm, "o"), ms=4,
+            ax.plot(steps, [p.mean for p in ps], color=c, marker=marker_of(arm), ms=4,
                     lw=max(1.2, 2.6 - 0.4 * i), label=f"{_label(arm)} (n={max(p.n for p in ps)})", zorder=3 + i)
             band = [(int(p.at), *p.t_ci) for p in ps if p.n >= 2]
             if band:
@@ -186,9 +205,9 @@ def plot_paired_steps(per_step: list[Paired], path: Path) -> Path:
                     color="#888")
     handles, labels = axes[0].get_legend_handles_labels()
     if handles:
-        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 3), fontsize=8, frameon=False)
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8, frameon=False)
     fig.suptitle("Paired difference vs vanilla at each evaluation (mean, 95 % t-CI band over seeds; exploratory)")
-    fig.tight_layout(rect=(0, 0.1 if handles else 0, 1, 1))
+    fig.tight_layout(rect=(0, 0.04 + 0.035 * -(-len(handles) // 4) if handles else 0, 1, 1))
     fig.savefig(path)
     plt.close(fig)
     return path
