@@ -74,11 +74,8 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
 # -------------------------------------------------------------------------------- verification
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def is_legacy(path: Path) -> bool:
