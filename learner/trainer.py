@@ -34,7 +34,7 @@ from torch import Tensor
 from shared.adapter import adapter_modules, delta_s_layout, get_delta, quarantine
 from shared.config import RunConfig
 from shared.problems import Problem
-from shared.prompts import build_messages, render_prompt
+from shared.prompts import build_messages, render_prompt, system_line_for
 from shared.schemas import DeltaSUpdate, GradedGroup, PromptJob, SamplingParams
 
 from . import checkpoint as ckpt
@@ -111,7 +111,7 @@ class Learner:
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.scorer = Scorer(self.model, pad_id, cfg.train.micro_batch,
                              shared_prefix=not cfg.model.gradient_checkpointing)
-        self._prompts: dict[str, tuple[str, list[int]]] = {}
+        self._prompts: dict[tuple[str, str | None], tuple[str, list[int]]] = {}
 
         # Directions are extracted on the untouched model (delta_S = 0), before any checkpoint loads.
         self.directions = ArmDirections(cfg, self.model, self.tokenizer, self.train_problems, self.run_dir,
@@ -174,12 +174,13 @@ class Learner:
         log.info("resumed %s at step %d (policy version %d)", path, self.step, self.policy_version)
 
     # ------------------------------------------------------------------ jobs
-    def _prompt(self, problem: Problem) -> tuple[str, list[int]]:
-        hit = self._prompts.get(problem.key)
+    def _prompt(self, problem: Problem, split: str = "train") -> tuple[str, list[int]]:
+        line = system_line_for(self.cfg.reward.system_line, split)  # plan / inoculation baselines (issue #23)
+        hit = self._prompts.get((problem.key, line))
         if hit is None:
-            text = render_prompt(self.tokenizer, build_messages(problem, self.cfg.reward.prompt_variant))
+            text = render_prompt(self.tokenizer, build_messages(problem, self.cfg.reward.prompt_variant, line))
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            hit = self._prompts[problem.key] = (text, list(ids))
+            hit = self._prompts[(problem.key, line)] = (text, list(ids))
         return hit
 
     def _sampling(self, n: int, seed: int) -> SamplingParams:
@@ -188,7 +189,7 @@ class Learner:
                               top_k=s.top_k, min_p=s.min_p, seed=seed)
 
     def _job(self, problem: Problem, step: int, idx: int, split: str, n: int, seed: int) -> PromptJob:
-        text, ids = self._prompt(problem)
+        text, ids = self._prompt(problem, split)
         tag = f"{self.arm}-s{self.cfg.train.seed}"
         min_version = max(0, self.policy_version - self.cfg.pipeline.max_staleness) if split == "train" else 0
         return PromptJob(job_id=f"{tag}-{split}{step}-{idx}", step=step, problem_id=problem.key, prompt_text=text,
