@@ -42,6 +42,7 @@ from .directions import ArmDirections
 from .grpo import group_advantages, grpo_loss, kl_k3, truncated_is_weight
 from .metrics import (JsonlWriter, StepSums, TensorBoard, hack_rates, mean_module_norm, read_jsonl, train_row,
                       truncate_jsonl, window_mean)
+from .baselines import monitor_flags, monitored_advantages, rebound_penalty
 from .rebound import concept_penalty
 from .scoring import Scorer, align_grades
 
@@ -246,6 +247,8 @@ class Learner:
                         time.perf_counter() - t0, self._t_sync, timings)
         row.update(self.directions.after_step(self.step, groups))  # refresh / flagged re-extraction when due
         self.last_penalties = [s.get("penalty", 0.0) for s in seqs]
+        if self.cfg.train.oracle_monitor != "none":  # the oracle monitor's flag rate this step
+            row["monitor_flagged_frac"] = float(np.mean([bool(s.get("flagged")) for s in seqs]))
         self.history.append(row)
         self.metrics.write(row)
         self.tb.log("train", row, row["step"])
@@ -301,10 +304,12 @@ class Learner:
     def _rebound_logp(self, chunk: list[dict], b: dict, acc: StepSums) -> Tensor:
         """Rebound's reward shaping: penalty from this forward's residual stream, then the advantages."""
         logp, hidden, hmask = self.scorer.logp(chunk, b, hidden_layer=self.rebound_layer)
-        with torch.no_grad():
-            pen = concept_penalty(hidden.detach(), hmask, self.v_concept, self.cfg.train.rebound_alpha).cpu()
+        t = self.cfg.train
+        with torch.no_grad():  # s = max(0, cos); additive (spec) or multiplicative (learner.baselines) penalty
+            score = concept_penalty(hidden.detach(), hmask, self.v_concept, 1.0).cpu()
         del hidden
-        for s, p in zip(chunk, pen.tolist()):
+        for s, sc in zip(chunk, score.tolist()):
+            p = rebound_penalty(s["reward"], sc, t.rebound_alpha, t.rebound_mode)
             s["penalty"] = p
             acc.penalties.append(p)
         for gi in sorted({s["group"] for s in chunk}):
@@ -337,8 +342,16 @@ class Learner:
         return proj, float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.max_grad_norm))
 
     def _advantages(self, mine: list[dict], keep: dict[int, bool], gi: int) -> None:
-        r = torch.tensor([[s["reward"] - s.get("penalty", 0.0) for s in mine]])
-        adv, k = group_advantages(r, unbiased=self.cfg.train.unbiased, eps=self.cfg.train.skip_eps)
+        t = self.cfg.train
+        rewards = [s["reward"] - s.get("penalty", 0.0) for s in mine]
+        if t.oracle_monitor != "none":  # exploratory oracle-monitor baselines (learner.baselines)
+            flags = monitor_flags([s["grade"] for s in mine], t.oracle_monitor)
+            advs, keep[gi] = monitored_advantages(rewards, flags, t.oracle_monitor, self.cfg.reward.correct_reward,
+                                                  unbiased=t.unbiased, eps=t.skip_eps)
+            for s, a, f in zip(mine, advs, flags):
+                s["adv"], s["flagged"] = a, f
+            return
+        adv, k = group_advantages(torch.tensor([rewards]), unbiased=t.unbiased, eps=t.skip_eps)
         keep[gi] = bool(k[0])
         for s, a in zip(mine, adv[0].tolist()):
             s["adv"] = a
