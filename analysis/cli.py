@@ -140,5 +140,13 @@ def register(app: typer.Typer) -> None:
                        recipe=recipe, plot=plot)
         dest = Path(out or run_dir)
         typer.echo((dest / "diagnose.md").read_text())
-        typer.echo(f"verdict: {rec['verdict']['line']}")
+        from analysis.diagnose import RECIPES, recipe_line
+
+        typer.echo(recipe_line(rec))
+        for r in RECIPES:  # both recipes, the one the verdict uses first
+            if r == rec["settings"]["recipe"]:
+                typer.echo(f"verdict ({r} v_oracle, used): {rec['verdicts'][r]['line']}")
+        for r in RECIPES:
+            if r != rec["settings"]["recipe"]:
+                typer.echo(f"verdict ({r} v_oracle): {rec['verdicts'][r]['line']}")
         typer.echo(f"wrote {dest / 'diagnose.json'}, {dest / 'diagnose.md'}" + (f", {rec['figure']}" if plot else ""))
