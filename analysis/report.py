@@ -169,8 +169,16 @@ def exploratory_line(arms: list[str]) -> str | None:
         except ConfigError:
             return a not in ARMS
 
-    names = [f"`{a}`" + (" (ceiling: projects against v_oracle from another seed's vanilla rollouts, a cheat)"
-                         if ORACLE in a.replace("+", "_").split("_") else "") for a in arms if explo(a)]
+    def note(a: str) -> str:
+        if ORACLE in a.replace("+", "_").split("_"):
+            return " (ceiling: projects against v_oracle from another seed's vanilla rollouts, a cheat)"
+        if a.startswith("gt_"):
+            return " (oracle-monitor baseline: reads the judge's hack labels during training, a cheat)"
+        if a == "control":
+            return " (reference: every loophole closed)"
+        return ""
+
+    names = [f"`{a}`{note(a)}" for a in arms if explo(a)]
     if not names:
         return None
     return ("Exploratory arms (not preregistered; the preregistered check below uses only the spec's arms): "
