@@ -234,7 +234,9 @@ def test_report_sections_order_and_per_seed_counts(grid):
     md = (root / "report.md").read_text()
     heads = [line for line in md.splitlines() if line.startswith("## ")]
     assert heads[:3] == ["## Headline table", "## Hack rate per mode (%)", "## Preregistered check (spec §7)"]
-    assert heads[3:6] == ["## Exploratory: paired differences vs vanilla (not preregistered)",
+    assert heads[3:8] == ["## Separately preregistered: H5 (docs/prereg/2026-12-05-h5-route.md)",
+                          "## Exploratory: every effect against its control (issue #23)",
+                          "## Exploratory: paired differences vs vanilla (not preregistered)",
                           "## Exploratory: time-resolved hack metrics (not preregistered)", "## Per-seed values"]
     assert f"| Ours (b) | 1 | 100 | {100 * OURS_HACK[1] / N_EVAL:.1f} ({OURS_HACK[1]}/128) |" in md
     assert "| Ours (b) | 50 % | 2 | +0 |" in md  # two exact pairs: +10 and -10 steps
