@@ -62,11 +62,27 @@ def task_options(cfg: RunConfig, mode: str, retries: int, environ: Mapping[str, 
             "runtime_env": runtime_env(environ), "name": f"rankguard:{run_name(cfg)}"}
 
 
+def log_attempt(run_dir: str | Path, attempt: int, event: str, **info: Any) -> None:
+    """One line in <run>/attempts.jsonl: an attempt's start (node, devices, steps on disk), the step its
+    training resumed at, its end."""
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    with open(Path(run_dir) / ATTEMPTS_FILE, "a") as f:
+        f.write(json.dumps({"attempt": attempt, "event": event, "at": round(time.time(), 3), **info}) + "\n")
+
+
 def read_attempts(run_dir: str | Path) -> list[dict]:
+    """Every attempt of a run, its events merged, in order (attempt 1 first)."""
     path = Path(run_dir) / ATTEMPTS_FILE
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    merged: dict[int, dict] = {}
+    for line in (path.read_text().splitlines() if path.exists() else []):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a line cut by a node that died mid-write
+        event = row.pop("event", "start")
+        at = row.pop("at", None)
+        merged.setdefault(int(row["attempt"]), {}).update(row, **{event: at})
+    return [merged[k] for k in sorted(merged)]
 
 
 def run_attempt(cfg_json: str, mode: str, cwd: str, run_fn: RunFn | None = None) -> dict:
@@ -85,18 +101,14 @@ def run_attempt(cfg_json: str, mode: str, cwd: str, run_fn: RunFn | None = None)
     from analysis.experiment import last_logged_step
 
     rows = last_logged_step(Path(cfg.run_dir))
-    attempt = {"attempt": len(read_attempts(cfg.run_dir)) + 1, "node_id": ctx.get_node_id(),
-               "node_ip": ray.util.get_node_ip_address(), "pid": os.getpid(), "gpus": gpus,
-               "placement": {k: ",".join(v) for k, v in placement.processes.items()},
-               "steps_on_disk": rows, "started": time.time()}
-    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-    with open(Path(cfg.run_dir) / ATTEMPTS_FILE, "a") as f:
-        f.write(json.dumps(attempt) + "\n")
+    n = len(read_attempts(cfg.run_dir)) + 1
+    where = {"node_id": ctx.get_node_id(), "node_ip": ray.util.get_node_ip_address(), "pid": os.getpid(),
+             "gpus": gpus, "placement": {k: ",".join(v) for k, v in placement.processes.items()}}
+    log_attempt(cfg.run_dir, n, "start", steps_on_disk=rows, **where)
     if not logging.getLogger().handlers:  # the learner's "resumed ... at step N" reaches the driver's log
         logging.basicConfig(level=logging.INFO, format="%(asctime)s [%(name)s] %(message)s", datefmt="%H:%M:%S")
-    print(f"rankguard: {run_name(cfg)} attempt {attempt['attempt']} on node {attempt['node_ip']} "
-          f"{attempt['node_id'][:8]} (gpus {','.join(gpus) or '-'}): "
-          f"{f'resuming, {rows} step(s) on disk' if rows else 'new run'}", flush=True)
+    print(f"rankguard: {run_name(cfg)} attempt {n} on node {where['node_ip']} {where['node_id'][:8]} "
+          f"(gpus {','.join(gpus) or '-'}): {f'resuming, {rows} step(s) on disk' if rows else 'new run'}", flush=True)
     import torch
 
     torch.set_num_threads(cfg.train.torch_threads)
@@ -105,14 +117,18 @@ def run_attempt(cfg_json: str, mode: str, cwd: str, run_fn: RunFn | None = None)
         if run_fn is not None:
             run_fn(cfg)
         else:
+            from learner.trainer import Learner
             from services.sources import run_inprocess
 
-            run_inprocess(cfg, resume=True, progress=False)
+            learner = Learner(cfg, resume=True, progress=False)
+            log_attempt(cfg.run_dir, n, "training", resumed_at_step=learner.step)
+            run_inprocess(cfg, learner=learner, progress=False)
     else:
         from services.launcher import run_services
 
         run_services(cfg, resume=True, child_env=placement.env)
-    return {**attempt, "finished": time.time()}
+    log_attempt(cfg.run_dir, n, "done")
+    return {"attempt": n, **where}
 
 
 class RayRunFn:
@@ -173,7 +189,8 @@ class RayRunFn:
             if self.note:
                 attempts = read_attempts(cfg.run_dir)
                 self.note(cfg, {"attempts": [{k: a.get(k) for k in ("attempt", "node_ip", "node_id", "gpus",
-                                                                     "steps_on_disk")} for a in attempts]})
+                                                                     "steps_on_disk", "resumed_at_step", "done")
+                                              if k in a} for a in attempts]})
 
     def close(self) -> None:
         if self._own:
