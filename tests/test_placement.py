@@ -265,3 +265,32 @@ def test_ray_task_options_come_from_the_placement(tmp_path):
                                                "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
                                                "TOKENIZERS_PARALLELISM": "false"}
     assert task_options(full_cfg(tmp_path), "inprocess", 3, environ={})["num_gpus"] == 1
+
+
+def test_cli_grid_command_checks_devices_first(tmp_path):
+    """The documented one-box command, with too few devices or a bad list: one error line, nothing run."""
+    import typer
+    from typer.testing import CliRunner
+
+    from analysis.cli import register
+
+    app = typer.Typer()
+    register(app)
+
+    @app.command("noop")
+    def _noop() -> None:  # a second command so typer keeps sub-command names
+        pass
+
+    base = ["experiment", "--preset", "full", "--seeds", "3", "--out", str(tmp_path / "exp")]
+    r = CliRunner().invoke(app, base + ["--devices", "0"])
+    assert r.exit_code == 2, r.output
+    assert [ln for ln in r.output.splitlines() if ln.strip()] == [
+        "error: run vanilla/seed0 needs 2 GPU(s), the device list has 1: 0"]
+    r = CliRunner().invoke(app, base + ["--devices", "0,0"])
+    assert r.exit_code == 2 and "error: device list '0,0' names a device twice" in r.output
+    r = CliRunner().invoke(app, base + ["--devices", "0,1", "--ray-address", "10.1.2.3:6379"])
+    assert r.exit_code == 2 and "error: --ray-address needs --backend ray" in r.output
+    assert not (tmp_path / "exp").exists()
+    r = CliRunner().invoke(app, ["experiment", "--help"])
+    assert r.exit_code == 0 and all(f in r.output for f in ("--devices", "--backend", "--ray-address",
+                                                            "--runs-per-device", "--ray-retries"))
