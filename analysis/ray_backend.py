@@ -112,17 +112,17 @@ def run_attempt(cfg_json: str, mode: str, cwd: str, run_fn: RunFn | None = None)
     import torch
 
     torch.set_num_threads(cfg.train.torch_threads)
-    if mode == "inprocess":
+    if run_fn is not None:  # a stand-in for the training (tests)
+        os.environ.update(placement.env("learner"))
+        run_fn(cfg)
+    elif mode == "inprocess":
         os.environ.update(placement.env("learner"))  # Ray set the task's devices; the same ones, explicitly
-        if run_fn is not None:
-            run_fn(cfg)
-        else:
-            from learner.trainer import Learner
-            from services.sources import run_inprocess
+        from learner.trainer import Learner
+        from services.sources import run_inprocess
 
-            learner = Learner(cfg, resume=True, progress=False)
-            log_attempt(cfg.run_dir, n, "training", resumed_at_step=learner.step)
-            run_inprocess(cfg, learner=learner, progress=False)
+        learner = Learner(cfg, resume=True, progress=False)
+        log_attempt(cfg.run_dir, n, "training", resumed_at_step=learner.step)
+        run_inprocess(cfg, learner=learner, progress=False)
     else:
         from services.launcher import run_services
 

@@ -8,8 +8,9 @@ Loopback: Ray rewrites 127.0.0.1 / localhost in an address to the machine's inte
 (`ray._private.services.resolve_ip_for_localhost`, ray-project/ray#59110), so nodes started with
 node_ip_address=127.0.0.1 are then looked for on another address and the driver times out. Any other
 127.x.y.z is left as it is and still routed over `lo` on Linux, so the nodes are started with
-`node_ip_address` 127.0.0.2 (the ray_params behind `ray start --node-ip-address`) and nothing listens on
-the machine's network address for the cluster's node services.
+`node_ip_address` 127.0.0.2 (the ray_params behind `ray start --node-ip-address`): every node registers,
+and is reached, on loopback. (Ray's GCS and raylets still listen on the wildcard address; Ray 2.60
+enables token authentication by default.)
 """
 from __future__ import annotations
 
@@ -130,3 +131,44 @@ def test_grid_on_two_nodes_survives_a_node_kill(tmp_path, monkeypatch, capfd):
                    or ("resumed" in line and victim.name in line)]
         print(f"\nray grid: wall {wall:.1f} s, node killed at {t_kill:.1f} s with {rows_at_kill} rows of "
               f"{victim_name}\n" + "\n".join(excerpt[:12]))
+
+
+def fake_run(cfg) -> None:
+    """A run's outputs without the training (picklable: it travels to the Ray worker)."""
+    import os
+
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "metrics.jsonl", "w") as f:
+        for step in range(cfg.train.steps):
+            f.write(json.dumps({"step": step, "hack_strict": 0.1, "pass_rate": 0.5}) + "\n")
+    (run_dir / "seen.json").write_text(json.dumps({"omp": os.environ.get("OMP_NUM_THREADS"), "pid": os.getpid(),
+                                                   "art": os.environ.get("RANKGUARD_ARTIFACTS")}))
+    (run_dir / "DONE").write_text("ok\n")
+
+
+@pytest.mark.slow
+def test_embedded_ray_is_the_default_and_is_stopped_after(tmp_path, monkeypatch):
+    """No --ray-address: the experiment starts its own Ray instance, runs each run as a task in a Ray
+    worker process (one OMP thread, the command's RANKGUARD_* variables), and stops it at the end."""
+    import os
+
+    from analysis.experiment import run_experiment
+
+    import sys
+
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import tests/
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RANKGUARD_ARTIFACTS", str(tmp_path / "art"))
+    assert not ray.is_initialized()
+    rec = run_experiment(preset="toy", arms="vanilla", seeds=2, out=tmp_path / "exp", mode="inprocess", steps=3,
+                         run_fn=fake_run, prepare_fn=lambda c: None, report=False, progress=False, parallel=None,
+                         backend="ray")
+    assert rec["status"] == "finished" and rec["ray_address"] == "embedded" and rec["parallel"] == 2
+    for r in rec["runs"]:
+        seen = json.loads((Path(r["run_dir"]) / "seen.json").read_text())
+        assert seen["omp"] == "1" and seen["art"] == str(tmp_path / "art") and seen["pid"] != os.getpid()
+        assert len(r["attempts"]) == 1 and r["attempts"][0]["gpus"] == [] and "done" in r["attempts"][0]
+    assert not ray.is_initialized()  # the experiment's own instance is gone
