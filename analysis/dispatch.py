@@ -126,8 +126,7 @@ class Dispatch:
             n = len(cfgs) if parallel is None else parallel
             return cls("ray", mode, max(n, 1), None, ray_address, ray_retries,
                        list(devices) if devices is not None else None)
-        found = list(devices) if devices is not None else (detect_devices() if any(needs.values()) or
-                                                            _gpus_present() else [])
+        found = list(devices) if devices is not None else detect_devices()
         if not found and not any(needs.values()):
             return cls("local", mode, parallel or default_parallel)  # a CPU box: runs go as before
         pool = DevicePool(found, runs_per_device)
@@ -176,7 +175,3 @@ class Dispatch:
         while self._closers:
             self._closers.pop()()
 
-
-def _gpus_present() -> bool:
-    """Whether this box shows any GPU (a CPU-only run on a GPU box is then hidden from them)."""
-    return bool(detect_devices())

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from analysis.dispatch import Note, RunFn, run_name
-from analysis.placement import Needs, split
+from analysis.placement import CPU_HINT, Needs, split
 from shared.config import RunConfig
 
 ATTEMPTS_FILE = "attempts.jsonl"
@@ -60,6 +60,18 @@ def task_options(cfg: RunConfig, mode: str, retries: int, environ: Mapping[str, 
     return {"num_cpus": cfg.placement.cpus, "num_gpus": Needs.of(cfg, mode).total,
             "resources": dict(cfg.placement.resources), "max_retries": retries, "retry_exceptions": False,
             "runtime_env": runtime_env(environ), "name": f"rankguard:{run_name(cfg)}"}
+
+
+def infeasible(opts: dict, nodes: list[dict]) -> str | None:
+    """Why no live node could ever run a task with these options (None: one can)."""
+    want = {"CPU": opts.get("num_cpus") or 0, "GPU": opts.get("num_gpus") or 0, **(opts.get("resources") or {})}
+    want = {k: float(v) for k, v in want.items() if v}
+    alive = [n.get("Resources", {}) for n in nodes if n.get("Alive", True)]
+    if any(all(res.get(k, 0.0) >= v for k, v in want.items()) for res in alive):
+        return None
+    fmt = lambda d: ", ".join(f"{k} {v:g}" for k, v in sorted(d.items()))  # noqa: E731
+    have = "; ".join(fmt({k: v for k, v in r.items() if k in want}) or "none of it" for r in alive) or "no live node"
+    return f"no Ray node has {fmt(want)} (per node: {have})"
 
 
 def log_attempt(run_dir: str | Path, attempt: int, event: str, **info: Any) -> None:
@@ -171,6 +183,11 @@ class RayRunFn:
         from analysis.experiment import RunInterrupted
 
         opts = task_options(cfg, self.mode, self.retries)
+        why = infeasible(opts, ray.nodes())
+        if why and self._own and self.address is None:  # an embedded instance never grows: fail now
+            raise RayBackendError(f"{run_name(cfg)} cannot run here: {why}; {CPU_HINT}")
+        if why and self.say:
+            self.say(f"{run_name(cfg)} waits for a node that has its resources: {why}")
         ref = self._remote.options(**opts).remote(cfg.model_dump_json(), self.mode, os.getcwd(), self.run_fn)
         try:
             while not ray.wait([ref], timeout=self.poll_s)[0]:

@@ -294,3 +294,15 @@ def test_cli_grid_command_checks_devices_first(tmp_path):
     r = CliRunner().invoke(app, ["experiment", "--help"])
     assert r.exit_code == 0 and all(f in r.output for f in ("--devices", "--backend", "--ray-address",
                                                             "--runs-per-device", "--ray-retries"))
+
+
+def test_ray_infeasible_names_what_is_missing(tmp_path):
+    from analysis.ray_backend import infeasible, task_options
+
+    opts = task_options(full_cfg(tmp_path, "vanilla/seed0", "placement.resources={\"a100\": 1}"), "services", 3,
+                        environ={})
+    gpu8 = {"Alive": True, "Resources": {"CPU": 64.0, "GPU": 8.0, "a100": 8.0}}
+    assert infeasible(opts, [gpu8]) is None
+    cpu_only = {"Alive": True, "Resources": {"CPU": 2.0, "memory": 1e9}}
+    assert infeasible(opts, [cpu_only]) == ("no Ray node has CPU 1, GPU 2, a100 1 (per node: CPU 2)")
+    assert infeasible(opts, [{**gpu8, "Alive": False}]) == "no Ray node has CPU 1, GPU 2, a100 1 (per node: no live node)"
