@@ -85,7 +85,8 @@ class Needs:
 
     @property
     def total(self) -> int:
-        """Devices the run occupies (PlacementConfig.devices_per_run)."""
+        """Devices the run occupies: in-process one process does both jobs; services mode gives the learner
+        and every rollout worker their own (or, colocated, lets them share)."""
         if self.inprocess:
             return max(self.learner, self.rollout)
         rollout = self.rollout * self.rollout_workers
@@ -112,12 +113,6 @@ class Placement:
         kind = process.split("-")[0]
         mine = self.processes.get(process, self.processes.get(kind, ()))
         return {VISIBLE: ",".join(mine)}
-
-    def process_envs(self, rollout_workers: int = 0, reward_workers: int = 0) -> dict[str, dict[str, str]]:
-        """{process name: env} for the learner, every named process and the reward workers (no devices)."""
-        names = set(self.processes) | {f"reward-{i}" for i in range(reward_workers)} \
-            | {f"rollout-{i}" for i in range(rollout_workers)}
-        return {n: self.env(n) for n in sorted(names)}
 
     def describe(self) -> str:
         return " ".join(f"{name}={','.join(devs) or '-'}" for name, devs in self.processes.items())

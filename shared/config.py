@@ -178,14 +178,6 @@ class PlacementConfig(_Strict):
         "Extra Ray resources the run's task needs, e.g. {\"a100\": 1} for nodes started with "
         "`ray start --resources='{\"a100\": 8}'`. Ignored by the local backend."))
 
-    def devices_per_run(self, mode: str, rollout_workers: int = 1) -> int:
-        """Devices one run occupies: in-process one process does both jobs; services mode gives the learner
-        and every rollout worker their own (or, colocated, shares them)."""
-        if mode == "inprocess":
-            return max(self.learner_gpus, self.rollout_gpus)
-        rollout = self.rollout_gpus * rollout_workers
-        return max(self.learner_gpus, rollout) if self.colocate else self.learner_gpus + rollout
-
 
 class VllmConfig(_Strict):
     """The vLLM engine's knobs (rollout/vllm_engine.py), per run."""

@@ -44,7 +44,6 @@ def test_needs_follow_the_config(tmp_path):
                              "pipeline.rollout_workers=3"), "services").total == 3
     assert Needs.of(full_cfg(tmp_path), "inprocess").total == 1  # one process does both jobs
     assert Needs.of(resolve_config("toy"), "services").total == 0
-    assert resolve_config("full").placement.devices_per_run("services") == 2
     with pytest.raises(PlacementError, match=r"vllm.tensor_parallel_size=2 needs placement.rollout_gpus >= 2 \(got 1\)"):
         Needs.of(full_cfg(tmp_path, "a", "vllm.tensor_parallel_size=2"), "services")
 
