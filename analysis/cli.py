@@ -60,16 +60,34 @@ def register(app: typer.Typer) -> None:
         parallel: Optional[int] = typer.Option(None, min=1, help="Runs at once, each its own process (services: a "
                                                                  "process tree; inprocess: a spawned interpreter with "
                                                                  "one torch thread). Default: 2 for the toy preset "
-                                                                 "(the 2-core boxes), else 1; on a GPU box keep 1 per "
-                                                                 "GPU."),
+                                                                 "(the 2-core boxes), else 1; with GPUs: as many runs "
+                                                                 "as fit on the devices; with --backend ray: all."),
+        backend: str = typer.Option("local", help="local: this box (runs packed onto --devices); ray: every run a "
+                                                  "Ray task, retried on another node after a node loss (needs "
+                                                  "rankguard[ray]; embedded instance unless --ray-address)."),
+        devices: Optional[str] = typer.Option(None, help="GPU ids the runs are packed onto, e.g. 0,1,2,3,4,5,6,7 "
+                                                         "(default: CUDA_VISIBLE_DEVICES, else every visible GPU). "
+                                                         "A run takes placement.learner_gpus + rollout_gpus of "
+                                                         "them (the full preset: 1 + 1) and waits while they are "
+                                                         "busy; each of its processes sees only its own."),
+        runs_per_device: int = typer.Option(1, min=1, help="Runs one GPU may hold at once (1: no GPU is shared by "
+                                                           "two runs; raise it only for models that fit twice)."),
+        ray_address: Optional[str] = typer.Option(None, help="A running Ray cluster's address (HEAD_IP:6379); runs "
+                                                             "and checkpoints must be on storage every node mounts "
+                                                             "at the same path (deploy/README.md)."),
+        ray_retries: int = typer.Option(3, min=0, help="Retries of a run whose Ray node or worker died; each "
+                                                       "retry resumes from the run's newest checkpoint."),
     ) -> None:
         """Run every (arm, seed) into OUT/<arm>/seed<k>/ (--parallel at a time), then write the report.
 
         Finished runs (DONE marker and the same config) are skipped, interrupted ones resumed. v_hack is extracted once per pair-set + model + modes before the runs, and every run reads the cached file. The exploratory ceiling arm `oracle` (a cheat) runs last: for seed s it projects against v_oracle from the finished vanilla run of the next seed in the grid (OUT/artifacts/v_oracle-vanilla-seed<k>.safetensors).
 
-        Writes OUT/experiment.json (plan, git commit, per-run timings). Example: rankguard experiment --preset toy --arms vanilla,projected --seeds 3 --steps 200 --mode inprocess --out runs/exp-toy
+        Writes OUT/experiment.json (plan, git commit, per-run timings, devices / Ray attempts per run). Example: rankguard experiment --preset toy --arms vanilla,projected --seeds 3 --steps 200 --mode inprocess --out runs/exp-toy
+
+        The preregistered grid on one 8-GPU box (4 runs at once, learner and vLLM on their own GPU each): rankguard experiment --preset full --seeds 3 --devices 0,1,2,3,4,5,6,7 --out runs/exp-full. On a Ray cluster: add --backend ray --ray-address HEAD_IP:6379 (deploy/README.md, "Placement and scale-out").
         """
         from analysis.experiment import run_experiment
+        from analysis.placement import parse_devices
 
         _sigterm_as_interrupt()
         if controls:
@@ -78,7 +96,9 @@ def register(app: typer.Typer) -> None:
 
             arms = ",".join(with_controls(parse_arms(arms)))
         rec = run_experiment(preset=preset, arms=arms, seeds=seeds, out=out, mode=mode, steps=steps,
-                             overrides=set_ or [], report=report, progress=progress, parallel=parallel)
+                             overrides=set_ or [], report=report, progress=progress, parallel=parallel,
+                             backend=backend, devices=parse_devices(devices), runs_per_device=runs_per_device,
+                             ray_address=ray_address, ray_retries=ray_retries)
         failed = [f"{r['arm']}/seed{r['seed']}" for r in rec["runs"] if r["status"] == "failed"]
         typer.echo(f"experiment {rec['status']} in {rec['wall_s']:.1f} s: {rec['out']}/experiment.json")
         if rec.get("report"):

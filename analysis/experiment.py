@@ -436,14 +436,20 @@ class Experiment:
     prepare_fn: PrepareFn | None = None
     report: bool = True
     progress: bool = True
-    parallel: int = 1  # runs at once (services: a process tree each; inprocess: a spawned interpreter each)
+    parallel: int | None = 1  # runs at once (services: a process tree each; inprocess: a spawned interpreter each)
     oracle_fn: OracleFn | None = None  # builds the oracle arm's v_oracle (default analysis.diagnose.build_oracle)
     record: dict = field(default_factory=dict)
+    # where runs go (analysis/dispatch.py): local devices packed per run, or Ray tasks
+    backend: str = "local"
+    devices: Sequence[str] | None = None  # local GPU ids; None = CUDA_VISIBLE_DEVICES / all visible
+    runs_per_device: int = 1  # concurrent runs one device may hold (1: never shared)
+    ray_address: str | None = None  # None = an embedded Ray instance
+    ray_retries: int = 3  # retries of a run whose node or worker died
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ExperimentError(f"unknown mode {self.mode!r}; valid modes: {', '.join(MODES)}")
-        if self.parallel < 1:
+        if self.parallel is not None and self.parallel < 1:
             raise ExperimentError(f"parallel must be >= 1, got {self.parallel}")
         self._stop = threading.Event()
         self._lock = threading.RLock()  # record writes from parallel run threads
@@ -452,6 +458,16 @@ class Experiment:
         self.out = Path(self.out)
         self.runs = plan_runs(self.preset, self.arms, self.seeds, self.out, self.steps, self.overrides)
         self.steps_per_run = self.runs[0].cfg.train.steps
+        from analysis.dispatch import Dispatch
+        from analysis.placement import PlacementError
+
+        try:  # every run must fit its devices before anything is prepared
+            self.dispatch = Dispatch.plan([r.cfg for r in self.runs], self.mode, self.backend, self.parallel,
+                                          default_parallel(self.preset), self.devices, self.runs_per_device,
+                                          self.ray_address, self.ray_retries)
+        except PlacementError as e:
+            raise ExperimentError(str(e)) from None
+        self.parallel = self.dispatch.parallel
 
     def _write_record(self) -> None:
         with self._lock:
@@ -462,17 +478,15 @@ class Experiment:
 
     def run(self) -> dict:
         states = {r.name: run_state(r) for r in self.runs}  # fail fast on a foreign folder
-        if self.mode == "inprocess" and self.parallel > 1:  # N interpreters, never N runs in one
-            run_fn = ChildProcessRun(self.run_fn or InProcessRun(progress=False), self._stop)  # no N tqdm bars
-        else:
-            run_fn = self.run_fn or default_run_fn(self.mode, progress=not self.progress, stop=self._stop)
+        run_fn = self.dispatch.run_fn(self.run_fn, self._stop, note=self._note, say=self._say,
+                                      progress=not self.progress)
         old = self._previous()
         previous, history = self._previous_entries(old), self._history(old)
         t0 = time.time()
         self.record = {
             "preset": self.preset, "mode": self.mode, "arms": self.arms, "seeds": self.seeds,
             "steps": self.steps_per_run, "overrides": list(self.overrides), "out": str(self.out),
-            "parallel": self.parallel,
+            "parallel": self.parallel, **self.dispatch.record(),
             "git_commit": git_commit(), "started": _now(), "finished": None, "status": "running",
             "prepare_s": None, "wall_s": None,
             "runs": [self._initial_entry(r, states[r.name], previous.get((r.arm, r.seed))) for r in self.runs],
@@ -501,6 +515,7 @@ class Experiment:
             self.record["status"] = "interrupted"
             raise
         finally:
+            self.dispatch.close()
             self.record["finished"] = _now()
             self.record["wall_s"] = round(time.time() - t0, 3)
             self._write_record()
@@ -547,6 +562,19 @@ class Experiment:
             keep = {k: prev[k] for k in ("wall_s", "started", "finished") if prev and k in prev}
             entry.update(keep, status="skipped", timing=_timing(run.run_dir))
         return entry
+
+    def _note(self, cfg: RunConfig, info: dict) -> None:
+        """A run's devices / Ray attempts, from the dispatch, into its experiment.json entry."""
+        with self._lock:
+            for entry in self.record.get("runs", []):
+                if entry["run_dir"] == str(Path(cfg.run_dir)):
+                    entry.update(info)
+            self._write_record()
+
+    def _say(self, msg: str) -> None:
+        from rich.console import Console
+
+        Console(stderr=True).log(msg)
 
     def _entry(self, run: PlannedRun) -> dict:
         return next(x for x in self.record["runs"] if x["arm"] == run.arm and x["seed"] == run.seed)
@@ -699,12 +727,14 @@ def run_experiment(preset: str = "toy", arms: str | Sequence[str] = "vanilla,pro
                    out: str | Path | None = None, mode: str | None = None, steps: int | None = None,
                    overrides: Sequence[str] = (), run_fn: RunFn | None = None, prepare_fn: PrepareFn | None = None,
                    report: bool = True, progress: bool = True, parallel: int | None = 1,
-                   oracle_fn: OracleFn | None = None) -> dict:
+                   oracle_fn: OracleFn | None = None, backend: str = "local", devices: Sequence[str] | None = None,
+                   runs_per_device: int = 1, ray_address: str | None = None, ray_retries: int = 3) -> dict:
     """Run (or finish) an arms × seeds experiment into OUT and write OUT/experiment.json + the report.
-    seeds / mode / parallel None: the preset's defaults (toy: 8 seeds, in-process, 2 at a time)."""
+    seeds / mode / parallel None: the preset's defaults (toy: 8 seeds, in-process, 2 at a time; with GPUs
+    as many runs as fit on the devices; with Ray every run). backend/devices/ray_*: analysis/dispatch.py."""
     exp = Experiment(preset=preset, arms=arms, seeds=default_seeds(preset) if seeds is None else seeds,
                      out=Path(out or f"runs/exp-{preset}"), mode=mode or default_mode(preset), steps=steps,
                      overrides=list(overrides), run_fn=run_fn, prepare_fn=prepare_fn, report=report,
-                     progress=progress, parallel=default_parallel(preset) if parallel is None else parallel,
-                     oracle_fn=oracle_fn)
+                     progress=progress, parallel=parallel, oracle_fn=oracle_fn, backend=backend, devices=devices,
+                     runs_per_device=runs_per_device, ray_address=ray_address, ray_retries=ray_retries)
     return exp.run()

@@ -86,13 +86,14 @@ def _tied(model_dir: str) -> bool:
 class VLLMEngine:
     """rollout.engine.Engine on vLLM. `VLLMEngine(cfg)` starts the child and waits until it is ready.
 
-    max_model_len: default min(model's max_position_embeddings, 4096 + sampling.max_new_tokens).
-    gpu_memory_utilization: share of the GPU vLLM may take (the learner may need the rest).
+    max_model_len, gpu_memory_utilization: default from the config's `vllm` section (max_model_len None =
+    min(model's max_position_embeddings, 4096 + sampling.max_new_tokens); memory share None = 0.9 on
+    devices of its own, 0.45 beside the learner); tensor_parallel_size comes from `vllm` too.
     log_file: where the child's stdout/stderr go (default: this process's stderr).
     """
 
     def __init__(self, cfg: RunConfig, *, max_model_len: int | None = None,
-                 gpu_memory_utilization: float = 0.45, log_file: str | Path | None = None,
+                 gpu_memory_utilization: float | None = None, log_file: str | Path | None = None,
                  start_timeout_s: float = 900.0, request_timeout_s: float = 3600.0,
                  llm_kwargs: dict[str, Any] | None = None):
         from shared.modeling import resolve_model_path
@@ -102,7 +103,7 @@ class VLLMEngine:
         self.model_id = resolve_model_path(cfg)  # the learner's SVD cache key (folder path or HF name)
         self.model_dir = local_model_dir(self.model_id, cfg.model.revision)
         mpe = _model_max_len(self.model_dir)
-        want = max_model_len or DEFAULT_CONTEXT + cfg.sampling.max_new_tokens
+        want = max_model_len or cfg.vllm.max_model_len or DEFAULT_CONTEXT + cfg.sampling.max_new_tokens
         self.max_model_len = int(min(want, mpe) if mpe else want)
         self.request_timeout_s = request_timeout_s
         self._update: DeltaSUpdate | None = None
@@ -111,11 +112,16 @@ class VLLMEngine:
         self._lock = threading.Lock()
         self._log_hint = f"see {log_file}" if log_file else "see its log on stderr"
         svd_dir = cfg.model.svd_cache_dir
+        if gpu_memory_utilization is None:
+            gpu_memory_utilization = cfg.vllm.memory_fraction(cfg.placement.colocate)
+        self.gpu_memory_utilization = gpu_memory_utilization
         spec = {
             "model_dir": self.model_dir,
             "llm": {"model": self.model_dir, "enforce_eager": True, "max_model_len": self.max_model_len,
                     "dtype": cfg.model.dtype, "seed": cfg.train.seed, "logprobs_mode": "raw_logprobs",
                     "gpu_memory_utilization": gpu_memory_utilization, "worker_extension_cls": WORKER_EXTENSION,
+                    # None (dropped in the child) unless > 1: the CPU backend keeps its own default
+                    "tensor_parallel_size": cfg.vllm.tensor_parallel_size if cfg.vllm.tensor_parallel_size > 1 else None,
                     "trust_remote_code": cfg.model.trust_remote_code, **(llm_kwargs or {})},
             "worker": {"model_dir": self.model_dir, "model_id": self.model_id, "revision": cfg.model.revision,
                        "svd_cache_dir": str(Path(svd_dir).resolve()) if svd_dir else None,

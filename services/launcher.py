@@ -72,9 +72,12 @@ def kill_group(pid: int, sig: int) -> None:
 class Launcher:
     def __init__(self, cfg: RunConfig, resume: bool = True, console: bool = True, progress: bool = True,
                  restart_workers: int = WORKER_RESTARTS, grace_s: float = 10.0, http_port: int | None = None,
-                 on_line: Callable[[str, str], None] | None = None, stop: threading.Event | None = None):
+                 on_line: Callable[[str, str], None] | None = None, stop: threading.Event | None = None,
+                 child_env: Callable[[str], dict[str, str]] | None = None):
         """resume=False: start over, moving an earlier run in the run dir aside (shared.rundir).
-        stop: set it (from another thread) to shut the run down as Ctrl-C would (exit code 130)."""
+        stop: set it (from another thread) to shut the run down as Ctrl-C would (exit code 130).
+        child_env: extra environment per service name (learner, rollout-0, reward-1 ...), e.g. the
+        CUDA_VISIBLE_DEVICES of the run's placement (analysis.placement.Placement.env)."""
         if restart_workers < 0:
             raise ValueError(f"restart_workers must be >= 0, got {restart_workers}")
         self.cfg = cfg
@@ -83,6 +86,8 @@ class Launcher:
         self.resume, self.console, self.show_progress = resume, console, progress and console
         self.restart_workers, self.grace_s, self.http_port = restart_workers, grace_s, http_port
         self.on_line = on_line
+        self.child_env = child_env
+        self.env: dict[str, str] = {}
         self.children: list[Child] = []
         self.redis = None
         self.redis_url: str | None = None
@@ -155,12 +160,19 @@ class Launcher:
         for c in self.children:
             self._spawn(c)
         self._write_state()
+        if self.child_env:
+            self.say("devices (CUDA_VISIBLE_DEVICES): " + ", ".join(
+                f"{c.name}={self.child_env(c.name).get('CUDA_VISIBLE_DEVICES') or '-'}" for c in self.children))
         self.say(f"run {self.run_dir}: {p.reward_workers} reward, {p.rollout_workers} rollout worker(s), "
                  f"learner ({self.cfg.train.arm}, seed {self.cfg.train.seed}, {self.cfg.train.steps} steps)")
 
+    def env_for(self, name: str) -> dict[str, str]:
+        """The environment service `name` starts with: the run's, plus its own part (its devices)."""
+        return {**self.env, **(self.child_env(name) if self.child_env else {})}
+
     def _spawn(self, child: Child) -> None:
         child.proc = subprocess.Popen(child.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, env=self.env, start_new_session=True,
+                                      stderr=subprocess.STDOUT, env=self.env_for(child.name), start_new_session=True,
                                       preexec_fn=set_parent_death_signal)
         child.started = time.monotonic()
         child.pump = threading.Thread(target=self._pump, args=(child,), daemon=True, name=f"log-{child.name}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import time
 
 from shared.config import RunConfig
@@ -34,8 +35,12 @@ def make_engine(cfg: RunConfig, log: logging.Logger):
         try:
             from rollout.vllm_engine import VLLMEngine
 
-            log.info("engine: vLLM")
-            return VLLMEngine(cfg)
+            log.info("engine: vLLM (CUDA_VISIBLE_DEVICES=%s, tensor_parallel_size %d)",
+                     os.environ.get("CUDA_VISIBLE_DEVICES", "all"), cfg.vllm.tensor_parallel_size)
+            engine = VLLMEngine(cfg)
+            log.info("vLLM up: gpu_memory_utilization %.2f, max_model_len %d", engine.gpu_memory_utilization,
+                     engine.max_model_len)
+            return engine
         except ImportError as e:
             log.warning("vLLM engine unavailable (%s); falling back to HF generate", e)
     elif choice == "vllm":

@@ -175,6 +175,47 @@ class PipelineConfig(_Strict):
     claim_idle_s: float | None = Field(default=None, gt=0)  # take over unacked work idle this long; None = $RANKGUARD_CLAIM_IDLE_S or 15
 
 
+class PlacementConfig(_Strict):
+    """Devices and resources one run asks for. Counts, never device ids: `rankguard experiment` packs runs
+    onto free devices (analysis/placement.py) and the Ray backend asks Ray for the same counts; each of
+    the run's processes then sees only its own devices through CUDA_VISIBLE_DEVICES."""
+
+    learner_gpus: int = Field(0, ge=0, description=(
+        "GPUs the learner process sees. 0 = none (CPU); an in-process run (one process, HF engine) gets "
+        "max(learner_gpus, rollout_gpus)."))
+    rollout_gpus: int = Field(0, ge=0, description=(
+        "GPUs each rollout worker sees (services mode: pipeline.rollout_workers of them per run); vLLM's "
+        "vllm.tensor_parallel_size must fit in them. 0 = none (CPU engine)."))
+    colocate: bool = Field(False, description=(
+        "Rollout workers and the learner share the run's devices instead of taking their own: the run takes "
+        "max(learner_gpus, rollout_gpus x rollout_workers) devices, and vLLM's default memory share drops to "
+        "0.45 so the learner fits beside it."))
+    cpus: float = Field(1.0, gt=0, description=(
+        "CPU cores the run reserves on a Ray node (num_cpus of its task; reward workers grade on these)."))
+    resources: dict[str, float] = Field(default_factory=dict, description=(
+        "Extra Ray resources the run's task needs, e.g. {\"a100\": 1} for nodes started with "
+        "`ray start --resources='{\"a100\": 8}'`. Ignored by the local backend."))
+
+
+class VllmConfig(_Strict):
+    """The vLLM engine's knobs (rollout/vllm_engine.py), per run."""
+
+    gpu_memory_utilization: float | None = Field(None, gt=0.0, le=1.0, description=(
+        "Share of each of its GPUs vLLM may claim (weights + KV cache). None = 0.9 when the rollout worker "
+        "has devices of its own, 0.45 when it shares them with the learner (placement.colocate)."))
+    tensor_parallel_size: int = Field(1, ge=1, description=(
+        "GPUs one vLLM engine shards the model over; at most placement.rollout_gpus."))
+    max_model_len: int | None = Field(None, ge=1, description=(
+        "Longest prompt + completion vLLM accepts (sizes the KV cache). None = min(the model's "
+        "max_position_embeddings, 4096 + sampling.max_new_tokens)."))
+
+    def memory_fraction(self, colocate: bool) -> float:
+        """The share vLLM gets: the configured one, else 0.9 on devices of its own, 0.45 shared."""
+        if self.gpu_memory_utilization is not None:
+            return self.gpu_memory_utilization
+        return 0.45 if colocate else 0.9
+
+
 class RunConfig(_Strict):
     preset: str = "toy"
     run_dir: str = "runs/default"
@@ -185,6 +226,8 @@ class RunConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     vhack: VhackConfig = Field(default_factory=VhackConfig)  # issue #15 levers; defaults = the spec
+    placement: PlacementConfig = Field(default_factory=PlacementConfig)  # devices per run (issue #21)
+    vllm: VllmConfig = Field(default_factory=VllmConfig)
     problems: str = "toy"  # "toy", "leetcode" (bundled sample) or a jsonl path
     vhack_path: str | None = None  # None = <run_dir>/../vhack-<hash>.safetensors, built on demand
 
@@ -221,12 +264,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "problems": "leetcode",
         "sampling": {"group_size": 8, "max_new_tokens": 1024},
         "train": {"beta_kl": 1e-3},
+        "placement": {"learner_gpus": 1, "rollout_gpus": 1},
     },
     "qwen35-2b": {
         "model": {"name_or_path": "Qwen/Qwen3.5-2B", "dtype": "bfloat16", "gradient_checkpointing": True},
         "problems": "leetcode",
         "sampling": {"group_size": 8, "max_new_tokens": 1024},
         "train": {"beta_kl": 0.04},
+        "placement": {"learner_gpus": 1, "rollout_gpus": 1},
     },
     "full": {
         "model": {"name_or_path": "Qwen/Qwen3-4B", "dtype": "bfloat16", "gradient_checkpointing": True},
@@ -234,6 +279,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "sampling": {"group_size": 12, "max_new_tokens": 1024},
         "train": {"beta_kl": 1e-3, "steps": 200},
         "pipeline": {"engine": "vllm"},
+        "placement": {"learner_gpus": 1, "rollout_gpus": 1},  # an 8-GPU box runs 4 runs at once
     },
 }
 

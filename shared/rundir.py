@@ -41,10 +41,14 @@ RESUME_MUTABLE = frozenset({
     "pipeline.redis_url", "pipeline.rollout_workers", "pipeline.reward_workers", "pipeline.max_queue",
     "pipeline.claim_idle_s",
     "reward.workers",
+    # where the run's processes run and how vLLM spreads over its devices (issue #21); `.*` = any key below
+    "placement.*", "vllm.gpu_memory_utilization", "vllm.tensor_parallel_size",
 })
 # the subset that cannot change a run's numbers (where it lives, what it keeps, how many processes
 # share the work): the experiment runner counts a finished run as done whatever these say
 OUTCOME_NEUTRAL = RESUME_MUTABLE - {"train.steps", "train.checkpoint_every"}
+# free-form dict fields compared (and amended) whole, not key by key
+LEAF_DICTS = frozenset({"placement.resources"})
 # keys the trainer may fill in when it writes config.json; a planned None then matches any value
 FILLED_BY_RUN = frozenset({"vhack_path"})
 
@@ -160,7 +164,7 @@ def config_changes(saved: dict, new: dict, prefix: str = "") -> list[Change]:
     for key in sorted(set(saved) | set(new)):
         dotted = prefix + key
         a, b = saved.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
+        if isinstance(a, dict) and isinstance(b, dict) and dotted not in LEAF_DICTS:
             out += config_changes(a, b, dotted + ".")
         elif dotted in FILLED_BY_RUN and b is None:
             continue
@@ -181,8 +185,13 @@ def check_config_drift(saved: dict, new: dict, allowed_keys: Iterable[str] = RES
     allowed = set(allowed_keys)
     drift = ConfigDrift()
     for c in config_changes(saved, new):
-        (drift.allowed if c.key in allowed else drift.refused).append(c)
+        (drift.allowed if key_allowed(c.key, allowed) else drift.refused).append(c)
     return drift
+
+
+def key_allowed(key: str, allowed: Iterable[str]) -> bool:
+    """`key` is in `allowed`, or under an entry written `section.*` (placement.* covers placement.resources.a100)."""
+    return any(key == a or (a.endswith(".*") and key.startswith(a[:-1])) for a in allowed)
 
 
 def _set_dotted(data: dict, dotted: str, value: Any) -> None:
