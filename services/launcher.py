@@ -122,6 +122,9 @@ class Launcher:
 
     # -- start --------------------------------------------------------------------------------------
     def start(self) -> None:
+        from learner.tracking import check_trackers
+
+        check_trackers(self.cfg.tracking)  # a missing tracker stops here, not in the learner minutes later
         prepared = prepare_run_dir(self.cfg, "resume" if self.resume else "fresh")  # before anything is written
         self.cfg = prepared.config
         (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)

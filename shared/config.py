@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 ARMS = ("vanilla", "projected", "projected_nomag", "rebound", "weak", "route")
 Arm = Literal["vanilla", "projected", "projected_nomag", "rebound", "weak", "route"]
@@ -185,6 +185,31 @@ class PipelineConfig(_Strict):
         "Take over unacked work idle this long (s); None = $RANKGUARD_CLAIM_IDLE_S or 15."))
 
 
+TRACKERS = ("tensorboard", "wandb", "trackio")
+
+
+class TrackingConfig(_Strict):
+    """Experiment tracking beside metrics.jsonl: where the same rows are also sent."""
+
+    report_to: list[Literal["tensorboard", "wandb", "trackio"]] = Field(default_factory=lambda: ["tensorboard"], description=(
+        "Trackers fed every train/eval row (train, eval, projection and timing scalars): tensorboard (RUN_DIR/tb), "
+        "wandb, trackio; a comma list, [] or \"none\" = off. wandb and trackio are optional installs."))
+    offline: bool = Field(True, description=(
+        "wandb: mode=offline under RUN_DIR/wandb (`wandb sync` later); False = online (needs `wandb login`). "
+        "trackio always writes its local database unless TRACKIO_SPACE_ID names a Space."))
+    project: str = Field("rankguard", description="wandb / trackio project name (the run is named after run_dir).")
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _comma_list(cls, v: Any) -> Any:
+        """`--report-to wandb,tensorboard` and `none` read as lists."""
+        if isinstance(v, str):
+            v = [p.strip() for p in v.split(",") if p.strip()]
+        if isinstance(v, list) and [str(x).lower() for x in v] == ["none"]:
+            return []
+        return v
+
+
 class RunConfig(_Strict):
     """One whole run; every service reads the same resolved config.json."""
 
@@ -197,6 +222,7 @@ class RunConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig, description="The learner.")
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig, description="The split services.")
     vhack: VhackConfig = Field(default_factory=VhackConfig, description="issue #15 levers; defaults = the spec.")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="Experiment tracking (TensorBoard, wandb, trackio).")
     problems: str = Field("toy", description='Problem set: "toy", "leetcode" (bundled sample) or a jsonl path.')
     vhack_path: str | None = Field(None, description=(
         "v_hack file; None = <run_dir>/../vhack-<hash>.safetensors, built on demand."))
