@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from shared.clikit import SET_HELP, friendly_errors
+from shared.clikit import CONFIG_HELP, PRESET_HELP, REPORT_TO_HELP, SET_HELP, friendly_errors, run_settings
 
 DEFAULT_ARMS = "vanilla,projected,projected_nomag,rebound,weak"
 
@@ -40,7 +40,9 @@ def register(app: typer.Typer) -> None:
     @app.command("experiment")
     @friendly_errors
     def experiment(
-        preset: str = typer.Option("toy", help="Config preset (toy, lite, qwen35-2b, full)."),
+        preset: Optional[str] = typer.Option(None, help=PRESET_HELP),
+        config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP + " Its run_dir is ignored "
+                                                                                "(runs go to OUT/<arm>/seed<k>)."),
         arms: str = typer.Option(DEFAULT_ARMS, help="Comma-separated arm names: the spec's (vanilla, projected, "
                                                     "projected_nomag, rebound, weak, route) or exploratory ones from "
                                                     "shared/arms.py (projected_svd5, mechanism, placebo, "
@@ -52,6 +54,7 @@ def register(app: typer.Typer) -> None:
                                                       "inprocess for the toy preset (faster on 2 cores), else services."),
         out: Optional[Path] = typer.Option(None, help="Experiment folder (default runs/exp-<preset>)."),
         set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+        report_to: Optional[str] = typer.Option(None, "--report-to", help=REPORT_TO_HELP),
         report: bool = typer.Option(True, help="Write the report when the runs end."),
         progress: bool = typer.Option(True, help="Show the live progress display."),
         parallel: Optional[int] = typer.Option(None, min=1, help="Runs at once, each its own process (services: a "
@@ -69,8 +72,10 @@ def register(app: typer.Typer) -> None:
         from analysis.experiment import run_experiment
 
         _sigterm_as_interrupt()
+        preset, sets = run_settings(preset, config, set_, report_to)
+        sets = [s for s in sets if not s.startswith("run_dir=")]  # each run's folder is OUT/<arm>/seed<k>
         rec = run_experiment(preset=preset, arms=arms, seeds=seeds, out=out, mode=mode, steps=steps,
-                             overrides=set_ or [], report=report, progress=progress, parallel=parallel)
+                             overrides=sets, report=report, progress=progress, parallel=parallel)
         failed = [f"{r['arm']}/seed{r['seed']}" for r in rec["runs"] if r["status"] == "failed"]
         typer.echo(f"experiment {rec['status']} in {rec['wall_s']:.1f} s: {rec['out']}/experiment.json")
         if rec.get("report"):

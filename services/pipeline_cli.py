@@ -9,7 +9,8 @@ from typing import List, Optional
 import typer
 
 from shared.arms import ARM_HELP, cli_overrides
-from shared.clikit import SET_HELP, UserError, config_from_flags, friendly_errors
+from shared.clikit import (CONFIG_HELP, PRESET_HELP, REPORT_TO_HELP, SET_HELP, UserError, config_from_flags,
+                           friendly_errors, run_dir_or, run_settings)
 
 from .launcher import WORKER_RESTARTS
 
@@ -38,10 +39,12 @@ def register(app: typer.Typer) -> None:
     @app.command("up")
     @friendly_errors
     def up(
-        preset: str = typer.Option("toy", help="Config preset: toy, lite, qwen35-2b, full."),
+        preset: Optional[str] = typer.Option(None, help=PRESET_HELP),
+        config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP),
         arm: Optional[str] = typer.Option(None, help=ARM_HELP),
         seed: Optional[int] = typer.Option(None, help="Run seed."),
         steps: Optional[int] = typer.Option(None, help="Optimizer steps (default from the preset)."),
+        report_to: Optional[str] = typer.Option(None, "--report-to", help=REPORT_TO_HELP),
         run_dir: Optional[str] = typer.Option(None, "--run-dir",
                                               help="Output folder (default runs/<preset>-<arm>-s<seed>-up)."),
         overrides: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
@@ -60,9 +63,10 @@ def register(app: typer.Typer) -> None:
         Example: rankguard up --preset toy --arm projected --seed 1 --steps 50 --set pipeline.reward_workers=2
         """
         top = {"train.seed": seed, "train.steps": steps}
-        sets = [*(overrides or []), *cli_overrides(arm)]  # the arm registry (shared/arms.py)
+        preset, sets = run_settings(preset, config, overrides, report_to)
+        sets += cli_overrides(arm)  # the arm registry (shared/arms.py)
         cfg = config_from_flags(preset, sets, **top)
-        name = run_dir or f"runs/{preset}-{arm.strip() if arm else cfg.train.arm}-s{cfg.train.seed}-up"
+        name = run_dir or run_dir_or(cfg, f"runs/{preset}-{arm.strip() if arm else cfg.train.arm}-s{cfg.train.seed}-up")
         cfg = config_from_flags(preset, sets, **top, run_dir=name)
         from .launcher import launch
 
@@ -103,10 +107,12 @@ def register(app: typer.Typer) -> None:
     @app.command("prepare")
     @friendly_errors
     def prepare(
-        preset: str = typer.Option("toy", help="Config preset: toy, lite, qwen35-2b, full."),
+        preset: Optional[str] = typer.Option(None, help=PRESET_HELP),
+        config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP),
         arm: Optional[str] = typer.Option(None, help=ARM_HELP),
         seed: Optional[int] = typer.Option(None, help="Run seed."),
         steps: Optional[int] = typer.Option(None, help="Optimizer steps (default from the preset)."),
+        report_to: Optional[str] = typer.Option(None, "--report-to", help=REPORT_TO_HELP),
         run_dir: str = typer.Option(..., "--run-dir", help="Run folder; config.json is written here."),
         overrides: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
         resume: bool = typer.Option(True, "--resume/--fresh", " /--overwrite", help=RESUME_HELP),
@@ -116,7 +122,8 @@ def register(app: typer.Typer) -> None:
         config.json must match (or differ only in keys a resume may change). Prints the config path."""
         from shared.rundir import prepare_run_dir
 
-        cfg = config_from_flags(preset, [*(overrides or []), *cli_overrides(arm)],
+        preset, sets = run_settings(preset, config, overrides, report_to)
+        cfg = config_from_flags(preset, [*sets, *cli_overrides(arm)],
                                 **{"train.seed": seed, "train.steps": steps}, run_dir=run_dir)
         prepared = prepare_run_dir(cfg, "resume" if resume else "fresh")
         typer.secho(prepared.message(), err=True)
