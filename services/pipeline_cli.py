@@ -54,7 +54,10 @@ def register(app: typer.Typer) -> None:
                                                  "(0: the first crash fails the run)."),
         http_port: Optional[int] = typer.Option(None, "--http-port",
                                                 help="Reward workers also serve the reward HTTP API on "
-                                                     "PORT, PORT+1, ..."),
+                                                     "PORT, PORT+1, ... (loopback unless --http-host)."),
+        http_host: str = typer.Option("127.0.0.1", "--http-host",
+                                      help="Interface for --http-port. Beyond loopback the API (it runs "
+                                           "submitted code) needs $RANKGUARD_REWARD_TOKEN set."),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
     ) -> None:
         """Run one arm x seed as separate processes: private Redis, reward worker(s), rollout worker(s),
@@ -70,7 +73,8 @@ def register(app: typer.Typer) -> None:
         cfg = config_from_flags(preset, sets, **top, run_dir=name)
         from .launcher import launch
 
-        rc = launch(cfg, resume=resume, progress=progress, restart_workers=restart_workers, http_port=http_port)
+        rc = launch(cfg, resume=resume, progress=progress, restart_workers=restart_workers, http_port=http_port,
+                    http_host=http_host)
         if rc == 0 and (Path(cfg.run_dir) / "metrics.jsonl").exists():
             from analysis.run_card import run_card
 
