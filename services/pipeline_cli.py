@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 from typing import List, Optional
 
@@ -19,20 +18,6 @@ RESUME_HELP = ("Continue the run in the run dir (default; its config.json must m
                "start over. Nothing is deleted.")
 WORKERS = {"learner": "services.learner_service", "rollout": "services.rollout_service",
            "reward": "services.reward_worker"}
-
-
-def _follow(path: Path, lines: int, follow: bool) -> None:
-    with path.open() as f:
-        tail = f.readlines()[-lines:] if lines > 0 else []
-        sys.stdout.write("".join(tail))
-        sys.stdout.flush()
-        while follow:
-            line = f.readline()
-            if line:
-                sys.stdout.write(line)
-                sys.stdout.flush()
-            else:
-                time.sleep(0.2)
 
 
 def register(app: typer.Typer) -> None:
@@ -86,27 +71,39 @@ def register(app: typer.Typer) -> None:
     def logs(
         service: str = typer.Argument("learner", help="learner, rollout-0, reward-0, ... or up (the launcher)."),
         run_dir: str = typer.Option(None, "--run-dir", help="Run folder (default: the newest under runs/)."),
-        follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new lines."),
+        follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new lines (waits for a log not "
+                                                                  "written yet; stops when the run finishes)."),
         lines: int = typer.Option(40, "--lines", "-n", help="Lines of history to show first."),
     ) -> None:
-        """Show (and with -f follow) one service's log of a run: RUN_DIR/logs/<service>.log."""
+        """Show (and with -f follow) one service's log of a run: RUN_DIR/logs/<service>.log.
+
+        With -f it may start before the run: it waits for the log, and stops by itself at the run's
+        finish line (the launcher exited, or DONE for runs without one)."""
+        from .log_follow import SERVICE_NAME, follow as follow_log
+
+        if service in ("rollout", "reward"):
+            service = f"{service}-0"
+        if not SERVICE_NAME.match(service):
+            raise UserError(f"unknown service {service!r}; valid: learner, up, redis, rollout-N, reward-N")
         if run_dir is None:
             found = sorted(Path("runs").glob("**/logs"), key=lambda p: p.stat().st_mtime)
             if not found:
-                raise UserError("no run with logs under runs/; pass --run-dir")
+                raise UserError("no run with logs under runs/; pass --run-dir (with -f it waits for the run)")
             log_dir = found[-1]
         else:
             log_dir = Path(run_dir) / "logs"
-        names = sorted(p.stem for p in log_dir.glob("*.log")) if log_dir.exists() else []
-        if service in ("rollout", "reward"):
-            service = f"{service}-0"
         path = log_dir / f"{service}.log"
-        if not path.exists():
-            raise UserError(f"no log {service!r} in {log_dir}; available: {', '.join(names) or 'none'}")
+        if not path.exists() and not follow:
+            names = sorted(p.stem for p in log_dir.glob("*.log")) if log_dir.exists() else []
+            raise UserError(f"no log {service!r} in {log_dir}; available: {', '.join(names) or 'none'} "
+                            "(-f waits for it)")
         try:
-            _follow(path, lines, follow)
+            why = follow_log(path, log_dir.parent, sys.stdout, lines=lines, follow=follow,
+                             note=lambda m: typer.secho(m, err=True))
         except KeyboardInterrupt:
-            pass
+            return
+        if follow:
+            typer.secho(f"logs: {why}; stopped following {path}", err=True)
 
     @app.command("prepare")
     @friendly_errors
