@@ -104,6 +104,20 @@ def register(app: typer.Typer) -> None:
         typer.echo(f"wrote {res['report_md']}, {res['report_csv']}, {res['verdicts_json']}"
                    + "".join(f", {p}" for p in res["figures"].values()))
 
+    @app.command("figures")
+    @friendly_errors
+    def figures_cmd(
+        report_dir: Path = typer.Argument(..., help="A report folder with per_step.csv (and per_seed.csv), e.g. "
+                                                    "docs/results/toy-200-8seeds."),
+        out: Optional[Path] = typer.Option(None, help="Where to write the PNGs (default: REPORT_DIR)."),
+    ) -> None:
+        """Redraw pareto.png, trajectories.png and paired_diff.png from a report's CSVs (every evaluation of
+        every run is in per_step.csv), for reports whose run folders are not at hand (docs/results/*)."""
+        from analysis.report_csv import redraw_figures
+
+        for name, path in redraw_figures(report_dir, out).items():
+            typer.echo(f"{name:13s} {path}")
+
     @app.command("diagnose")
     @friendly_errors
     def diagnose_cmd(
