@@ -78,6 +78,10 @@ def register(app: typer.Typer) -> None:
                              overrides=sets, report=report, progress=progress, parallel=parallel)
         failed = [f"{r['arm']}/seed{r['seed']}" for r in rec["runs"] if r["status"] == "failed"]
         typer.echo(f"experiment {rec['status']} in {rec['wall_s']:.1f} s: {rec['out']}/experiment.json")
+        from shared.config import resolve_config
+
+        if "tensorboard" in resolve_config(preset, sets).tracking.report_to:
+            typer.echo(f"tensorboard --logdir {rec['out']}  (every run's tb/, one line per arm/seed)")
         if rec.get("report"):
             typer.echo(f"report: {rec['report']}")
         elif rec.get("report_error"):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import logging
 import math
+import re
 from pathlib import Path
 from typing import Protocol
 
@@ -88,10 +89,10 @@ class WandbBackend:
 
     def __init__(self, cfg: TrackingConfig, run_dir: Path, config: dict):
         self.wandb = _import("wandb", "wandb")
-        self.run = self.wandb.init(project=cfg.project, name=run_dir.name, dir=str(run_dir), config=config,
+        self.run = self.wandb.init(project=cfg.project, name=run_name(run_dir), dir=str(run_dir), config=config,
                                    mode="offline" if cfg.offline else "online", resume="allow", id=_run_id(run_dir))
         self.where = (f"{run_dir / 'wandb'} (offline: `wandb sync {run_dir / 'wandb'}/offline-run-*`)"
-                      if cfg.offline else f"wandb project {cfg.project}, run {run_dir.name}")
+                      if cfg.offline else f"wandb project {cfg.project}, run {run_name(run_dir)}")
 
     def log(self, scalars: dict[str, float], step: int) -> None:
         self.run.log(scalars, step=step)
@@ -106,7 +107,7 @@ class TrackioBackend:
     def __init__(self, cfg: TrackingConfig, run_dir: Path, config: dict):
         self.trackio = _import("trackio", "trackio")
         # local database unless TRACKIO_SPACE_ID names a Space (trackio's own rule)
-        self.run = self.trackio.init(project=cfg.project, name=run_dir.name, config=config, resume="allow")
+        self.run = self.trackio.init(project=cfg.project, name=run_name(run_dir), config=config, resume="allow")
         self.where = f"trackio project {cfg.project} (`trackio show --project {cfg.project}`)"
 
     def log(self, scalars: dict[str, float], step: int) -> None:
@@ -114,6 +115,11 @@ class TrackioBackend:
 
     def close(self) -> None:
         self.trackio.finish()
+
+
+def run_name(run_dir: Path) -> str:
+    """The tracker's run name: the folder, with its arm for experiment runs (`projected/seed3`)."""
+    return f"{run_dir.parent.name}/{run_dir.name}" if re.fullmatch(r"seed\d+", run_dir.name) else run_dir.name
 
 
 def _run_id(run_dir: Path) -> str:

@@ -87,6 +87,11 @@ def test_wandb_offline_by_default(tmp_path, fake_wandb):
     assert "wandb sync" in tr_where(TrackingConfig(report_to="wandb"), run_dir)
 
 
+def test_experiment_runs_are_named_with_their_arm(tmp_path, fake_wandb):
+    open_trackers(TrackingConfig(report_to="wandb"), tmp_path / "exp" / "projected_svd5" / "seed3").close()
+    assert fake_wandb[0][1]["name"] == "projected_svd5/seed3"
+
+
 def tr_where(cfg, run_dir) -> str:
     return " ".join(tracking_lines(cfg, run_dir))
 
