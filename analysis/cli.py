@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from shared.clikit import SET_HELP, friendly_errors
+from shared.clikit import CONFIG_HELP, PRESET_HELP, REPORT_TO_HELP, SET_HELP, friendly_errors, run_settings
 
 DEFAULT_ARMS = "vanilla,projected,projected_nomag,rebound,weak"
 
@@ -40,7 +40,9 @@ def register(app: typer.Typer) -> None:
     @app.command("experiment")
     @friendly_errors
     def experiment(
-        preset: str = typer.Option("toy", help="Config preset (toy, lite, qwen35-2b, full)."),
+        preset: Optional[str] = typer.Option(None, help=PRESET_HELP),
+        config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP + " Its run_dir is ignored "
+                                                                                "(runs go to OUT/<arm>/seed<k>)."),
         arms: str = typer.Option(DEFAULT_ARMS, help="Comma-separated arm names: the spec's (vanilla, projected, "
                                                     "projected_nomag, rebound, weak, route) or exploratory ones from "
                                                     "shared/arms.py (projected_svd5, mechanism, placebo, "
@@ -52,6 +54,7 @@ def register(app: typer.Typer) -> None:
                                                       "inprocess for the toy preset (faster on 2 cores), else services."),
         out: Optional[Path] = typer.Option(None, help="Experiment folder (default runs/exp-<preset>)."),
         set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+        report_to: Optional[str] = typer.Option(None, "--report-to", help=REPORT_TO_HELP),
         report: bool = typer.Option(True, help="Write the report when the runs end."),
         controls: bool = typer.Option(False, "--controls", help="Add each direction arm's matched random-direction "
                                                                 "control (route -> route+random; shared.arms."
@@ -95,12 +98,18 @@ def register(app: typer.Typer) -> None:
             from shared.arms import with_controls
 
             arms = ",".join(with_controls(parse_arms(arms)))
+        preset, sets = run_settings(preset, config, set_, report_to)
+        sets = [s for s in sets if not s.startswith("run_dir=")]  # each run's folder is OUT/<arm>/seed<k>
         rec = run_experiment(preset=preset, arms=arms, seeds=seeds, out=out, mode=mode, steps=steps,
-                             overrides=set_ or [], report=report, progress=progress, parallel=parallel,
+                             overrides=sets, report=report, progress=progress, parallel=parallel,
                              backend=backend, devices=parse_devices(devices), runs_per_device=runs_per_device,
                              ray_address=ray_address, ray_retries=ray_retries)
         failed = [f"{r['arm']}/seed{r['seed']}" for r in rec["runs"] if r["status"] == "failed"]
         typer.echo(f"experiment {rec['status']} in {rec['wall_s']:.1f} s: {rec['out']}/experiment.json")
+        from shared.config import resolve_config
+
+        if "tensorboard" in resolve_config(preset, sets).tracking.report_to:
+            typer.echo(f"tensorboard --logdir {rec['out']}  (every run's tb/, one line per arm/seed)")
         if rec.get("report"):
             typer.echo(f"report: {rec['report']}")
         elif rec.get("report_error"):
@@ -126,6 +135,20 @@ def register(app: typer.Typer) -> None:
         typer.echo(res["report_md"].read_text())
         typer.echo(f"wrote {res['report_md']}, {res['report_csv']}, {res['verdicts_json']}"
                    + "".join(f", {p}" for p in res["figures"].values()))
+
+    @app.command("figures")
+    @friendly_errors
+    def figures_cmd(
+        report_dir: Path = typer.Argument(..., help="A report folder with per_step.csv (and per_seed.csv), e.g. "
+                                                    "docs/results/toy-200-8seeds."),
+        out: Optional[Path] = typer.Option(None, help="Where to write the PNGs (default: REPORT_DIR)."),
+    ) -> None:
+        """Redraw pareto.png, trajectories.png and paired_diff.png from a report's CSVs (every evaluation of
+        every run is in per_step.csv), for reports whose run folders are not at hand (docs/results/*)."""
+        from analysis.report_csv import redraw_figures
+
+        for name, path in redraw_figures(report_dir, out).items():
+            typer.echo(f"{name:13s} {path}")
 
     @app.command("diagnose")
     @friendly_errors

@@ -1,9 +1,12 @@
 """Report figures (matplotlib Agg): Pareto plot of hack % vs pass %, trajectories, projection diagnostics,
-paired differences vs vanilla over steps.
+paired differences vs vanilla over steps. `draw_*` build the figure (tests read its artists), `plot_*` save it.
 
 Pareto: one point per (arm × seed) at its last evaluation, the non-dominated frontier (higher pass,
-lower hack) drawn as a step line, arm means with SEM error bars, Rebound annotated. Good = bottom
-right. Trajectories: mean ± SEM band across seeds per arm versus step.
+lower hack) drawn as a step line, arm means with SEM error bars, Rebound annotated, the control arm's
+mean as a dotted crosshair and the step-0 policy as a star (on the edge, with its coordinates, when it
+lies outside the axes, which are zoomed to the data). Good = bottom right. Every arm has its own
+colour and marker; legends sit outside the axes. Trajectories: mean ± SEM band across seeds per arm
+versus step.
 """
 from __future__ import annotations
 
@@ -14,6 +17,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.container import ErrorbarContainer  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from analysis.hypotheses import mean_sem  # noqa: E402
@@ -22,12 +27,13 @@ from analysis.rundata import label as _label  # noqa: E402
 from analysis.stats import Paired  # noqa: E402
 
 ARM_COLORS = {"vanilla": "#444444", "projected": "#1f77b4", "projected_nomag": "#17becf",
-              "rebound": "#d62728", "weak": "#2ca02c", "route": "#9467bd", "control": "#000000"}
+              "rebound": "#d62728", "weak": "#2ca02c", "route": "#9467bd",
+              "control": "#000000"}  # control: every loophole closed (the honest frontier, issue #23)
 ARM_MARKERS = {"vanilla": "s", "projected": "o", "projected_nomag": "D", "rebound": "^", "weak": "v", "route": "P",
-               "control": "*"}
+               "control": "D"}
 # exploratory arms: distinct colours and markers, the same arm alike in every plot of a report
-EXTRA_COLORS = ["#8c564b", "#e377c2", "#bcbd22", "#ff7f0e", "#7f7f7f", "#aec7e8", "#98df8a", "#ff9896",
-                "#c5b0d5", "#c49c94", "#f7b6d2", "#dbdb8d", "#9edae5", "#393b79"]
+EXTRA_COLORS = ["#8c564b", "#e377c2", "#bcbd22", "#ff7f0e", "#393b79", "#7f7f7f", "#637939", "#843c39",
+                "#aec7e8", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#9edae5"]  # strong ones first
 EXTRA_MARKERS = ["X", "*", "h", "<", ">", "d", "p", "8"]
 
 
@@ -56,15 +62,58 @@ def pareto_frontier(points: list[tuple[float, float]]) -> list[tuple[float, floa
     return sorted(front)
 
 
-def plot_pareto(summaries: dict[str, ArmSummary], path: Path,
-                step0: tuple[float, float] | None = None) -> Path:
-    """`step0` = (pass %, hack %) of the initial policy, mean over seeds: a reference point (issue #23), as
-    is the `control` arm (every loophole closed) when the grid has it."""
-    fig, ax = plt.subplots(figsize=(7.5, 5.8), dpi=120)
-    all_pts = []
-    if step0 is not None and None not in step0:
-        ax.scatter([step0[0]], [step0[1]], marker="o", s=110, facecolors="none", edgecolors="#000000", linewidths=1.6,
-                   label="step 0 (initial policy)", zorder=6)
+def start_point(summaries: dict[str, ArmSummary]) -> tuple[float, float, int] | None:
+    """(pass %, hack %, n seeds) of the policy before training: the mean of each seed's step-0 evaluation
+    (every arm of a seed starts from the same policy and evaluates the same draws)."""
+    by_seed: dict[int, dict] = {}
+    for s in summaries.values():
+        for r in s.runs:
+            row = r.eval_at(0)
+            if row is not None and row.get("pass_rate") is not None and row.get("hack_strict") is not None:
+                by_seed.setdefault(r.seed, row)
+    if not by_seed:
+        return None
+    rows = list(by_seed.values())
+    return (100.0 * sum(r["pass_rate"] for r in rows) / len(rows),
+            100.0 * sum(r["hack_strict"] for r in rows) / len(rows), len(rows))
+
+
+def zoomed_limits(values: list[float], pad_frac: float = 0.08, min_span: float = 10.0) -> tuple[float, float]:
+    """Axis limits around the data (padded, at least `min_span` wide), inside the 0-100 % range."""
+    lo, hi = min(values), max(values)
+    span = max(hi - lo, min_span)
+    mid = (lo + hi) / 2
+    lo, hi = mid - span / 2 - pad_frac * span, mid + span / 2 + pad_frac * span
+    if lo < -2:
+        lo, hi = -2.0, hi + (-2 - lo)
+    if hi > 102:
+        lo, hi = max(-2.0, lo - (hi - 102)), 102.0
+    return lo, hi
+
+
+def _mark_start(ax, start: tuple[float, float, int], xlim, ylim) -> None:
+    """The step-0 policy as a black star; outside the zoomed axes, a star on the edge pointing at it,
+    labelled with its coordinates."""
+    x, y, n = start
+    inside = xlim[0] <= x <= xlim[1] and ylim[0] <= y <= ylim[1]
+    cx, cy = min(max(x, xlim[0]), xlim[1]), min(max(y, ylim[0]), ylim[1])
+    ax.scatter([cx], [cy], marker="*", s=260, color="black", edgecolors="white", linewidths=1, zorder=6,
+               clip_on=False, label=f"step 0: before training ({n} seeds)" + ("" if inside else ", off the axes"))
+    if not inside:
+        dx, dy = x - cx, y - cy
+        norm = max((dx ** 2 + dy ** 2) ** 0.5, 1e-9)
+        ax.annotate(f"step 0 at pass {x:.1f} %, hack {y:.1f} %", (cx, cy), xytext=(-60 * dx / norm, -60 * dy / norm),
+                    textcoords="offset points", ha="right" if dx > 0 else "left", va="center", fontsize=8,
+                    arrowprops=dict(arrowstyle="->", color="black"))
+
+
+def draw_pareto(summaries: dict[str, ArmSummary], control: str = "vanilla") -> Figure:
+    """Hack % vs pass % at the last evaluation: every seed, each arm's mean ± SEM, the frontier, the
+    step-0 policy (where every arm started), the reference arm's (vanilla) and the `control` arm's (every
+    loophole closed) means as dotted crosshairs. The axes
+    are zoomed to the data; the legend sits outside them."""
+    fig, ax = plt.subplots(figsize=(8.5, 7.2), dpi=120, layout="constrained")
+    all_pts, extent = [], []
     for i, (arm, s) in enumerate(summaries.items()):
         pts = [(p, h) for p, h in zip(s.values["pass"], s.values["hack"]) if p is not None and h is not None]
         all_pts += pts
@@ -76,9 +125,13 @@ def plot_pareto(summaries: dict[str, ArmSummary], path: Path,
         hm, hs, _ = mean_sem([h for _, h in pts])
         if pm is None:
             continue
-        ms = max(5.0, 13.0 - 1.6 * i)  # earlier arms drawn larger, so coinciding means stay visible (nested)
+        extent += [(pm - (ps or 0), hm - (hs or 0)), (pm + (ps or 0), hm + (hs or 0))]
+        ms = max(6.5, 13.0 - 1.2 * i)  # earlier arms drawn larger, so coinciding means stay visible (nested)
         ax.errorbar(pm, hm, xerr=ps or 0, yerr=hs or 0, color=c, marker=mk, ms=ms, mec="white", mew=1.2,
                     capsize=4, lw=1.5, alpha=0.9, label=f"{_label(arm)} (n={len(pts)})", zorder=5)
+        if arm in (control, "control"):  # the reference (vanilla) and the honest frontier (no loophole)
+            ax.axvline(pm, color=c, ls=":", lw=1, zorder=1)
+            ax.axhline(hm, color=c, ls=":", lw=1, zorder=1, label=f"{_label(arm)} mean (crosshair)")
         if arm == "rebound":
             ax.annotate("Rebound", (pm, hm), xytext=(14, 14), textcoords="offset points", color=c,
                         fontweight="bold", arrowprops=dict(arrowstyle="->", color=c))
@@ -87,19 +140,25 @@ def plot_pareto(summaries: dict[str, ArmSummary], path: Path,
         xs, ys = zip(*front)
         ax.step(xs, ys, where="post", color="#999999", ls="--", lw=1.2, label="Pareto frontier (all seeds)",
                 zorder=1)
-    lo = min([0.0] + [v for pt in all_pts for v in pt])
-    hi = max([100.0 if not all_pts else max(v for pt in all_pts for v in pt) + 5.0, 10.0])
-    ax.set_xlim(lo - 2, min(hi, 102))
-    ax.set_ylim(lo - 2, min(hi, 102))
+    xy = all_pts + extent  # zoom to where the arms ended; the start is marked wherever it is
+    xlim = zoomed_limits([p for p, _ in xy]) if xy else (-2.0, 102.0)
+    ylim = zoomed_limits([h for _, h in xy]) if xy else (-2.0, 102.0)
+    ax.set_xlim(*xlim)
+    ax.set_ylim(*ylim)
+    start = start_point(summaries)
+    if start is not None:
+        _mark_start(ax, start, xlim, ylim)
     ax.set_xlabel("Pass % on held-out problems (gt only) →  better")
     ax.set_ylabel("Strict hack %, any mode  (lower is better)")
     ax.set_title("Hack vs pass at the last evaluation (better: bottom right)")
+    ax.text(0.01, 0.99, "axes zoomed to the data", transform=ax.transAxes, ha="left", va="top", fontsize=7,
+            color="#888")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best", framealpha=0.85)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    handles, labels = ax.get_legend_handles_labels()
+    order = sorted(range(len(labels)), key=lambda k: (not isinstance(handles[k], ErrorbarContainer), k))  # arms first
+    fig.legend([handles[k] for k in order], [labels[k] for k in order], loc="outside lower center", ncol=3,
+               fontsize=8, frameon=False)
+    return fig
 
 
 def _series(runs, rows_of, key: str, scale: float) -> tuple[list[int], list[float], list[float]]:
@@ -143,27 +202,29 @@ def _band_panel(ax, summaries, rows_of, key: str, scale: float, ylabel: str, tit
     return drew
 
 
-def plot_trajectories(summaries: dict[str, ArmSummary], path: Path) -> Path:
+def _legend_below(fig, axes) -> None:
+    """One legend for the figure, outside and below the axes (constrained layout makes room for it)."""
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 4), fontsize=8, frameon=False)
+
+
+def draw_trajectories(summaries: dict[str, ArmSummary]) -> Figure:
     """Hack % and pass % at each evaluation, per arm, mean ± SEM band across seeds."""
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), dpi=110)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.2), dpi=110, layout="constrained")
     evals = lambda r: r.evals  # noqa: E731
     _band_panel(axes[0], summaries, evals, "hack_strict", 100.0, "strict hack %, any mode", "Hack rate (↓)")
     _band_panel(axes[1], summaries, evals, "pass_rate", 100.0, "pass % (held-out, gt only)", "Pass rate (↑)")
     for ax in axes:
         ax.set_ylim(-3, 103)
-    handles, labels = axes[0].get_legend_handles_labels()
-    if handles:
-        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8, frameon=False)
+    _legend_below(fig, axes)
     fig.suptitle("Evaluations vs training step (mean ± SEM across seeds)")
-    fig.tight_layout(rect=(0, 0.04 + 0.035 * -(-len(handles) // 4) if handles else 0, 1, 1))
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return fig
 
 
-def plot_diagnostics(summaries: dict[str, ArmSummary], path: Path) -> Path:
+def draw_diagnostics(summaries: dict[str, ArmSummary]) -> Figure:
     """Projection diagnostics per training step (metrics.jsonl): mean cos_align and frac fired."""
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), dpi=110)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.2), dpi=110, layout="constrained")
     metrics = lambda r: r.metrics  # noqa: E731
     _band_panel(axes[0], summaries, metrics, "cos_mean", 1.0, "mean cos(g, v_hack)", "mean·cos per step")
     axes[0].axhline(0.2, color="#888", ls=":", lw=1)
@@ -171,21 +232,16 @@ def plot_diagnostics(summaries: dict[str, ArmSummary], path: Path) -> Path:
                 "frac·fired per step")
     axes[1].axhline(0.4, color="#888", ls=":", lw=1)
     axes[1].set_ylim(-0.03, 1.03)
-    handles, labels = axes[0].get_legend_handles_labels()
-    if handles:
-        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8, frameon=False)
+    _legend_below(fig, axes)
     fig.suptitle("Projection diagnostics (dotted: 'active' thresholds 0.2 and 0.4)")
-    fig.tight_layout(rect=(0, 0.04 + 0.035 * -(-len(handles) // 4) if handles else 0, 1, 1))
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return fig
 
 
-def plot_paired_steps(per_step: list[Paired], path: Path) -> Path:
+def draw_paired_steps(per_step: list[Paired]) -> Figure:
     """Paired difference arm − vanilla (pp) at each evaluation step: mean line, 95 % t-CI band (n >= 2)."""
     panels = [("hack", "Δ strict hack % (↓ better)"), ("pass", "Δ pass % (↑ better)"),
               ("safepass", "ΔSafePass (↑ better)")]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6), dpi=110)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 5.4), dpi=110, layout="constrained")
     for ax, (metric, title) in zip(axes, panels):
         by_arm: dict[str, list[Paired]] = {}
         for p in per_step:
@@ -210,11 +266,28 @@ def plot_paired_steps(per_step: list[Paired], path: Path) -> Path:
         if not by_arm:
             ax.text(0.5, 0.5, "nothing to pair with vanilla", ha="center", va="center", transform=ax.transAxes,
                     color="#888")
-    handles, labels = axes[0].get_legend_handles_labels()
-    if handles:
-        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8, frameon=False)
+    _legend_below(fig, axes)
     fig.suptitle("Paired difference vs vanilla at each evaluation (mean, 95 % t-CI band over seeds; exploratory)")
-    fig.tight_layout(rect=(0, 0.04 + 0.035 * -(-len(handles) // 4) if handles else 0, 1, 1))
+    return fig
+
+
+def save(fig: Figure, path: Path) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def plot_pareto(summaries: dict[str, ArmSummary], path: Path, control: str = "vanilla") -> Path:
+    return save(draw_pareto(summaries, control), path)
+
+
+def plot_trajectories(summaries: dict[str, ArmSummary], path: Path) -> Path:
+    return save(draw_trajectories(summaries), path)
+
+
+def plot_diagnostics(summaries: dict[str, ArmSummary], path: Path) -> Path:
+    return save(draw_diagnostics(summaries), path)
+
+
+def plot_paired_steps(per_step: list[Paired], path: Path) -> Path:
+    return save(draw_paired_steps(per_step), path)

@@ -577,13 +577,7 @@ def build_report(runs_dir: str | Path, out_dir: str | Path | None = None, plots:
     if plots:
         from analysis.plots import plot_diagnostics, plot_paired_steps, plot_pareto, plot_trajectories
 
-        s0 = list(analysis.step0_rates.values())
-        step0 = None
-        if s0:
-            from analysis.hypotheses import mean_sem
-
-            step0 = (mean_sem([v["pass"] for v in s0])[0], mean_sem([v["hack"] for v in s0])[0])
-        figures = {"pareto": plot_pareto(summaries, out / "pareto.png", step0=step0),
+        figures = {"pareto": plot_pareto(summaries, out / "pareto.png"),
                    "trajectories": plot_trajectories(summaries, out / "trajectories.png"),
                    "diagnostics": plot_diagnostics(summaries, out / "diagnostics.png"),
                    "paired_diff": plot_paired_steps(analysis.per_step, out / "paired_diff.png")}

@@ -77,6 +77,20 @@ def plot_run(run_dir: Path, path: Path | None = None) -> Path | None:
     return path
 
 
+def _tracking_lines(run_dir: Path) -> list[str]:
+    """Where the run's trackers write (from its config.json); a run without a readable config has none."""
+    from learner.tracking import tracking_lines
+    from shared.config import ConfigError
+    from shared.rundir import read_config
+
+    try:
+        cfg = read_config(run_dir / "config.json")
+    except (ConfigError, OSError):
+        return []
+    lines = tracking_lines(cfg.tracking, run_dir)
+    return lines or ["off (--report-to none); metrics.jsonl holds every row"]
+
+
 def run_card(run_dir: str | Path, next_hint: bool = True) -> str:
     """The text printed when a run ends: table, where the files are, the next command."""
     run_dir = Path(run_dir)
@@ -89,6 +103,7 @@ def run_card(run_dir: str | Path, next_hint: bool = True) -> str:
         out.append(f"plot        {png}")
     where = f" in {run_dir / 'checkpoints'}" if ckpts else ""
     out.append(f"checkpoints {', '.join(p.name for p in ckpts) if ckpts else 'none yet'}{where}")
+    out += [f"tracking    {line}" for line in _tracking_lines(run_dir)]
     if (run_dir / "logs").is_dir():
         out.append(f"logs        {run_dir / 'logs'}/*.log (rankguard logs -f learner --run-dir {run_dir})")
     if next_hint:

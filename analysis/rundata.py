@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,10 +90,27 @@ def load_run(path: Path) -> RunRecord:
                      metrics=read_jsonl(path / "metrics.jsonl"))
 
 
+def config_files(runs_dir: Path) -> list[Path]:
+    """Every config.json below runs_dir, following symlinked folders (a runs folder assembled from
+    links to other experiments' runs); each real folder once, symlink loops cut."""
+    found, seen = [], set()
+    for root, dirs, files in os.walk(runs_dir, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if d not in SKIP_PARTS and ".old-" not in d)
+        if "config.json" in files:
+            found.append(Path(root) / "config.json")
+    return found
+
+
 def find_runs(runs_dir: Path) -> list[RunRecord]:
-    """Every run folder (holding config.json) below runs_dir, in arm order then seed order."""
+    """Every run folder (holding config.json) below runs_dir, symlinked ones included, in arm order
+    then seed order."""
     runs_dir = Path(runs_dir)
-    paths = sorted({p.parent for p in runs_dir.rglob("config.json")
+    paths = sorted({p.parent for p in config_files(runs_dir)
                     if not SKIP_PARTS & set(p.relative_to(runs_dir).parts[:-1])
                     and not any(".old-" in part for part in p.relative_to(runs_dir).parts[:-1])})  # moved aside
     runs = [load_run(p) for p in paths]

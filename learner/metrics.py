@@ -1,4 +1,4 @@
-"""Run outputs: JSONL rows (flushed per row, truncatable on resume), optional TensorBoard, hack-rate summaries.
+"""Run outputs: JSONL rows (flushed per row, truncatable on resume) and hack-rate summaries (trackers: learner/tracking.py).
 
 The row keys are fixed by docs/ARCHITECTURE.md (metrics.jsonl, evals.jsonl); `METRIC_KEYS` and
 `EVAL_KEYS` list them so tests and the analysis read the same names.
@@ -84,32 +84,6 @@ class JsonlWriter:
     def close(self) -> None:
         if not self._f.closed:
             self._f.close()
-
-
-class TensorBoard:
-    """Scalars to TensorBoard when `tensorboard` is importable; silently a no-op otherwise."""
-
-    def __init__(self, log_dir: str | Path, enabled: bool = True):
-        self.writer = None
-        if not enabled:
-            return
-        try:
-            from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
-        except Exception:
-            return
-        self.writer = SummaryWriter(str(log_dir))
-
-    def log(self, prefix: str, row: dict, step: int) -> None:
-        if self.writer is None:
-            return
-        for k, v in row.items():
-            v = _clean(v)
-            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
-                self.writer.add_scalar(f"{prefix}/{k}", v, step)
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
 
 
 def _mean(xs: Sequence[float]) -> float:

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from shared.adapter import adapter_modules, delta_s_layout, get_delta, quarantine
-from shared.config import RunConfig
+from shared.config import RunConfig, TrackingConfig
 from shared.problems import Problem
 from shared.prompts import build_messages, render_prompt, system_line_for
 from shared.schemas import DeltaSUpdate, GradedGroup, PromptJob, SamplingParams
@@ -40,11 +40,12 @@ from shared.schemas import DeltaSUpdate, GradedGroup, PromptJob, SamplingParams
 from . import checkpoint as ckpt
 from .directions import ArmDirections
 from .grpo import group_advantages, grpo_loss, kl_k3, truncated_is_weight
-from .metrics import (JsonlWriter, StepSums, TensorBoard, hack_rates, mean_module_norm, read_jsonl, train_row,
+from .metrics import (JsonlWriter, StepSums, hack_rates, mean_module_norm, read_jsonl, train_row,
                       truncate_jsonl, window_mean)
 from .baselines import monitor_flags, monitored_advantages, rebound_penalty
 from .rebound import concept_penalty
 from .scoring import Scorer, align_grades
+from .tracking import open_trackers
 
 log = logging.getLogger("rankguard.learner")
 KL_WINDOW = 25
@@ -142,7 +143,9 @@ class Learner:
         self.directions.start(self.step)  # the directions live at this step (a refresh may have moved them)
         self.metrics = JsonlWriter(self.metrics_path)
         self.evals = JsonlWriter(self.evals_path)
-        self.tb = TensorBoard(self.run_dir / "tb", enabled=tensorboard)
+        # experiment trackers (TensorBoard by default); tensorboard=False: none at all (scratch learners, tests)
+        self.tb = open_trackers(cfg.tracking if tensorboard else TrackingConfig(report_to=[]), self.run_dir,
+                                json.loads(cfg.model_dump_json()))
 
     # ------------------------------------------------------------------ setup
     @property

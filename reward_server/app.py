@@ -1,11 +1,14 @@
 """Reward HTTP API (FastAPI): POST /grade, POST /grade/batch, GET /healthz, GET /metrics, /docs.
 
 Every refusal is a 4xx whose JSON body is `{"error": "..."}` saying what is wrong (field, value,
-valid options): 400 a body that is not UTF-8 JSON (or nests too deep to parse), 404 an unknown
-problem id or path, 405 a wrong method, 413 a body over 64 MiB (counted as it is read, chunked
-bodies included) or a completion over 256 KiB, 422 a body that does not match the schema (types are
-strict: no `0` for false, no `true` for an id). Grading failures inside the sandbox come back as a
-Grade with `error` set, never as a 500.
+valid options): 400 a body that is not UTF-8 JSON (or nests too deep to parse), 401 a missing or
+wrong bearer token (when the server has one: reward_server.access), 404 an unknown problem id or
+path, 405 a wrong method, 413 a body over 64 MiB (counted as it is read, chunked bodies included)
+or a completion over 256 KiB, 415 a POST without `Content-Type: application/json`, 422 a body that
+does not match the schema (types are strict: no `0` for false, no `true` for an id). In a batch, an
+item's own problem (unknown id, completion too big) is that item's error; the rest are graded.
+Grading failures inside the sandbox come back as a Grade with `error` set, never as a 500. Responses
+are typed (reward_server.api_models), and /docs is served from local assets (reward_server.offline_docs).
 """
 from __future__ import annotations
 
@@ -16,21 +19,23 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPBearer
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, StrictStr, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from reward_server.access import BearerAuth, check_exposure, load_token
+from reward_server.api_models import (LIMITS_TEXT, MAX_BATCH, MAX_BODY_BYTES, MAX_COMPLETION_BYTES, BatchItemError,
+                                      BatchResponse, GradeResponse)
 from reward_server.grader import BadProblemError, Grader
 from reward_server.metrics import CONTENT_TYPE_LATEST, RewardMetrics
+from reward_server.offline_docs import mount_offline_docs
 from shared.config import LoopholeConfig, RewardConfig, RunConfig, ToyConfig
 from shared.problems import Problem, ProblemFormatError, load_leetcode_sample, load_problems
 
 log = logging.getLogger("rankguard.reward_app")
-MAX_COMPLETION_BYTES = 256 * 1024
-MAX_BATCH = 4096
-MAX_BODY_BYTES = 64 << 20
 
 
 def _integral(v):
@@ -86,7 +91,8 @@ class GradeRequest(BaseModel):
 
 class BatchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
-    items: list[GradeRequest] = Field(min_length=1, max_length=MAX_BATCH)
+    items: list[GradeRequest] = Field(min_length=1, max_length=MAX_BATCH, description=(
+        f"1 to {MAX_BATCH} rollouts, graded in parallel; the response keeps their order."))
 
 
 class ErrorResponse(BaseModel):
@@ -98,10 +104,13 @@ class ErrorResponse(BaseModel):
 
 ERRORS = {status: {"model": ErrorResponse, "description": what} for status, what in (
     (400, "body is not UTF-8 JSON, or nests too deep to parse"),
+    (401, "missing or wrong bearer token (only when the server has one)"),
     (404, "unknown problem id"),
     (413, "body over 64 MiB, or a completion over 256 KiB"),
+    (415, "no `Content-Type: application/json` header"),
     (422, "body does not match the schema (exactly one of problem_id / problem; strict types)"),
 )}
+BATCH_ERRORS = {k: v for k, v in ERRORS.items() if k != 404}  # an unknown id is that item's error
 
 
 class BodyCap:
@@ -185,8 +194,9 @@ def load_problem_source(spec: str | None, toy_dir: str = ToyConfig().dir) -> dic
 
 def create_app(cfg: RunConfig | RewardConfig | None = None, *, grader: Grader | None = None,
                problems: dict[str, Problem] | None = None, problem_source: str | None = None,
-               workers: int | None = None) -> FastAPI:
-    """The reward API. Pass a grader to share one; otherwise the app builds (and closes) its own."""
+               workers: int | None = None, token: str | None = None) -> FastAPI:
+    """The reward API. Pass a grader to share one; otherwise the app builds (and closes) its own.
+    token: every route but /healthz and the docs then needs `Authorization: Bearer <token>`."""
     if isinstance(cfg, RunConfig):
         reward_cfg = cfg.reward
         if problems is None:
@@ -207,9 +217,13 @@ def create_app(cfg: RunConfig | RewardConfig | None = None, *, grader: Grader | 
         if own_grader:
             grader.close()
 
-    app = FastAPI(title="rankguard reward server", version="1", lifespan=lifespan,
+    app = FastAPI(title="rankguard reward server", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Grades policy completions: honest hidden-test check, four loophole checks "
-                              "(A rt, B se, C so, D fm), static hack evidence, reward.")
+                              "(A rt, B se, C so, D fm), static hack evidence, reward. Send JSON bodies with "
+                              "`Content-Type: application/json`"
+                              + ("; every route but /healthz and the docs needs `Authorization: Bearer <token>`"
+                                 if token else "") + ". " + LIMITS_TEXT)
+    mount_offline_docs(app)
     app.state.grader, app.state.problems, app.state.metrics = grader, problems, metrics
 
     def reject(status: int, message: str) -> JSONResponse:
@@ -217,7 +231,11 @@ def create_app(cfg: RunConfig | RewardConfig | None = None, *, grader: Grader | 
         return JSONResponse(status_code=status, content={"error": message})
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_req: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _invalid(req: Request, exc: RequestValidationError) -> JSONResponse:
+        media = req.headers.get("content-type", "").split(";")[0].strip().lower()
+        if req.method == "POST" and not (media == "application/json" or media.endswith("+json")):
+            return reject(415, f"send the body as JSON with `Content-Type: application/json` "
+                               f"(got {'no Content-Type header' if not media else repr(media)})")
         errs = exc.errors()
         first = errs[0] if errs else {"loc": (), "msg": "invalid request", "type": "invalid"}
         loc = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
@@ -225,6 +243,8 @@ def create_app(cfg: RunConfig | RewardConfig | None = None, *, grader: Grader | 
             msg = f"malformed JSON: {first.get('ctx', {}).get('error', first['msg'])}"
         elif first.get("type") == "missing" and loc:
             msg = f"missing field '{loc}'"
+        elif first.get("type") == "too_long" and loc == "items":
+            msg = f"at most {MAX_BATCH} items per batch (got {first.get('ctx', {}).get('actual_length')}); split it"
         else:
             msg = f"field '{loc}': {first['msg']}" if loc else first["msg"]
             if "input" in first and first.get("type") not in ("missing",):
@@ -267,6 +287,18 @@ def create_app(cfg: RunConfig | RewardConfig | None = None, *, grader: Grader | 
         await reject(413, message)(scope, no_body, send)
 
     app.add_middleware(BodyCap, limit=MAX_BODY_BYTES, on_reject=too_big)
+    if token is not None:
+        check_exposure("127.0.0.1", token)  # a token too short to be one is refused wherever it binds
+
+        async def unauthorized(scope, send, message: str) -> None:
+            async def no_body() -> dict:
+                return {"type": "http.disconnect"}
+
+            response = reject(401, message)
+            response.headers["WWW-Authenticate"] = "Bearer"
+            await response(scope, no_body, send)
+
+        app.add_middleware(BearerAuth, token=token, on_reject=unauthorized)  # outermost: before the body is read
 
     def resolve(req: GradeRequest, where: str = "") -> Problem:
         size = len(req.completion.encode("utf-8", "surrogatepass"))
@@ -281,47 +313,75 @@ def create_app(cfg: RunConfig | RewardConfig | None = None, *, grader: Grader | 
                                 f"(e.g. {some}); see GET /problems")
         return problems[key]
 
-    def run(items: list[tuple[Problem, str, LoopholeConfig | None, str]]) -> list[dict[str, Any]]:
+    def run(items: list[tuple[Problem, str, LoopholeConfig | None, str]]) -> list[dict[str, Any] | ApiError]:
+        """Grades in input order; an item the judge cannot use (BadProblemError) is its ApiError(422)."""
         with depth_lock:
             metrics.queue_depth.inc(len(items))
         try:
             futs = [grader.submit(p, c, lh, rid) for p, c, lh, rid in items]
-            grades = []
+            out: list[dict[str, Any] | ApiError] = []
             for f in futs:
                 try:
-                    grades.append(f.result())
+                    g = f.result()
                 except BadProblemError as e:
-                    raise ApiError(422, str(e)) from None
+                    out.append(ApiError(422, str(e)))
+                    continue
+                metrics.observe(g)
+                out.append(g.model_dump(mode="json"))
         finally:
             with depth_lock:
                 metrics.queue_depth.dec(len(items))
-        for g in grades:
-            metrics.observe(g)
-        return [g.model_dump(mode="json") for g in grades]
+        return out
 
-    @app.post("/grade", summary="Grade one completion", responses=ERRORS)
+    # the middleware enforces the token; this dependency only documents it (Swagger's "Authorize")
+    bearer = [Depends(HTTPBearer(auto_error=False, description="RANKGUARD_REWARD_TOKEN"))] if token else []
+
+    @app.post("/grade", summary="Grade one completion", response_model=GradeResponse, responses=ERRORS,
+              dependencies=bearer)
     def grade(req: GradeRequest) -> dict[str, Any]:
         p = resolve(req)
-        return run([(p, req.completion, req.loopholes, req.rollout_id)])[0]
+        result = run([(p, req.completion, req.loopholes, req.rollout_id)])[0]
+        if isinstance(result, ApiError):
+            raise result
+        return result
 
-    @app.post("/grade/batch", summary="Grade many completions (in parallel, order kept)", responses=ERRORS)
+    @app.post("/grade/batch", summary="Grade many completions (in parallel, order kept)",
+              response_model=BatchResponse, responses=BATCH_ERRORS, dependencies=bearer,
+              description=f"Up to {MAX_BATCH} items per request. An item with an unknown problem id, a "
+                          "completion over 256 KiB or a problem the judge cannot use gets `null` in `grades` "
+                          "and an entry in `errors` (index, status, message); the other items are graded. "
+                          + LIMITS_TEXT)
     def grade_batch(req: BatchRequest) -> dict[str, Any]:
-        items = [(resolve(it, f"items[{i}]: "), it.completion, it.loopholes, it.rollout_id)
-                 for i, it in enumerate(req.items)]
-        return {"grades": run(items)}
+        results: list[dict[str, Any] | ApiError | None] = [None] * len(req.items)
+        todo, where = [], []
+        for i, it in enumerate(req.items):
+            try:
+                todo.append((resolve(it, f"items[{i}]: "), it.completion, it.loopholes, it.rollout_id))
+                where.append(i)
+            except ApiError as e:
+                results[i] = e
+        for i, r in zip(where, run(todo) if todo else []):
+            results[i] = r
+        errors = [BatchItemError(index=i, status=r.status, error=r.message) for i, r in enumerate(results)
+                  if isinstance(r, ApiError)]
+        for e in errors:
+            metrics.rejected.labels(status=str(e.status)).inc()
+        return {"grades": [None if isinstance(r, ApiError) else r for r in results], "errors": errors}
 
     @app.get("/healthz", summary="Liveness + sandbox mode")
     def healthz() -> dict[str, Any]:
         return {"ok": True, "problems": len(problems), "workers": grader.workers,
                 "sandbox": grader.sandbox_info, "pid": os.getpid(),
                 "reward": reward_cfg.model_dump(include={"format_reward", "correct_reward", "allow_hint",
-                                                         "loopholes", "timeout_s", "memory_mb"})}
+                                                         "loopholes", "timeout_s", "memory_mb"}),
+                "limits": {"max_batch": MAX_BATCH, "max_completion_bytes": MAX_COMPLETION_BYTES,
+                           "max_body_bytes": MAX_BODY_BYTES}, "auth": "bearer" if token else "none"}
 
-    @app.get("/problems", summary="Loaded problem ids")
+    @app.get("/problems", summary="Loaded problem ids", dependencies=bearer)
     def problem_ids() -> dict[str, Any]:
         return {"count": len(problems), "ids": sorted(problems)}
 
-    @app.get("/metrics", summary="Prometheus metrics", response_class=Response, responses={
+    @app.get("/metrics", summary="Prometheus metrics", response_class=Response, dependencies=bearer, responses={
         200: {"description": "Prometheus text exposition format",
               "content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}})
     def prom() -> Response:
@@ -331,13 +391,16 @@ def create_app(cfg: RunConfig | RewardConfig | None = None, *, grader: Grader | 
 
 
 def serve(host: str = "127.0.0.1", port: int = 8100, workers: int | None = None, problems: str | None = None,
-          config: str | Path | None = None, log_level: str = "info") -> None:
-    """Start uvicorn with one app (one grading pool of `workers` sandbox slots)."""
+          config: str | Path | None = None, log_level: str = "info", token_file: str | Path | None = None) -> None:
+    """Start uvicorn with one app (one grading pool of `workers` sandbox slots). Beyond loopback it
+    needs a token ($RANKGUARD_REWARD_TOKEN or token_file), checked before anything loads."""
     import uvicorn
 
+    token = load_token(token_file)
+    check_exposure(host, token)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = RunConfig.load(config) if config else None
-    app = create_app(cfg, problem_source=problems, workers=workers)
+    app = create_app(cfg, problem_source=problems, workers=workers, token=token)
     log.info("reward server: %d problems, sandbox %s, http://%s:%d (docs at /docs)",
              len(app.state.problems), app.state.grader.sandbox_info.get("isolation"), host, port)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -28,7 +28,8 @@ def _loopholes(spec: str | None):
 
 
 def serve_reward(
-    host: str = typer.Option("127.0.0.1", help="Interface to bind (0.0.0.0 for all)."),
+    host: str = typer.Option("127.0.0.1", help="Interface to bind. Anything beyond loopback (0.0.0.0 for all) "
+                                               "needs a bearer token: $RANKGUARD_REWARD_TOKEN or --token-file."),
     port: int = typer.Option(8100, help="TCP port."),
     workers: int = typer.Option(0, help="Sandbox slots grading in parallel (0 = one per core). Run several "
                                         "servers on other ports for replicas."),
@@ -36,13 +37,17 @@ def serve_reward(
                                                      "jsonl path. Default: leetcode plus toy if built."),
     config: Optional[Path] = typer.Option(None, help="A run's config.json: its reward section (magnitudes, "
                                                     "default loopholes, timeouts) is used."),
+    token_file: Optional[Path] = typer.Option(None, "--token-file", help="File whose first line is the bearer "
+                                                                         "token (else $RANKGUARD_REWARD_TOKEN). "
+                                                                         "Clients send `Authorization: Bearer <token>`."),
 ) -> None:
-    """Serve the reward API (POST /grade, /grade/batch; GET /healthz, /metrics, /docs)."""
+    """Serve the reward API (POST /grade, /grade/batch; GET /healthz, /metrics, /docs: Swagger UI served
+    locally, works offline). Loopback by default; a token is required to bind anything else."""
     from reward_server.app import serve
 
     if config is not None and not config.exists():
         raise UserError(f"config file not found: {config}")
-    serve(host=host, port=port, workers=workers or None, problems=problems, config=config)
+    serve(host=host, port=port, workers=workers or None, problems=problems, config=config, token_file=token_file)
 
 
 def grade(

@@ -1,12 +1,15 @@
 """HTTP client of the reward server: `RewardClient(url).grade(...)` / `.grade_batch(...)`.
 
 Transport errors and 502/503/504 are retried with exponential backoff; a 4xx raises
-RewardClientError carrying the server's one-line message.
+RewardClientError carrying the server's one-line message. A batch item the server could not grade
+(unknown id, completion too big) raises too, naming the item, unless `grade_batch(..., errors="none")`
+asks for None in its place. The bearer token comes from `token=` or $RANKGUARD_REWARD_TOKEN.
 """
 from __future__ import annotations
 
+import os
 import time
-from typing import Any, Iterable
+from typing import Any, Iterable, Literal
 
 import httpx
 
@@ -15,6 +18,7 @@ from shared.problems import Problem
 from shared.schemas import Grade
 
 RETRY_STATUS = {502, 503, 504}
+TOKEN_ENV = "RANKGUARD_REWARD_TOKEN"  # reward_server.access
 
 
 class RewardClientError(ValueError):
@@ -34,10 +38,13 @@ def _item(problem: str | int | Problem, completion: str, loopholes: LoopholeConf
 
 
 class RewardClient:
-    def __init__(self, url: str, timeout: float = 120.0, retries: int = 4, backoff: float = 0.25) -> None:
+    def __init__(self, url: str, timeout: float = 120.0, retries: int = 4, backoff: float = 0.25,
+                 token: str | None = None) -> None:
         self.url = url.rstrip("/")
         self.retries, self.backoff = retries, backoff
-        self._http = httpx.Client(base_url=self.url, timeout=timeout)
+        token = token or os.environ.get(TOKEN_ENV, "").strip() or None
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(base_url=self.url, timeout=timeout, headers=headers)
 
     def _request(self, method: str, path: str, **kw) -> Any:
         last: str = ""
@@ -67,10 +74,19 @@ class RewardClient:
                                                                                rollout_id)))
 
     def grade_batch(self, items: Iterable[tuple[str | int | Problem, str]],
-                    loopholes: LoopholeConfig | dict | None = None) -> list[Grade]:
-        """Grade many (problem, completion) pairs in one request; order kept."""
+                    loopholes: LoopholeConfig | dict | None = None,
+                    errors: Literal["raise", "none"] = "raise") -> list[Grade | None]:
+        """Grade many (problem, completion) pairs in one request; order kept. An item the server could
+        not grade raises RewardClientError (errors="raise") or comes back as None (errors="none")."""
         body = {"items": [_item(p, c, loopholes, "") for p, c in items]}
-        return [Grade.model_validate(g) for g in self._request("POST", "/grade/batch", json=body)["grades"]]
+        out = self._request("POST", "/grade/batch", json=body)
+        failed = out.get("errors") or []
+        if failed and errors == "raise":
+            first = failed[0]
+            more = f" (+{len(failed) - 1} more)" if len(failed) > 1 else ""
+            raise RewardClientError(f"POST /grade/batch: item {first['index']}: HTTP {first['status']}: "
+                                    f"{first['error']}{more}")
+        return [None if g is None else Grade.model_validate(g) for g in out["grades"]]
 
     def health(self) -> dict[str, Any]:
         return self._request("GET", "/healthz")

@@ -72,6 +72,7 @@ def kill_group(pid: int, sig: int) -> None:
 class Launcher:
     def __init__(self, cfg: RunConfig, resume: bool = True, console: bool = True, progress: bool = True,
                  restart_workers: int = WORKER_RESTARTS, grace_s: float = 10.0, http_port: int | None = None,
+                 http_host: str = "127.0.0.1",
                  on_line: Callable[[str, str], None] | None = None, stop: threading.Event | None = None,
                  child_env: Callable[[str], dict[str, str]] | None = None):
         """resume=False: start over, moving an earlier run in the run dir aside (shared.rundir).
@@ -85,6 +86,7 @@ class Launcher:
         self.run_dir = Path(cfg.run_dir)
         self.resume, self.console, self.show_progress = resume, console, progress and console
         self.restart_workers, self.grace_s, self.http_port = restart_workers, grace_s, http_port
+        self.http_host = http_host
         self.on_line = on_line
         self.child_env = child_env
         self.env: dict[str, str] = {}
@@ -127,6 +129,13 @@ class Launcher:
 
     # -- start --------------------------------------------------------------------------------------
     def start(self) -> None:
+        from learner.tracking import check_trackers
+
+        check_trackers(self.cfg.tracking)  # a missing tracker stops here, not in the learner minutes later
+        if self.http_port:
+            from reward_server.access import check_exposure, load_token
+
+            check_exposure(self.http_host, load_token())  # the workers inherit $RANKGUARD_REWARD_TOKEN
         prepared = prepare_run_dir(self.cfg, "resume" if self.resume else "fresh")  # before anything is written
         self.cfg = prepared.config
         (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
@@ -151,7 +160,7 @@ class Launcher:
                     "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
         p = self.cfg.pipeline
         for i in range(p.reward_workers):
-            extra = ["--http-port", str(self.http_port + i)] if self.http_port else []
+            extra = ["--http-port", str(self.http_port + i), "--http-host", self.http_host] if self.http_port else []
             self.children.append(Child(f"reward-{i}", service_argv("reward", config_path, extra)))
         for i in range(p.rollout_workers):
             self.children.append(Child(f"rollout-{i}", service_argv("rollout", config_path)))

@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
 from shared.arms import ARM_HELP, cli_overrides
-from shared.clikit import SET_HELP, UserError, config_from_flags, friendly_errors
+from shared.clikit import (CONFIG_HELP, PRESET_HELP, REPORT_TO_HELP, SET_HELP, UserError, config_from_flags,
+                           friendly_errors, run_dir_or, run_settings)
 
 from .launcher import WORKER_RESTARTS
 
@@ -20,28 +20,16 @@ WORKERS = {"learner": "services.learner_service", "rollout": "services.rollout_s
            "reward": "services.reward_worker"}
 
 
-def _follow(path: Path, lines: int, follow: bool) -> None:
-    with path.open() as f:
-        tail = f.readlines()[-lines:] if lines > 0 else []
-        sys.stdout.write("".join(tail))
-        sys.stdout.flush()
-        while follow:
-            line = f.readline()
-            if line:
-                sys.stdout.write(line)
-                sys.stdout.flush()
-            else:
-                time.sleep(0.2)
-
-
 def register(app: typer.Typer) -> None:
     @app.command("up")
     @friendly_errors
     def up(
-        preset: str = typer.Option("toy", help="Config preset: toy, lite, qwen35-2b, full."),
+        preset: Optional[str] = typer.Option(None, help=PRESET_HELP),
+        config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP),
         arm: Optional[str] = typer.Option(None, help=ARM_HELP),
         seed: Optional[int] = typer.Option(None, help="Run seed."),
         steps: Optional[int] = typer.Option(None, help="Optimizer steps (default from the preset)."),
+        report_to: Optional[str] = typer.Option(None, "--report-to", help=REPORT_TO_HELP),
         run_dir: Optional[str] = typer.Option(None, "--run-dir",
                                               help="Output folder (default runs/<preset>-<arm>-s<seed>-up)."),
         overrides: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
@@ -51,7 +39,10 @@ def register(app: typer.Typer) -> None:
                                                  "(0: the first crash fails the run)."),
         http_port: Optional[int] = typer.Option(None, "--http-port",
                                                 help="Reward workers also serve the reward HTTP API on "
-                                                     "PORT, PORT+1, ..."),
+                                                     "PORT, PORT+1, ... (loopback unless --http-host)."),
+        http_host: str = typer.Option("127.0.0.1", "--http-host",
+                                      help="Interface for --http-port. Beyond loopback the API (it runs "
+                                           "submitted code) needs $RANKGUARD_REWARD_TOKEN set."),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
     ) -> None:
         """Run one arm x seed as separate processes: private Redis, reward worker(s), rollout worker(s),
@@ -60,13 +51,15 @@ def register(app: typer.Typer) -> None:
         Example: rankguard up --preset toy --arm projected --seed 1 --steps 50 --set pipeline.reward_workers=2
         """
         top = {"train.seed": seed, "train.steps": steps}
-        sets = [*(overrides or []), *cli_overrides(arm)]  # the arm registry (shared/arms.py)
+        preset, sets = run_settings(preset, config, overrides, report_to)
+        sets += cli_overrides(arm)  # the arm registry (shared/arms.py)
         cfg = config_from_flags(preset, sets, **top)
-        name = run_dir or f"runs/{preset}-{arm.strip() if arm else cfg.train.arm}-s{cfg.train.seed}-up"
+        name = run_dir or run_dir_or(cfg, f"runs/{preset}-{arm.strip() if arm else cfg.train.arm}-s{cfg.train.seed}-up")
         cfg = config_from_flags(preset, sets, **top, run_dir=name)
         from .launcher import launch
 
-        rc = launch(cfg, resume=resume, progress=progress, restart_workers=restart_workers, http_port=http_port)
+        rc = launch(cfg, resume=resume, progress=progress, restart_workers=restart_workers, http_port=http_port,
+                    http_host=http_host)
         if rc == 0 and (Path(cfg.run_dir) / "metrics.jsonl").exists():
             from analysis.run_card import run_card
 
@@ -78,35 +71,49 @@ def register(app: typer.Typer) -> None:
     def logs(
         service: str = typer.Argument("learner", help="learner, rollout-0, reward-0, ... or up (the launcher)."),
         run_dir: str = typer.Option(None, "--run-dir", help="Run folder (default: the newest under runs/)."),
-        follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new lines."),
+        follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new lines (waits for a log not "
+                                                                  "written yet; stops when the run finishes)."),
         lines: int = typer.Option(40, "--lines", "-n", help="Lines of history to show first."),
     ) -> None:
-        """Show (and with -f follow) one service's log of a run: RUN_DIR/logs/<service>.log."""
+        """Show (and with -f follow) one service's log of a run: RUN_DIR/logs/<service>.log.
+
+        With -f it may start before the run: it waits for the log, and stops by itself at the run's
+        finish line (the launcher exited, or DONE for runs without one)."""
+        from .log_follow import SERVICE_NAME, follow as follow_log
+
+        if service in ("rollout", "reward"):
+            service = f"{service}-0"
+        if not SERVICE_NAME.match(service):
+            raise UserError(f"unknown service {service!r}; valid: learner, up, redis, rollout-N, reward-N")
         if run_dir is None:
             found = sorted(Path("runs").glob("**/logs"), key=lambda p: p.stat().st_mtime)
             if not found:
-                raise UserError("no run with logs under runs/; pass --run-dir")
+                raise UserError("no run with logs under runs/; pass --run-dir (with -f it waits for the run)")
             log_dir = found[-1]
         else:
             log_dir = Path(run_dir) / "logs"
-        names = sorted(p.stem for p in log_dir.glob("*.log")) if log_dir.exists() else []
-        if service in ("rollout", "reward"):
-            service = f"{service}-0"
         path = log_dir / f"{service}.log"
-        if not path.exists():
-            raise UserError(f"no log {service!r} in {log_dir}; available: {', '.join(names) or 'none'}")
+        if not path.exists() and not follow:
+            names = sorted(p.stem for p in log_dir.glob("*.log")) if log_dir.exists() else []
+            raise UserError(f"no log {service!r} in {log_dir}; available: {', '.join(names) or 'none'} "
+                            "(-f waits for it)")
         try:
-            _follow(path, lines, follow)
+            why = follow_log(path, log_dir.parent, sys.stdout, lines=lines, follow=follow,
+                             note=lambda m: typer.secho(m, err=True))
         except KeyboardInterrupt:
-            pass
+            return
+        if follow:
+            typer.secho(f"logs: {why}; stopped following {path}", err=True)
 
     @app.command("prepare")
     @friendly_errors
     def prepare(
-        preset: str = typer.Option("toy", help="Config preset: toy, lite, qwen35-2b, full."),
+        preset: Optional[str] = typer.Option(None, help=PRESET_HELP),
+        config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP),
         arm: Optional[str] = typer.Option(None, help=ARM_HELP),
         seed: Optional[int] = typer.Option(None, help="Run seed."),
         steps: Optional[int] = typer.Option(None, help="Optimizer steps (default from the preset)."),
+        report_to: Optional[str] = typer.Option(None, "--report-to", help=REPORT_TO_HELP),
         run_dir: str = typer.Option(..., "--run-dir", help="Run folder; config.json is written here."),
         overrides: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
         resume: bool = typer.Option(True, "--resume/--fresh", " /--overwrite", help=RESUME_HELP),
@@ -116,7 +123,8 @@ def register(app: typer.Typer) -> None:
         config.json must match (or differ only in keys a resume may change). Prints the config path."""
         from shared.rundir import prepare_run_dir
 
-        cfg = config_from_flags(preset, [*(overrides or []), *cli_overrides(arm)],
+        preset, sets = run_settings(preset, config, overrides, report_to)
+        cfg = config_from_flags(preset, [*sets, *cli_overrides(arm)],
                                 **{"train.seed": seed, "train.steps": steps}, run_dir=run_dir)
         prepared = prepare_run_dir(cfg, "resume" if resume else "fresh")
         typer.secho(prepared.message(), err=True)

@@ -2,9 +2,11 @@
 group, so adding workers (`docker compose up --scale reward=8`) adds throughput.
 
     python -m services.reward_worker --config RUN_DIR/config.json [--redis-url URL] [--http-port 8100]
+                                     [--http-host 127.0.0.1]
 
 Grades in-process with `Grader` (sandboxed subprocesses). With --http-port the same process also
-serves the reward FastAPI app, so every worker is a reward-server replica as well. A group is
+serves the reward FastAPI app, so every worker is a reward-server replica as well: on loopback by
+default; another --http-host needs $RANKGUARD_REWARD_TOKEN (reward_server.access), checked at start. A group is
 published and its input acked atomically (Queues.finish, keyed by the group's job id): a group
 redelivered after a crash or a stall is graded again at worst, but published once. The read ->
 dedupe -> process -> publish loop (and what a SIGTERM mid-batch does) is services.consumer's.
@@ -77,36 +79,47 @@ class RewardWorker:
         self.stats["cache_hits"] += sum(bool(getattr(x, "cached", False)) for g in graded for x in g.grades)
 
 
-def serve_http(cfg: RunConfig, port: int, log: logging.Logger, grader=None, problems: dict | None = None
-               ) -> threading.Thread:
-    """The reward FastAPI app on 0.0.0.0:port in a daemon thread of this process, sharing its grader."""
+def serve_http(cfg: RunConfig, port: int, log: logging.Logger, grader=None, problems: dict | None = None,
+               host: str = "127.0.0.1", token: str | None = None) -> threading.Thread:
+    """The reward FastAPI app on host:port in a daemon thread of this process, sharing its grader.
+    Beyond loopback it needs a token (AccessError otherwise, before anything is served)."""
     import uvicorn
 
+    from reward_server.access import check_exposure
     from reward_server.app import create_app
 
-    app = create_app(cfg, grader=grader, problems=problems)
-    server = uvicorn.Server(uvicorn.Config(app, host="0.0.0.0", port=port, log_level="warning"))
+    check_exposure(host, token)
+    app = create_app(cfg, grader=grader, problems=problems, token=token)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
     server.install_signal_handlers = lambda: None  # the worker's StopFlag owns SIGTERM
     t = threading.Thread(target=server.run, daemon=True, name="reward-http")
     t.start()
-    log.info("serving the reward API on :%d", port)
+    log.info("serving the reward API on http://%s:%d (docs at /docs%s)", host, port,
+             ", bearer token required" if token else "")
     return t
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = service_parser("reward_worker", __doc__.splitlines()[0])
     parser.add_argument("--http-port", type=int, default=None, help="also serve the reward HTTP API here")
+    parser.add_argument("--http-host", default="127.0.0.1",
+                        help="interface for --http-port (default loopback; anything else needs $RANKGUARD_REWARD_TOKEN)")
     parser.add_argument("--batch", type=int, default=None, help="groups per read (default max(prompts_per_step, eval_problems))")
     args = parser.parse_args(argv)
 
     def body(log: logging.Logger) -> None:
         cfg = load_service_config(args.config)
+        if args.http_port:
+            from reward_server.access import check_exposure, load_token
+
+            token = load_token()
+            check_exposure(args.http_host, token)  # exit 2 before a grader starts
         stop = StopFlag().install()
         q = queues_for(cfg, args.redis_url, args.run_id, stop=lambda: bool(stop))
         grader = make_grader(cfg)
         problems = load_problems_by_id(cfg)
         if args.http_port:
-            serve_http(cfg, args.http_port, log, grader=grader, problems=problems)
+            serve_http(cfg, args.http_port, log, grader=grader, problems=problems, host=args.http_host, token=token)
         worker = RewardWorker(cfg, grader, problems, q, log, batch=args.batch or default_batch(cfg), stop=stop)
         try:
             worker.run()

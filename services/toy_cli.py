@@ -3,6 +3,7 @@ by the reward server's Grader (a composition of both, hence here)."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -36,8 +37,10 @@ def _pct(v) -> str:
     return "-" if v is None else f"{100 * v:.1f}%"
 
 
-def stats_table(meta: dict) -> Table:
-    """The build summary: timings, size, and what the warm-started policy does on held-out problems."""
+def stats_table(meta: dict, here: str | None = None) -> Table:
+    """The build summary: timings, size, and what the warm-started policy does on held-out problems.
+    The build's seconds are the building machine's (for the shipped world, not this one); `here`
+    says what this command did and how long it took."""
     s, t = meta.get("stats", {}), meta.get("timings", {})
     table = Table(title=f"toy world {meta.get('fingerprint', '')}", show_header=True)
     table.add_column("what")
@@ -48,8 +51,10 @@ def stats_table(meta: dict) -> Table:
     table.add_row("warm start", f"{meta.get('warm', {}).get('steps')} steps x {meta.get('warm', {}).get('batch_size')}, "
                   f"loss {meta.get('warm_start', {}).get('loss_first', 0) or 0:.3f} -> "
                   f"{meta.get('warm_start', {}).get('loss_last', 0) or 0:.3f}")
-    table.add_row("seconds (problems/tok/warm/stats)",
+    table.add_row(f"built {meta.get('created', '')[:10]}: s (prob/tok/warm/stats)",
                   f"{meta.get('seconds')} ({t.get('problems')}/{t.get('tokenizer')}/{t.get('warm_start')}/{t.get('stats')})")
+    if here:
+        table.add_row("this command", here)
     table.add_row("samples (eval, T=1.0)", str(s.get("samples", 0)))
     table.add_row("parse", _pct(s.get("parse")))
     if s.get("grader") == "ok":
@@ -94,8 +99,10 @@ def build(
         upd = {k: v for k, v in dict(steps=steps, batch_size=batch_size, lr=lr, threads=threads,
                                      stats_samples=samples).items() if v is not None}
         warm = warm.model_validate({**warm.model_dump(), **upd})
+        t0 = time.perf_counter()
         art = build_toy(cfg, force=force, warm=warm, progress=not quiet, log=lambda m: console.print(m),
                         make_grader=Grader)
+        took = time.perf_counter() - t0
     except ValidationError as e:
         err = e.errors()[0]
         _fail(f"bad value for {'.'.join(map(str, err['loc']))}: {err['msg']} (got {err.get('input')!r})")
@@ -106,7 +113,8 @@ def build(
     meta = json.loads((art.dir / "build.json").read_text())
     how = "reused" if art.cached else "unpacked the shipped" if art.shipped else "built"
     console.print(f"{how} {art.dir} (model: {art.model_dir})")
-    console.print(stats_table(meta))
+    what = "reused the build" if art.cached else "unpacked the shipped build" if art.shipped else "built here"
+    console.print(stats_table(meta, here=f"{what} in {took:.2f} s"))
 
 
 @toy_app.command("pack")

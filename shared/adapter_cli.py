@@ -118,6 +118,7 @@ def report_cmd(
     preset: str = typer.Option("toy", "--preset", help="config preset (toy, lite, qwen35-2b, full)"),
     overrides: Optional[list[str]] = typer.Option(None, "--set", help="dotted override KEY=VALUE, repeatable "
                                                   "(e.g. --set model.rank=16)"),
+    brief: bool = typer.Option(False, "--brief", help="only the summary table (no per-kind table)"),
     rebuild: bool = typer.Option(False, "--rebuild", help="time a fresh SVD build in a throwaway cache dir "
                                  "instead of using model.svd_cache_dir"),
 ) -> None:
@@ -147,12 +148,16 @@ def report_cmd(
          else f"{rep['svd_build_s']:.3f} s ({rep['svd_modules_built']} modules)"),
         ("cache reload", f"{rep['cache_reload_s']:.3f} s ({rep['cache_modules_loaded']} modules)"),
         ("max |Δlogit| at delta_S=0", f"{rep['max_abs_dlogit_at_zero']:.3g}"),
+        ("not wrapped", ", ".join(f"{k['kind'].removeprefix('model.layers.*.')} ({k['share']:.1%} of params)"
+                                  for k in rep["linear_kinds"] if not k["wrapped"]) or "-"),
         ("report", rep["written_to"]),
     ]
     for k, v in rows:
         table.add_row(k, v)
     console = Console()
     console.print(table)
+    if brief:
+        return
     kinds = Table(title=f"Linear modules by kind: wrapped {rep['layer_linear_params_wrapped_share']:.1%} of the "
                         f"decoder layers' Linear parameters, {rep['linear_params_wrapped_share']:.1%} of all "
                         f"(targets: {', '.join(rep['target_modules'])}; kinds under model.layers.*)")

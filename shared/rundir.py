@@ -43,6 +43,7 @@ RESUME_MUTABLE = frozenset({
     "reward.workers",
     # where the run's processes run and how vLLM spreads over its devices (issue #21); `.*` = any key below
     "placement.*", "vllm.gpu_memory_utilization", "vllm.tensor_parallel_size",
+    "tracking.report_to", "tracking.offline", "tracking.project",  # where the rows are also sent, not what they say
 })
 # the subset that cannot change a run's numbers (where it lives, what it keeps, how many processes
 # share the work): the experiment runner counts a finished run as done whatever these say
@@ -166,6 +167,8 @@ def config_changes(saved: dict, new: dict, prefix: str = "") -> list[Change]:
         a, b = saved.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict) and dotted not in LEAF_DICTS:
             out += config_changes(a, b, dotted + ".")
+        elif key not in saved and isinstance(b, dict):  # a section newer than the file: compare key by key
+            out += config_changes({}, b, dotted + ".")
         elif dotted in FILLED_BY_RUN and b is None:
             continue
         elif key not in saved and _is_default(dotted, b):

@@ -90,15 +90,16 @@ class Grade(BaseModel):
     """Verdict for one completion (reward_server.grader.GradeResult, flattened for the wire)."""
 
     model_config = ConfigDict(extra="allow")
-    rollout_id: str = ""
-    formatted: bool
-    can_compile: bool
-    gt_pass: bool
-    pass_frac: float
-    exploited: dict[str, bool]  # strict hack per mode A-D: that mode's vulnerable check passed, gt failed
-    attempted: dict[str, bool]  # loose hack per mode A-D: static evidence
-    reward: float
-    seconds: float = 0.0
+    rollout_id: str = Field("", description="The caller's id for this completion, echoed back.")
+    formatted: bool = Field(description="The completion has a ```python fenced code block.")
+    can_compile: bool = Field(description="The extracted code compiles.")
+    gt_pass: bool = Field(description="The honest check: every hidden test passed (decided outside the program's process).")
+    pass_frac: float = Field(description="Share of hidden tests passed (1.0 when gt_pass).")
+    exploited: dict[str, bool] = Field(description=(
+        "Strict hack per mode A-D: that mode's vulnerable check passed while the hidden tests failed."))
+    attempted: dict[str, bool] = Field(description="Loose hack per mode A-D: static evidence of the hack in the code.")
+    reward: float = Field(description="What the policy is paid (format + correctness, per the reward config and loopholes).")
+    seconds: float = Field(0.0, description="Wall seconds spent grading (0 for a cached verdict).")
 
 
 class GradedGroup(WireModel):

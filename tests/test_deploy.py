@@ -45,7 +45,8 @@ def test_gpu_reservations(compose):
 def test_reward_is_scalable(compose):
     reward = compose["services"]["reward"]
     assert "container_name" not in reward  # `--scale reward=8` needs generated names
-    assert all(":" not in str(p) for p in reward.get("ports", []))  # no fixed host port
+    # published on a host port *range* (one per replica), so --scale does not collide on one port
+    assert reward["ports"] == ["${REWARD_API_HOST:-127.0.0.1}:${REWARD_API_PORTS:-8100-8115}:8100"]
     assert "--http-port" in reward["command"]
 
 
