@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 ARMS = ("vanilla", "projected", "projected_nomag", "rebound", "weak", "route")
 Arm = Literal["vanilla", "projected", "projected_nomag", "rebound", "weak", "route"]
@@ -91,8 +91,9 @@ class TrainConfig(_Strict):
     warmup_steps: int = Field(default=10, ge=0)
     max_grad_norm: float = Field(default=1.0, gt=0)
     beta_kl: float = Field(default=1e-3, ge=0)
-    clip_eps: float = Field(default=0.2, gt=0)
-    unbiased: bool = True  # Dr.GRPO; False = classic std-normalised advantages
+    clip_eps: float = Field(default=0.2, gt=0)  # PPO clip of pi/pi_old: acts on stale samples (on-policy ratio = 1)
+    # dr_grpo: advantage r - mean, loss / (seqs x max_new_tokens); grpo: classic (r - mean) / std, per-sequence mean
+    loss_type: Literal["dr_grpo", "grpo"] = "dr_grpo"
     skip_eps: float = 1e-4  # skip groups with max-min reward below this
     hard_fraction: float = Field(default=0.5, ge=0.0, le=1.0)  # share of prompts per step drawn from hard problems (toy)
     rebound_alpha: float = 0.5
@@ -106,6 +107,30 @@ class TrainConfig(_Strict):
     eval_samples: int = Field(default=4, ge=1)
     torch_threads: int = Field(default=1, ge=1)
     measure_kl: bool = True  # reference forward every step for the reported KL (beta_kl > 0 needs it anyway)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _migrate_unbiased(cls, data: Any) -> Any:
+        """config.json files written before train.loss_type said `unbiased: bool`; same meaning."""
+        return migrate_train_keys(data) if isinstance(data, dict) else data
+
+
+RENAMED_KEYS = {"train.unbiased": 'train.loss_type ("dr_grpo" = unbiased true, "grpo" = unbiased false)'}
+
+
+def migrate_train_keys(train: dict) -> dict:
+    """A train section with the old `unbiased` flag -> the same section with `loss_type`."""
+    if "unbiased" not in train:
+        return train
+    train = dict(train)
+    old = train.pop("unbiased")
+    if not isinstance(old, bool):
+        raise ValueError(f"train.unbiased (renamed train.loss_type) must be true or false, got {old!r}")
+    want = "dr_grpo" if old else "grpo"
+    if train.setdefault("loss_type", want) != want:
+        raise ValueError(f"train.unbiased={old} contradicts train.loss_type={train['loss_type']!r}; "
+                         "keep only train.loss_type")
+    return train
 
 
 class VhackConfig(_Strict):
@@ -147,8 +172,8 @@ class VhackConfig(_Strict):
 
 class PipelineConfig(_Strict):
     redis_url: str | None = None  # None = start a private redis for the run
-    max_staleness: int = Field(default=0, ge=0)  # 0 = strictly on-policy; k>0 = async with truncated IS
-    is_clip: float = Field(default=2.0, gt=0)  # truncated importance-sampling cap when max_staleness > 0
+    max_staleness: int = Field(default=0, ge=0)  # 0 = strictly on-policy; k>0 = async, PPO ratio vs the behaviour policy
+    is_clip: float = Field(default=2.0, gt=1)  # stale samples: dual-clip bound c on pi/pi_behaviour when the advantage < 0
     engine: Literal["auto", "vllm", "hf"] = "auto"
     rollout_workers: int = Field(default=1, ge=1)
     reward_workers: int = Field(default=1, ge=1)
@@ -258,6 +283,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     for item in overrides:
         path, value = parse_override(item)
         dotted = ".".join(path)
+        if dotted in RENAMED_KEYS:
+            raise ConfigError(f"config key {dotted!r} was renamed: use {RENAMED_KEYS[dotted]}")
         if dotted not in valid:
             close = sorted(k for k in valid if k.split(".")[-1] == path[-1] or k.startswith(path[0] + "."))
             hint = ", ".join(close[:12]) if close else ", ".join(sorted(valid)[:12]) + ", ..."
