@@ -236,7 +236,7 @@ class Learner:
         self.optimizer.zero_grad(set_to_none=True)
         for q in self.delta_q:
             q.grad = None
-        acc = self._backward(batch)                   # GRPO_step(batch); loss.backward()
+        acc = self._backward(batch)  # GRPO_step(batch); loss.backward()
         proj, grad_total = self._project_and_clip(acc.n_seqs)  # project_grads(model, v_hack); clip
         self.optimizer.step()  # a no-op when every group was flat (all grads None); keeps the schedule in step
         self.scheduler.step()
