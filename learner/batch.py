@@ -68,7 +68,8 @@ class RolloutBatch:
     mask: Tensor  # [N, C] 1.0 on completion tokens (C = the longest completion)
     behaviour_logp: Tensor  # [N, C] the engine's log-prob of each sampled token (0 when it sent none)
     rewards: Tensor  # [N] float64: the grader's reward
-    formatted: Tensor  # [N] bool: the answer parsed and compiled
+    formatted: Tensor  # [N] bool: a code block was found in the answer
+    can_compile: Tensor  # [N] bool: that code compiled (the format reward)
     gt_pass: Tensor  # [N] bool: the hidden tests passed
     exploited: Tensor  # [N, len(MODES)] bool: strict hack per mode A-D
     attempted: Tensor  # [N, len(MODES)] bool: loose hack per mode A-D
@@ -110,6 +111,7 @@ class RolloutBatch:
             lengths=torch.tensor([len(c.token_ids) for c in comps], dtype=torch.long), mask=mask,
             behaviour_logp=old, rewards=torch.tensor([float(g.reward) for g in grades], dtype=torch.float64),
             formatted=torch.tensor([bool(g.formatted) for g in grades], dtype=torch.bool),
+            can_compile=torch.tensor([bool(g.can_compile) for g in grades], dtype=torch.bool),
             gt_pass=torch.tensor([bool(g.gt_pass) for g in grades], dtype=torch.bool),
             exploited=flags("exploited"), attempted=flags("attempted"), grades=grades, quarantine=quarantine)
 
