@@ -183,7 +183,7 @@ def register(app: typer.Typer) -> None:
                        recipe=recipe, plot=plot)
         dest = Path(out or run_dir)
         typer.echo((dest / "diagnose.md").read_text())
-        from analysis.diagnose import RECIPES, recipe_line
+        from analysis.diagnose_plots import RECIPES, recipe_line
 
         typer.echo(recipe_line(rec))
         for r in RECIPES:  # both recipes, the one the verdict uses first

@@ -9,7 +9,7 @@ first seeds; `parallel` runs at once (services: each run its own process tree; i
 own spawned interpreter, one torch thread).
 
 The exploratory ceiling arm `oracle` (a cheat, labelled so) projects against v_oracle, the direction
-built from a *vanilla* run's own rollouts (analysis.diagnose.build_oracle, its final checkpoint): for
+built from a *vanilla* run's own rollouts (analysis.oracle.build_oracle, its final checkpoint): for
 seed s, that of vanilla seed (s+1) mod n (`oracle_source_seed`), written to
 OUT/artifacts/v_oracle-vanilla-seed<k>.safetensors and read through `vhack_path`. Oracle runs
 therefore go after every other run.
@@ -412,7 +412,7 @@ def _prepare_cfg(run: PlannedRun) -> RunConfig:
 
 
 def _default_oracle_fn(source_run_dir: Path, out_path: Path) -> Path:
-    from analysis.diagnose import build_oracle
+    from analysis.oracle import build_oracle
 
     return build_oracle(source_run_dir, out_path)
 
@@ -437,7 +437,7 @@ class Experiment:
     report: bool = True
     progress: bool = True
     parallel: int | None = 1  # runs at once (services: a process tree each; inprocess: a spawned interpreter each)
-    oracle_fn: OracleFn | None = None  # builds the oracle arm's v_oracle (default analysis.diagnose.build_oracle)
+    oracle_fn: OracleFn | None = None  # builds the oracle arm's v_oracle (default analysis.oracle.build_oracle)
     record: dict = field(default_factory=dict)
     # where runs go (analysis/dispatch.py): local devices packed per run, or Ray tasks
     backend: str = "local"

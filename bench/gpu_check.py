@@ -438,7 +438,7 @@ class Check:
         learner.directions.projector = TimedProjector(Projector(learner.names, vhack, device=learner.device), self.dev)
         P, G, T = cfg.train.prompts_per_step, cfg.sampling.group_size, cfg.sampling.max_new_tokens
         put(P=P, G=G, max_new_tokens=T, micro_batch=cfg.train.micro_batch, beta_kl=cfg.train.beta_kl,
-            dr_grpo=cfg.train.unbiased, prompts=self.prompts, delta_s_values=sum(learner.sizes))
+            dr_grpo=cfg.train.loss_type == "dr_grpo", prompts=self.prompts, delta_s_values=sum(learner.sizes))
         rewards = (3.5, 0.5, 3.5)  # gt pass, formatted only, strict hack (mode A): no flat group for G >= 2
 
         def groups(step: int) -> list:

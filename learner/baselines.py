@@ -22,9 +22,9 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .grpo import STD_EPS
+from .grpo import group_advantages
 from .pairs import Pair
-from .vhack import Directions, _completion_grad, encode_pair_side
+from .vhack import Directions, completion_grad, encode_pair_side
 
 DIRECTIONS = ("authored", "random", "negated")
 
@@ -71,7 +71,7 @@ def clean_subspace(model: nn.Module, tokenizer, pairs: Sequence[Pair], k: int) -
     was = model.training
     model.eval()
     try:
-        rows = torch.stack([_completion_grad(model, params, *encode_pair_side(tokenizer, p, p.clean, dev)).cpu()
+        rows = torch.stack([completion_grad(model, params, *encode_pair_side(tokenizer, p, p.clean, dev)).cpu()
                             for p in pairs])
     finally:
         model.train(was)
@@ -145,26 +145,17 @@ def monitor_flags(grades: Sequence, monitor: str) -> list[bool]:
 
 
 def monitored_advantages(rewards: Sequence[float], flags: Sequence[bool], monitor: str, rh_reward: float,
-                         unbiased: bool = True, eps: float = 1e-4) -> tuple[list[float], bool]:
-    """(advantage per rollout, group kept) under the oracle monitor. penalty: reward - rh_reward where flagged,
-    then the ordinary group advantage. screen: flagged rollouts are left out of the group's mean/std and get
-    advantage 0; the group is kept when the rest still differ by >= eps."""
-    r = torch.tensor([float(x) for x in rewards], dtype=torch.float64)
-    f = torch.tensor([bool(x) for x in flags])
-    use = torch.ones_like(f)
+                         loss_type: str = "dr_grpo", eps: float = 1e-4) -> tuple[list[float], bool]:
+    """(advantage per rollout, group kept) of one group under the oracle monitor (what RolloutBatch.apply_monitor
+    + compute_advantages do for a whole step). penalty: reward - rh_reward where flagged, then the ordinary
+    group advantage. screen: flagged rollouts leave the group's mean/std and get advantage 0; the group is
+    kept when the rest still differ by >= eps."""
+    r = torch.tensor([[float(x) for x in rewards]], dtype=torch.float64)
+    f = torch.tensor([[bool(x) for x in flags]])
     if monitor == "penalty":
-        r = r - rh_reward * f.double()
+        adv, keep = group_advantages(r - rh_reward * f.double(), loss_type, eps)
     elif monitor == "screen":
-        use = ~f
+        adv, keep = group_advantages(r, loss_type, eps, use=~f)
     else:
         raise ValueError(f"unknown oracle_monitor {monitor!r}; valid: penalty, screen")
-    if int(use.sum()) == 0:
-        return [0.0] * len(r), False
-    ru = r[use]
-    adv = r - ru.mean()
-    if not unbiased:
-        std = ru.std() if ru.numel() > 1 else torch.tensor(0.0, dtype=torch.float64)
-        adv = adv / (std + STD_EPS)
-    keep = bool(ru.max() - ru.min() >= eps)
-    adv = torch.where(use, adv, torch.zeros_like(adv)) * float(keep)
-    return adv.tolist(), keep
+    return adv[0].tolist(), bool(keep[0])

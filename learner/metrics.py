@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -117,18 +117,16 @@ def window_mean(rows: Sequence[dict], key: str, last: int = 25) -> float:
 class StepSums:
     """What one optimizer step adds up over its micro-batches (token-weighted where it says so)."""
 
-    n_groups: int
-    keep: dict[int, bool] = field(default_factory=dict)  # group index -> has a reward spread (trained)
     n_seqs: int = 0
     loss: float = 0.0
     tokens: float = 0.0
     kl_num: float = 0.0
     kl_den: float = 0.0
     clip_num: float = 0.0
-    isw_num: float = 0.0
-    penalties: list[float] = field(default_factory=list)  # Rebound, per completion seen
+    ratio_num: float = 0.0
+    stale_tokens: float = 0.0
 
-    def add(self, n: int, loss: float, tokens: float, st: dict, with_kl: bool) -> None:
+    def add(self, n: int, loss: float, tokens: float, st: dict, with_kl: bool, stale_tokens: float = 0.0) -> None:
         self.n_seqs += n
         self.loss += loss
         self.tokens += tokens
@@ -136,6 +134,8 @@ class StepSums:
             self.kl_num += float(st["kl"]) * tokens
             self.kl_den += tokens
         self.clip_num += float(st["clip_frac"]) * tokens
+        self.ratio_num += float(st["ratio_mean"]) * tokens
+        self.stale_tokens += stale_tokens
 
 
 def mean_module_norm(params: Sequence[Any]) -> float:
@@ -145,32 +145,36 @@ def mean_module_norm(params: Sequence[Any]) -> float:
     return sum(norms) / len(norms) if norms else 0.0
 
 
-def train_row(step: int, policy_version: int, groups: Sequence[Any], seqs: list[dict], acc: StepSums, proj: dict,
+def train_row(step: int, policy_version: int, groups: Sequence[Any], batch: Any, acc: StepSums, proj: dict,
               grad_total: float, lr: float, t_train: float, t_sync: float,
               timings: dict[str, float] | None = None) -> dict[str, Any]:
-    """The metrics.jsonl row of one step (fixed keys first, then extras useful when reading a run)."""
+    """The metrics.jsonl row of one step (fixed keys first, then extras useful when reading a run).
+
+    `batch` is the step's learner.batch.RolloutBatch, advantages computed."""
     import numpy as np
 
-    rewards = [s["reward"] for s in seqs]
+    rewards = batch.rewards.numpy()
+    keep = batch.keep if batch.keep is not None else np.zeros(batch.n_groups, dtype=bool)
     tm = {"t_generate": sum(g.group.gen_seconds for g in groups), "t_grade": sum(g.grade_seconds for g in groups),
           "t_sync": t_sync, **(timings or {})}
     row: dict[str, Any] = {
         "step": step, "policy_version": policy_version,
         "loss": acc.loss / acc.n_seqs if acc.n_seqs else 0.0,
         "reward_mean": float(np.mean(rewards)), "reward_std": float(np.std(rewards)),
-        "skipped_frac": sum(1 for gi in range(acc.n_groups) if not acc.keep.get(gi, False)) / acc.n_groups,
-        **hack_rates(s["grade"] for s in seqs),
+        "skipped_frac": int((~keep).sum()) / batch.n_groups,
+        **hack_rates(batch.grades),
         "kl": acc.kl_num / acc.kl_den if acc.kl_den else None,
         "cos_mean": proj["cos_mean"], "cos_std": proj["cos_std"], "frac_fired": proj["frac_fired"],
         "grad_norm": proj["grad_norm_mean"], "lr": lr,
         "t_generate": tm["t_generate"], "t_grade": tm["t_grade"], "t_train": t_train, "t_sync": tm["t_sync"],
-        "grad_norm_total": grad_total, "n_groups": acc.n_groups, "n_train_seqs": acc.n_seqs,
+        "grad_norm_total": grad_total, "n_groups": batch.n_groups, "n_train_seqs": acc.n_seqs,
+        # PPO ratio pi_theta / pi_old over trained tokens: exactly 1 on-policy, the clip acts on stale tokens
         "clip_frac": acc.clip_num / acc.tokens if acc.tokens else 0.0,
+        "ratio_mean": acc.ratio_num / acc.tokens if acc.tokens else 1.0,
+        "stale_frac": acc.stale_tokens / acc.tokens if acc.tokens else 0.0,
         "staleness": float(np.mean([policy_version - 1 - g.group.policy_version for g in groups])),
     }
-    if acc.penalties:
-        row["penalty_mean"] = float(np.mean(acc.penalties))
-        row["reward_shaped_mean"] = float(np.mean([s["reward"] - s.get("penalty", 0.0) for s in seqs]))
-    if acc.isw_num and acc.tokens:
-        row["is_weight_mean"] = acc.isw_num / acc.tokens
+    if batch.penalty is not None:
+        row["penalty_mean"] = float(np.mean(batch.penalty.numpy()))
+        row["reward_shaped_mean"] = float(np.mean(batch.shaped_rewards.numpy()))
     return row

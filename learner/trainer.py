@@ -2,7 +2,7 @@
 
     jobs = learner.make_jobs(step)            # P prompts x G samples, deterministic from (seed, step)
     ... rollout engine + grader (in process, or across Redis) ...
-    row  = learner.train_step(graded_groups)  # loss -> backward -> projection -> clip -> step
+    row  = learner.train_step(graded_groups)  # RolloutBatch -> loss -> backward -> projection -> clip -> step
     upd  = learner.delta_update()             # the new policy version for the rollout engines
 
 Arms (cfg.train.arm):
@@ -39,12 +39,13 @@ from shared.schemas import DeltaSUpdate, GradedGroup, PromptJob, SamplingParams
 
 from . import checkpoint as ckpt
 from .directions import ArmDirections
-from .grpo import group_advantages, grpo_loss, kl_k3, truncated_is_weight
+from .batch import MicroBatch, RolloutBatch, align_grades
+from .grpo import grpo_loss, kl_k3
 from .metrics import (JsonlWriter, StepSums, hack_rates, mean_module_norm, read_jsonl, train_row,
                       truncate_jsonl, window_mean)
-from .baselines import monitor_flags, monitored_advantages, rebound_penalty
+from .baselines import rebound_penalty
 from .rebound import concept_penalty
-from .scoring import Scorer, align_grades
+from .scoring import Scorer
 from .tracking import open_trackers
 
 log = logging.getLogger("rankguard.learner")
@@ -235,99 +236,108 @@ class Learner:
         t0 = time.perf_counter()
         if not groups:
             raise TrainerError("train_step got no groups")
-        seqs = Scorer.sequences(groups)
+        batch = self.rollout_batch(groups)
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.zero_grad(set_to_none=True)
         for q in self.delta_q:
             q.grad = None
-        acc = self._backward(seqs, len(groups))
-        proj, grad_total = self._project_and_clip(acc.n_seqs)
+        acc = self._backward(batch)  # GRPO_step(batch); loss.backward()
+        proj, grad_total = self._project_and_clip(acc.n_seqs)  # project_grads(model, v_hack); clip
         self.optimizer.step()  # a no-op when every group was flat (all grads None); keeps the schedule in step
         self.scheduler.step()
         self.policy_version += 1
         self.step += 1
-        row = train_row(self.step - 1, self.policy_version, groups, seqs, acc, proj, grad_total, lr,
+        row = train_row(self.step - 1, self.policy_version, groups, batch, acc, proj, grad_total, lr,
                         time.perf_counter() - t0, self._t_sync, timings)
         row.update(self.directions.after_step(self.step, groups))  # refresh / flagged re-extraction when due
-        self.last_penalties = [s.get("penalty", 0.0) for s in seqs]
-        if self.cfg.train.oracle_monitor != "none":  # the oracle monitor's flag rate this step
-            row["monitor_flagged_frac"] = float(np.mean([bool(s.get("flagged")) for s in seqs]))
+        self.last_penalties = batch.penalty.tolist() if batch.penalty is not None else [0.0] * len(batch)
+        if batch.flagged is not None:  # the oracle monitor's flag rate this step
+            row["monitor_flagged_frac"] = float(batch.flagged.float().mean())
         self.history.append(row)
         self.metrics.write(row)
         self.tb.log("train", row, row["step"])
         return row
 
+    def rollout_batch(self, groups: Sequence[GradedGroup]) -> RolloutBatch:
+        """The step's typed batch: staleness against this learner's policy version, the arm's adapter mode."""
+        return RolloutBatch.from_groups(groups, self.policy_version, quarantine=self.route)
+
     def policy_gradient(self, groups: Sequence[GradedGroup]) -> list[Tensor]:
         """The mean policy gradient on each module's delta_S for these groups, before any projection
         (diagnostics: no optimizer step, no metrics row; .grad is left cleared)."""
         self.optimizer.zero_grad(set_to_none=True)
-        acc = self._backward(Scorer.sequences(groups), len(groups))
+        acc = self._backward(self.rollout_batch(groups))
         grads = [p.grad.detach() / acc.n_seqs if p.grad is not None and acc.n_seqs else torch.zeros_like(p)
                  for p in self.delta_s]
         self.optimizer.zero_grad(set_to_none=True)
         return grads
 
-    def _backward(self, seqs: list[dict], n_groups: int) -> StepSums:
-        """Advantages, then per micro-batch: forward (+ reference for the KL) -> GRPO loss -> backward.
-        Rebound needs the forward's hidden state before its advantages, so its groups stay whole."""
+    def _backward(self, batch: RolloutBatch) -> StepSums:
+        """GRPO_step: advantages, then per micro-batch forward (+ reference for the KL) -> loss -> backward.
+        Rebound needs the forward's hidden state before its advantages, so its groups stay whole in a
+        micro-batch and each chunk's advantages follow its forward; every other arm computes all
+        advantages up front and flat groups never reach the forward pass."""
         rebound = self.arm == "rebound"
-        acc = StepSums(n_groups=n_groups)
-        if not rebound:  # advantages up front; flat groups never reach the forward pass
-            for gi in range(n_groups):
-                self._advantages([s for s in seqs if s["group"] == gi], acc.keep, gi)
-            seqs = [s for s in seqs if acc.keep[s["group"]]]
+        acc = StepSums()
+        rows = torch.arange(len(batch))
+        if self.cfg.train.oracle_monitor != "none":  # exploratory oracle-monitor baselines (learner.baselines)
+            batch.apply_monitor(self.cfg.train.oracle_monitor, self.cfg.reward.correct_reward)
+        if not rebound:
+            batch.compute_advantages(self.cfg.train.loss_type, self.cfg.train.skip_eps)
+            rows = batch.kept_rows()
         self.model.train()
-        with quarantine(self.model, active=self.route):
-            for chunk in self.scorer.chunks(seqs, group_aligned=rebound):
-                self._backward_chunk(chunk, acc, rebound)
+        with quarantine(self.model, active=batch.quarantine):
+            for chunk in batch.chunks(rows, self.scorer.micro_batch, group_aligned=rebound):
+                self._backward_chunk(batch, batch.micro(chunk, self.device), acc, rebound)
         self.model.eval()
         return acc
 
-    def _backward_chunk(self, chunk: list[dict], acc: StepSums, rebound: bool) -> None:
+    def _backward_chunk(self, batch: RolloutBatch, mb: MicroBatch, acc: StepSums, rebound: bool) -> None:
         cfg = self.cfg.train
-        b = self.scorer.batch(chunk, self.policy_version)
-        ref = self.scorer.ref_logp(chunk, b) if cfg.beta_kl > 0 or self.measure_kl else None
-        logp = self._rebound_logp(chunk, b, acc) if rebound else self.scorer.logp(chunk, b)[0]
-        rows = torch.tensor([acc.keep[s["group"]] for s in chunk], device=self.device)
+        ref = self.scorer.ref_logp(mb) if cfg.beta_kl > 0 or self.measure_kl else None
+        logp = self._rebound_logp(batch, mb) if rebound else self.scorer.logp(mb)[0]
+        rows = batch.keep[batch.group[mb.rows]].to(self.device)
         if not bool(rows.any()):
             if ref is not None:  # KL still measured on flat-only chunks
-                acc.kl_num += float((kl_k3(logp.detach(), ref) * b["mask"]).sum())
-                acc.kl_den += float(b["mask"].sum())
+                acc.kl_num += float((kl_k3(logp.detach(), ref) * mb.mask).sum())
+                acc.kl_den += float(mb.mask.sum())
             return
         idx = rows.nonzero().squeeze(1)
-        adv = torch.tensor([s["adv"] for s in chunk], device=self.device)[idx]
-        lp, mask = logp[idx], b["mask"][idx]
-        is_w = self._is_weight(lp, b, idx, mask, acc)
-        loss, st = grpo_loss(lp, None, ref[idx] if ref is not None else None, adv, mask, clip_eps=cfg.clip_eps,
-                             beta=cfg.beta_kl, unbiased=cfg.unbiased, max_len=self.cfg.sampling.max_new_tokens,
-                             is_weight=is_w, num_seqs=1)
+        adv = batch.advantages[mb.rows].to(self.device)[idx]
+        lp, mask = logp[idx], mb.mask[idx]
+        loss, st = grpo_loss(lp, self._old_logp(lp, mb, idx), ref[idx] if ref is not None else None, adv, mask,
+                             clip_eps=cfg.clip_eps, beta=cfg.beta_kl, loss_type=cfg.loss_type,
+                             max_len=self.cfg.sampling.max_new_tokens, num_seqs=1,
+                             dual_clip=self.cfg.pipeline.is_clip if bool(mb.stale[idx].any()) else None)
         loss.backward()
-        acc.add(len(idx), float(loss.detach()), float(mask.sum()), st, ref is not None)
+        acc.add(len(idx), float(loss.detach()), float(mask.sum()), st, ref is not None,
+                float((mask * mb.stale[idx, None]).sum()))
 
-    def _rebound_logp(self, chunk: list[dict], b: dict, acc: StepSums) -> Tensor:
-        """Rebound's reward shaping: penalty from this forward's residual stream, then the advantages."""
-        logp, hidden, hmask = self.scorer.logp(chunk, b, hidden_layer=self.rebound_layer)
+    def _rebound_logp(self, batch: RolloutBatch, mb: MicroBatch) -> Tensor:
+        """Rebound's reward shaping: penalty from this forward's residual stream, then its groups' advantages.
+        additive (the spec's H3 arm): alpha * s; multiplicative (exploratory): reward * alpha * s."""
+        logp, hidden, hmask = self.scorer.logp(mb, hidden_layer=self.rebound_layer)
         t = self.cfg.train
-        with torch.no_grad():  # s = max(0, cos); additive (spec) or multiplicative (learner.baselines) penalty
-            score = concept_penalty(hidden.detach(), hmask, self.v_concept, 1.0).cpu()
+        with torch.no_grad():
+            if t.rebound_mode == "additive":
+                pen = concept_penalty(hidden.detach(), hmask, self.v_concept, t.rebound_alpha)
+            else:
+                score = concept_penalty(hidden.detach(), hmask, self.v_concept, 1.0).cpu()
+                pen = torch.tensor([rebound_penalty(r, s, t.rebound_alpha, t.rebound_mode)
+                                    for r, s in zip(batch.rewards[mb.rows].tolist(), score.tolist())])
         del hidden
-        for s, sc in zip(chunk, score.tolist()):
-            p = rebound_penalty(s["reward"], sc, t.rebound_alpha, t.rebound_mode)
-            s["penalty"] = p
-            acc.penalties.append(p)
-        for gi in sorted({s["group"] for s in chunk}):
-            self._advantages([s for s in chunk if s["group"] == gi], acc.keep, gi)
+        batch.apply_penalty(mb.rows, pen)
+        batch.compute_advantages(t.loss_type, t.skip_eps, groups=torch.unique(batch.group[mb.rows]))
         return logp
 
-    def _is_weight(self, lp: Tensor, b: dict, idx: Tensor, mask: Tensor, acc: StepSums) -> Tensor | None:
-        """Async (stale) samples: decoupled PPO, truncated IS on the behaviour log-probs."""
-        stale = b["stale"][idx]
+    @staticmethod
+    def _old_logp(lp: Tensor, mb: MicroBatch, idx: Tensor) -> Tensor | None:
+        """pi_old of the PPO ratio: None (on-policy, ratio exactly 1) unless some rows are stale; those
+        take the engine's behaviour log-probs, the others their own detached log-probs."""
+        stale = mb.stale[idx]
         if not bool(stale.any()):
             return None
-        is_w = torch.where(stale[:, None], truncated_is_weight(lp.detach(), b["old"][idx], self.cfg.pipeline.is_clip),
-                           torch.ones_like(lp))
-        acc.isw_num += float((is_w * mask).sum())
-        return is_w
+        return torch.where(stale[:, None], mb.behaviour_logp[idx], lp.detach())
 
     def _project_and_clip(self, n_seqs: int) -> tuple[dict, float]:
         """Mean over sequences, the arm's projection (v_hack off the gradient), then the norm clip."""
@@ -343,21 +353,6 @@ class Learner:
         else:
             proj["grad_norm_mean"] = mean_module_norm(self.delta_s)
         return proj, float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.max_grad_norm))
-
-    def _advantages(self, mine: list[dict], keep: dict[int, bool], gi: int) -> None:
-        t = self.cfg.train
-        rewards = [s["reward"] - s.get("penalty", 0.0) for s in mine]
-        if t.oracle_monitor != "none":  # exploratory oracle-monitor baselines (learner.baselines)
-            flags = monitor_flags([s["grade"] for s in mine], t.oracle_monitor)
-            advs, keep[gi] = monitored_advantages(rewards, flags, t.oracle_monitor, self.cfg.reward.correct_reward,
-                                                  unbiased=t.unbiased, eps=t.skip_eps)
-            for s, a, f in zip(mine, advs, flags):
-                s["adv"], s["flagged"] = a, f
-            return
-        adv, k = group_advantages(torch.tensor([rewards]), unbiased=t.unbiased, eps=t.skip_eps)
-        keep[gi] = bool(k[0])
-        for s, a in zip(mine, adv[0].tolist()):
-            s["adv"] = a
 
     # ------------------------------------------------------------------ sync, eval, checkpoints
     def delta_update(self) -> DeltaSUpdate:

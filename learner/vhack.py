@@ -102,7 +102,7 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _completion_grad(model: nn.Module, params: list[nn.Parameter], ids: Tensor, mask: Tensor) -> Tensor:
+def completion_grad(model: nn.Module, params: list[nn.Parameter], ids: Tensor, mask: Tensor) -> Tensor:
     """Flat [N] fp32 delta_S grad of the mean completion NLL of one sequence (no .grad is written)."""
     logp = token_logprobs(model, ids, torch.ones_like(ids))
     loss = -(logp * mask).sum() / mask.sum()
@@ -147,7 +147,7 @@ def pair_grads(model: nn.Module, tokenizer, pairs: Sequence[Pair], progress: boo
             sides = []
             for sign, completion in ((1.0, pair.hack), (-1.0, pair.clean)):
                 ids, mask = encode_pair_side(tokenizer, pair, completion, dev)
-                g = _completion_grad(model, params, ids, mask)
+                g = completion_grad(model, params, ids, mask)
                 total += sign * g
                 sides.append(g)
             if keep_rows:
@@ -599,31 +599,6 @@ def decompose_vhack(model: nn.Module, tokenizer, pairs: Sequence[Pair], vcfg=Non
                                  cos_parts=[c_parts.get(n, 0.0) for n in names], n_pairs=len(train),
                                  modes=sorted({p.mode for p in train}))
     return report, out
-
-
-def plot_validation(report: ValidationReport, png_path: str | Path) -> Path:
-    """Histogram of per-module held-out cos (healthy: unimodal, positive, median > 0.3)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    png_path = Path(png_path)
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.hist(report.cos, bins=40, range=(-1, 1),
-            color="#3b75af", edgecolor="white")
-    ax.axvline(0, color="k", lw=0.8)
-    ax.axvline(report.median, color="#d62728", ls="--", lw=1.2, label=f"median {report.median:+.2f}")
-    ax.set_xlabel("cos(held-out grad diff, v_hack) per module")
-    ax.set_ylabel("modules")
-    ax.set_title(f"v_hack validation: {report.frac_positive:.0%} > 0, mean {report.mean:+.2f} "
-                 f"({'pass' if report.passed else 'FAIL'})", fontsize=10)
-    ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=120)
-    plt.close(fig)
-    return png_path
 
 
 # ---------------------------------------------------------------- config-level helpers

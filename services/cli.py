@@ -33,7 +33,7 @@ _AREAS = [
     "services.toy_cli",    # toy build, show
     "shared.adapter_cli",  # adapter report
     "reward_server.cli",   # serve, grade
-    "learner.cli",         # vhack extract/validate
+    "analysis.vhack_cli",  # vhack extract/validate/decompose/pairs
     "services.train_cli",  # train (in-process loop)
     "services.pipeline_cli",  # up, logs, learner/rollout/reward worker entry points
     "rollout.cli",         # engine checks (vLLM / HF)

@@ -14,7 +14,8 @@ checkpoint (every checkpoint_every and at the end) -> finish.
 Version handshake (pipeline.max_staleness = k): jobs carry min_version = version - k (the Learner
 sets it); with k = 0 every group is sampled with exactly the current policy. With k > 0 the jobs of
 the next k steps are enqueued ahead, and a group sampled with a version older than current - k is
-dropped and its job re-requested; Learner.train_step applies the truncated IS correction to the rest.
+dropped and its job re-requested; for the rest Learner.train_step takes the PPO ratio against the
+behaviour log-probs the engine sent (clipped, dual-clipped at pipeline.is_clip).
 
 Every start of this service is a new *incarnation* (a Redis counter): job ids travel as
 `<job_id>@<incarnation>.<attempt>`, the run's queues are emptied at start, and results of an earlier

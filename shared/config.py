@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 ARMS = ("vanilla", "projected", "projected_nomag", "rebound", "weak", "route")
 Arm = Literal["vanilla", "projected", "projected_nomag", "rebound", "weak", "route"]
@@ -114,8 +114,10 @@ class TrainConfig(_Strict):
     warmup_steps: int = Field(10, ge=0, description="Linear learning-rate warmup steps.")
     max_grad_norm: float = Field(1.0, gt=0, description="Global gradient-norm clip (after projection).")
     beta_kl: float = Field(1e-3, ge=0, description="Weight of the k3 KL to the adapter-disabled model.")
-    clip_eps: float = Field(0.2, gt=0, description="PPO ratio clip epsilon.")
-    unbiased: bool = Field(True, description="Dr.GRPO advantages (mean-centred only); False = classic std-normalised.")
+    clip_eps: float = Field(0.2, gt=0, description=(
+        "PPO clip of pi/pi_old; acts on stale samples (an on-policy ratio is exactly 1)."))
+    loss_type: Literal["dr_grpo", "grpo"] = Field("dr_grpo", description=(
+        "dr_grpo: advantage r - mean, loss / (seqs x max_new_tokens); grpo: classic (r - mean) / std, per-sequence mean."))
     skip_eps: float = Field(1e-4, description="Skip groups whose max - min reward is below this (no signal).")
     hard_fraction: float = Field(0.5, ge=0.0, le=1.0, description="Share of prompts per step drawn from hard problems (toy).")
     rebound_alpha: float = Field(0.5, description="rebound arm: alpha in reward - alpha * max(0, cos(h - c, v_concept)).")
@@ -139,6 +141,30 @@ class TrainConfig(_Strict):
     torch_threads: int = Field(1, ge=1, description="torch.set_num_threads for the learner process.")
     measure_kl: bool = Field(True, description=(
         "Reference forward every step for the reported KL (beta_kl > 0 needs it anyway)."))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _migrate_unbiased(cls, data: Any) -> Any:
+        """config.json files written before train.loss_type said `unbiased: bool`; same meaning."""
+        return migrate_train_keys(data) if isinstance(data, dict) else data
+
+
+RENAMED_KEYS = {"train.unbiased": 'train.loss_type ("dr_grpo" = unbiased true, "grpo" = unbiased false)'}
+
+
+def migrate_train_keys(train: dict) -> dict:
+    """A train section with the old `unbiased` flag -> the same section with `loss_type`."""
+    if "unbiased" not in train:
+        return train
+    train = dict(train)
+    old = train.pop("unbiased")
+    if not isinstance(old, bool):
+        raise ValueError(f"train.unbiased (renamed train.loss_type) must be true or false, got {old!r}")
+    want = "dr_grpo" if old else "grpo"
+    if train.setdefault("loss_type", want) != want:
+        raise ValueError(f"train.unbiased={old} contradicts train.loss_type={train['loss_type']!r}; "
+                         "keep only train.loss_type")
+    return train
 
 
 class VhackConfig(_Strict):
@@ -191,8 +217,9 @@ class PipelineConfig(_Strict):
 
     redis_url: str | None = Field(None, description="Redis URL; None = start a private redis for the run.")
     max_staleness: int = Field(0, ge=0, description=(
-        "Policy versions a rollout may lag; 0 = strictly on-policy, k > 0 = async with truncated importance sampling."))
-    is_clip: float = Field(2.0, gt=0, description="Truncated importance-sampling cap when max_staleness > 0.")
+        "Policy versions a rollout may lag; 0 = strictly on-policy, k > 0 = async, PPO ratio vs the behaviour policy."))
+    is_clip: float = Field(2.0, gt=1, description=(
+        "Stale samples: dual-clip bound c on pi/pi_behaviour when the advantage < 0."))
     engine: Literal["auto", "vllm", "hf"] = Field("auto", description=(
         "Rollout engine: vllm, hf (transformers generate) or auto (vllm when importable, else hf)."))
     rollout_workers: int = Field(1, ge=1, description="Rollout worker processes `up` starts.")
@@ -379,6 +406,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     for item in overrides:
         path, value = parse_override(item)
         dotted = ".".join(path)
+        if dotted in RENAMED_KEYS:
+            raise ConfigError(f"config key {dotted!r} was renamed: use {RENAMED_KEYS[dotted]}")
         if dotted not in valid:
             close = sorted(k for k in valid if k.split(".")[-1] == path[-1] or k.startswith(path[0] + "."))
             hint = ", ".join(close[:12]) if close else ", ".join(sorted(valid)[:12]) + ", ..."

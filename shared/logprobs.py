@@ -31,7 +31,7 @@ def _position_ids(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
-class _LayerCapture:
+class LayerCapture:
     """Forward hook that keeps the output residual stream of one decoder layer."""
 
     def __init__(self, model: nn.Module, layer: int) -> None:
@@ -44,7 +44,7 @@ class _LayerCapture:
     def _hook(self, module, args, output) -> None:
         self.out = output[0] if isinstance(output, (tuple, list)) else output
 
-    def __enter__(self) -> "_LayerCapture":
+    def __enter__(self) -> "LayerCapture":
         return self
 
     def __exit__(self, *exc) -> None:
@@ -65,9 +65,12 @@ def token_logprobs(
     chunk: int = 512,
     hidden_layer: int | None = None,
     temperature: float = 1.0,
+    positions: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """log p(input_ids[:, t+1] | input_ids[:, :t+1]) -> [B, L-1] fp32.
 
+    positions [B, K] (each in 0..L-2): score only those t, -> [B, K]; the hidden states are gathered
+    before lm_head, so positions nobody reads (the prompt's) cost no [V]-wide head and log-softmax.
     With hidden_layer=k, returns (logp, hidden) where hidden [B, L, d] is the residual stream after
     decoder layer k (0-based; what Rebound reads). Padded positions hold garbage: mask them.
     """
@@ -75,15 +78,19 @@ def token_logprobs(
         attention_mask = torch.ones_like(input_ids)
     body = _body(model)
     lm_head = model.get_output_embeddings()
-    cap = _LayerCapture(model, hidden_layer) if hidden_layer is not None else None
+    cap = LayerCapture(model, hidden_layer) if hidden_layer is not None else None
     try:
         out = body(input_ids=input_ids, attention_mask=attention_mask,
                    position_ids=_position_ids(attention_mask), use_cache=False)
     finally:
         if cap is not None:
             cap.handle.remove()
-    h = out.last_hidden_state[:, :-1]
-    targets = input_ids[:, 1:]
+    if positions is None:
+        h = out.last_hidden_state[:, :-1]
+        targets = input_ids[:, 1:]
+    else:
+        h = out.last_hidden_state.gather(1, positions[..., None].expand(-1, -1, out.last_hidden_state.shape[-1]))
+        targets = input_ids.gather(1, positions + 1)
     parts = []
     for s in range(0, h.shape[1], chunk):
         hs, ts = h[:, s : s + chunk], targets[:, s : s + chunk]
@@ -104,7 +111,7 @@ def hidden_at_layer(model: nn.Module, input_ids: Tensor, attention_mask: Tensor 
     """Residual stream after decoder layer `layer` -> [B, L, d], body only (no lm_head)."""
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    with _LayerCapture(model, layer) as cap:
+    with LayerCapture(model, layer) as cap:
         _body(model)(input_ids=input_ids, attention_mask=attention_mask,
                      position_ids=_position_ids(attention_mask), use_cache=False)
     assert cap.out is not None

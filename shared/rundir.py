@@ -25,7 +25,7 @@ from typing import Any, Iterable, Literal
 
 from pydantic import ValidationError
 
-from .config import ConfigError, RunConfig
+from .config import ConfigError, RunConfig, migrate_train_keys
 
 Mode = Literal["resume", "fresh"]
 CONFIG_NAME = "config.json"
@@ -84,6 +84,11 @@ def read_config_json(path: str | Path) -> dict:
         raise ConfigError(f"{path}:{e.lineno}:{e.colno}: not valid JSON: {e.msg}{end}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}:1: not a config (a JSON object), got {type(data).__name__}")
+    if isinstance(data.get("train"), dict):  # renamed keys, so a drift check compares like with like
+        try:
+            data["train"] = migrate_train_keys(data["train"])
+        except ValueError as e:
+            raise ConfigError(f"{path}: {e}") from None
     return data
 
 

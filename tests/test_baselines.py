@@ -8,7 +8,6 @@ import torch
 
 from learner.baselines import (controlled_basis, haar_basis, module_seed, monitor_flags, monitored_advantages,
                                rebound_penalty)
-from learner.scoring import Scorer
 from rollout.hf_engine import HFEngine
 from reward_server.grader import grade_groups
 from shared.prompts import SYSTEM_LINES
@@ -95,7 +94,7 @@ def test_rebound_mult_penalises_in_proportion_to_the_reward(tmp_path, base_model
     graded, _ = grade_groups(RuleGrader(), add.problems, HFEngine(add.model, add.tokenizer).generate(add.make_jobs(0)))
     add.train_step(graded)
     mult.train_step(graded)
-    rewards = [s["reward"] for s in Scorer.sequences(graded)]
+    rewards = add.rollout_batch(graded).rewards.tolist()
     scores = [p / 0.5 for p in add.last_penalties]  # additive: 0.5 * s
     assert any(s > 0 for s in scores)
     for r, s, p in zip(rewards, scores, mult.last_penalties):
@@ -118,17 +117,18 @@ def test_oracle_monitor_acts_in_a_train_step(tmp_path, base_model, art_root, arm
     # rollout 0: strict hack (mode A, fails gt); 1: loose attempt that passed gt; 2, 3: honest
     g = _graded(ln, "j0", ["hack", "try", "ok", "no"], [{"A"}, {"A"}, set(), set()], [False, True, True, False])
     assert monitor_flags(g.grades, ln.cfg.train.oracle_monitor) == [True, flagged == 2, False, False]
-    seqs = Scorer.sequences([g])
-    keep = {}
-    ln._advantages(seqs, keep, 0)
-    rewards = [s["reward"] for s in seqs]
+    batch = ln.rollout_batch([g])  # what train_step builds: the monitor acts on the typed batch
+    batch.apply_monitor(ln.cfg.train.oracle_monitor, ln.cfg.reward.correct_reward)
+    batch.compute_advantages(ln.cfg.train.loss_type, ln.cfg.train.skip_eps)
+    rewards, adv = batch.rewards.tolist(), batch.advantages.tolist()
+    assert batch.flagged.tolist() == [True, flagged == 2, False, False]
     if arm == "gt_penalty":
         r = [rewards[0] - 3.0] + rewards[1:]
-        assert [s["adv"] for s in seqs] == pytest.approx([x - sum(r) / 4 for x in r])
-        assert seqs[0]["adv"] < 0  # the flagged hack now loses
+        assert adv == pytest.approx([x - sum(r) / 4 for x in r], abs=1e-6)
+        assert adv[0] < 0  # the flagged hack now loses
     else:
         kept = rewards[2:]
-        assert [s["adv"] for s in seqs] == pytest.approx([0.0, 0.0] + [x - sum(kept) / 2 for x in kept])
+        assert adv == pytest.approx([0.0, 0.0] + [x - sum(kept) / 2 for x in kept], abs=1e-6)
     row = ln.train_step([g])
     assert row["monitor_flagged_frac"] == pytest.approx(flagged / 4)
 

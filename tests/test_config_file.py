@@ -137,7 +137,7 @@ def test_config_show_cli_prints_help_text_and_json(tmp_path):
     res = CliRunner().invoke(app, ["config", "show", "--preset", "full"])
     assert res.exit_code == 0, res.output
     assert 'name_or_path = "Qwen/Qwen3-4B"' in res.output
-    assert "# Truncated importance-sampling cap when max_staleness > 0." in res.output
+    assert "# Stale samples: dual-clip bound c on pi/pi_behaviour when the advantage < 0." in res.output
     path = write(tmp_path, res.output)
     res2 = CliRunner().invoke(app, ["config", "show", "--config", str(path), "--set", "train.seed=9", "--json"])
     assert res2.exit_code == 0, res2.output

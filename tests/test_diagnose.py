@@ -10,9 +10,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from analysis.diagnose import (ALIGN_RATIO, VERDICTS, OracleDirection, RunWorld, alignment, build_oracle,
-                               checkpoint_row, conclude, diagnose, direction_cosines, honest_only, random_alignment,
-                               split_half_coherence, unit, verdict)
+from analysis.diagnose import (ALIGN_RATIO, VERDICTS, alignment, checkpoint_row, conclude, diagnose,
+                               random_alignment, verdict)
+from analysis.oracle import (OracleDirection, RunWorld, build_oracle, direction_cosines, honest_only,
+                             split_half_coherence, unit)
 from shared.problems import Message, Problem
 from shared.schemas import Completion, Grade, GradedGroup, RolloutGroup
 
@@ -263,7 +264,7 @@ def test_oracle_file_is_read_through_vhack_path(tiny_run):
     from learner.trainer import Learner
     from learner.vhack import load_vhack, pairs_for_config
 
-    from analysis.diagnose import DiagnoseError, is_oracle_file
+    from analysis.oracle import DiagnoseError, is_oracle_file
 
     path = tiny_run.root / "exp" / "artifacts" / "v_oracle-vanilla-seed0.safetensors"
     with pytest.raises(DiagnoseError, match="the oracle arm needs a vanilla run that hacks"):

@@ -1,5 +1,5 @@
 """`rankguard diagnose` names the v_oracle recipe its verdict used and shows both recipes (issue #23)."""
-from analysis.diagnose import recipe_line
+from analysis.diagnose_plots import recipe_line
 
 
 def _rec(main: str, cos: dict, keys: dict) -> dict:

@@ -4,14 +4,14 @@ import math
 import pytest
 import torch
 
-from learner.grpo import group_advantages, grpo_loss, kl_k3, truncated_is_weight
+from learner.grpo import group_advantages, grpo_loss, kl_k3
 
 torch.set_num_threads(1)
 
 
 def test_dr_grpo_advantages_and_skip_rule():
     r = torch.tensor([[1.0, 0.0, 0.0, 3.0], [2.0, 2.0, 2.0, 2.0], [0.5, 0.5, 0.5, 0.50001]])
-    adv, keep = group_advantages(r, unbiased=True, eps=1e-4)
+    adv, keep = group_advantages(r, "dr_grpo", eps=1e-4)
     assert keep.tolist() == [True, False, False]
     torch.testing.assert_close(adv[0], torch.tensor([0.0, -1.0, -1.0, 2.0]))
     assert torch.equal(adv[1:], torch.zeros(2, 4))
@@ -19,12 +19,12 @@ def test_dr_grpo_advantages_and_skip_rule():
 
 def test_classic_advantages_divide_by_std():
     r = torch.tensor([[0.25] * 7 + [1.25]])
-    adv, keep = group_advantages(r, unbiased=False)
+    adv, keep = group_advantages(r, "grpo")
     std = r.std().item()  # Bessel-corrected, as simple_GRPO's torch .std()
     expected = (r - r.mean()) / (std + 1e-4)
     torch.testing.assert_close(adv, expected)
     assert adv[0, -1].item() == pytest.approx(0.875 / (std + 1e-4))  # the spec's worked example: ~2.47
-    dr, _ = group_advantages(r, unbiased=True)
+    dr, _ = group_advantages(r, "dr_grpo")
     assert dr[0, -1].item() == pytest.approx(0.875)
 
 
@@ -36,7 +36,7 @@ def test_dr_grpo_loss_matches_hand_computation():
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
     adv = torch.tensor([1.5, -0.5])
     beta, eps = 0.1, 0.2
-    loss, stats = grpo_loss(logp, old, ref, adv, mask, clip_eps=eps, beta=beta, unbiased=True, max_len=4)
+    loss, stats = grpo_loss(logp, old, ref, adv, mask, clip_eps=eps, beta=beta, loss_type="dr_grpo", max_len=4)
 
     total, kls, clipped, ratios = 0.0, [], 0, []
     for b in range(2):
@@ -65,10 +65,10 @@ def test_classic_loss_is_per_sequence_token_mean():
     logp = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -0.7, -1.1]])
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
     adv = torch.tensor([2.0, -1.0])
-    loss, _ = grpo_loss(logp, None, None, adv, mask, unbiased=False)  # on-policy: ratio 1
+    loss, _ = grpo_loss(logp, None, None, adv, mask, loss_type="grpo")  # on-policy: ratio 1
     # per token -adv; per-seq mean = -adv; mean over seqs = -(2 - 1)/2
     assert loss.item() == pytest.approx(-0.5)
-    dr, _ = grpo_loss(logp, None, None, adv, mask, unbiased=True)
+    dr, _ = grpo_loss(logp, None, None, adv, mask, loss_type="dr_grpo")
     assert dr.item() == pytest.approx(-(2 * 2 - 1 * 3) / (2 * 3))
 
 
@@ -77,9 +77,9 @@ def test_micro_batches_sum_to_the_full_batch_loss():
     logp, old = torch.randn(6, 5), torch.randn(6, 5)
     mask = (torch.rand(6, 5) > 0.3).float()
     adv = torch.randn(6)
-    for unbiased in (True, False):
-        full, _ = grpo_loss(logp, old, None, adv, mask, unbiased=unbiased, max_len=5)
-        parts = sum(grpo_loss(logp[s], old[s], None, adv[s], mask[s], unbiased=unbiased, max_len=5, num_seqs=6)[0]
+    for loss_type in ("dr_grpo", "grpo"):
+        full, _ = grpo_loss(logp, old, None, adv, mask, loss_type=loss_type, max_len=5)
+        parts = sum(grpo_loss(logp[s], old[s], None, adv[s], mask[s], loss_type=loss_type, max_len=5, num_seqs=6)[0]
                     for s in (slice(0, 2), slice(2, 6)))
         assert parts.item() == pytest.approx(full.item(), rel=1e-6)
 
@@ -104,16 +104,26 @@ def test_kl_k3_is_the_literal_formula_bit_for_bit():
     assert torch.equal(kl_k3(logp.double(), ref.double()), torch.exp(dd) - dd - 1)
 
 
-def test_truncated_is_weight_scales_tokens_and_caps():
-    old = torch.tensor([[0.0, -1.0]])
-    behaviour = torch.tensor([[-2.0, -1.0]])
-    w = truncated_is_weight(old, behaviour, cap=2.0)
-    torch.testing.assert_close(w, torch.tensor([[2.0, 1.0]]))  # e^2 capped at 2
-    logp = torch.tensor([[-0.5, -0.5]])
-    mask = torch.ones(1, 2)
-    base, _ = grpo_loss(logp, None, None, torch.tensor([1.0]), mask)
-    weighted, _ = grpo_loss(logp, None, None, torch.tensor([1.0]), mask, is_weight=w)
-    assert weighted.item() == pytest.approx(base.item() * 1.5)
+def test_dual_clip_bounds_negative_advantages_only():
+    """ratio 3 on every token: A > 0 takes the PPO clip (1 + eps) A; A < 0 would give 3 A (min picks the
+    unclipped branch), which the dual clip raises to c A; both branches carry no gradient."""
+    logp = torch.full((2, 2), math.log(3.0), requires_grad=True)
+    old, mask, adv = torch.zeros(2, 2), torch.ones(2, 2), torch.tensor([1.0, -1.0])
+    plain, st = grpo_loss(logp, old, None, adv, mask, clip_eps=0.2, max_len=2)
+    assert plain.item() == pytest.approx(-(2 * 1.2 - 2 * 3.0) / 4, rel=1e-6)
+    assert st["clip_frac"].item() == pytest.approx(0.5)  # only the positive row was clipped
+    dual, st = grpo_loss(logp, old, None, adv, mask, clip_eps=0.2, max_len=2, dual_clip=2.0)
+    assert dual.item() == pytest.approx(-(2 * 1.2 - 2 * 2.0) / 4, rel=1e-6)
+    assert st["clip_frac"].item() == 1.0 and st["ratio_mean"].item() == pytest.approx(3.0, rel=1e-6)
+    dual.backward()
+    assert torch.equal(logp.grad, torch.zeros(2, 2))
+    with pytest.raises(ValueError, match="dual_clip must be > 1"):
+        grpo_loss(logp, old, None, adv, mask, dual_clip=1.0)
+
+
+def test_unknown_loss_type_is_rejected():
+    with pytest.raises(ValueError, match="unknown loss_type 'ppo'; valid: dr_grpo, grpo"):
+        group_advantages(torch.zeros(1, 2), "ppo")
 
 
 def test_bad_reward_shape_is_rejected():

@@ -95,7 +95,7 @@ def test_full_preset_rehearsal_through_vllm(qwen3_dir, tmp_path):
 
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["preset"] == "full" and cfg["pipeline"]["engine"] == "vllm" and cfg["problems"] == "leetcode"
-    assert cfg["model"]["gradient_checkpointing"] is True and cfg["train"]["beta_kl"] > 0 and cfg["train"]["unbiased"]
+    assert cfg["model"]["gradient_checkpointing"] is True and cfg["train"]["beta_kl"] > 0 and cfg["train"]["loss_type"] == "dr_grpo"
     assert cfg["reward"]["prompt_variant"] == "simple_overwrite_tests" and cfg["reward"]["loopholes"]["rt"]
 
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -248,35 +248,22 @@ def test_projected_arm_reports_projection_stats(tmp_path, base_model, art_root):
     assert weak.vhack_info["modes"] == ["A", "B"] and weak.vhack_info["heldout_modes"] == ["C", "D"]
 
 
-def test_stale_groups_get_truncated_is_weights(tmp_path, base_model, art_root):
-    ln = make_learner(make_cfg(tmp_path, extra=["pipeline.max_staleness=2", "pipeline.is_clip=1.5"]),
-                      base_model, art_root)
-    tok = ln.tokenizer
-    ln.train_step([_group("a", ["ee", "ff"], [0.0, 3.0], tok)])  # now at version 1
-    stale = _group("s", ["ee", "ff"], [0.0, 3.0], tok, version=0)  # behaviour logprobs -1.0 per token
-    row = ln.train_step([stale])
-    assert row["staleness"] == 1.0
-    assert 0 < row["is_weight_mean"] <= 1.5  # min(pi / mu, is_clip)
-    fresh = _group("f", ["ee", "ff"], [0.0, 3.0], tok, version=2)
-    assert "is_weight_mean" not in ln.train_step([fresh])
-
-
 def sampled_batch(ln, engine, step):
-    """(sequences, batch tensors) of one sampled and graded step, as train_step builds them."""
+    """(RolloutBatch, one micro-batch of all its rows) of one sampled and graded step, as train_step builds them."""
     graded, _ = _grade_groups(RuleGrader(), ln.problems, engine.generate(ln.make_jobs(step)))
-    seqs = ln.scorer.sequences(graded)
-    return seqs, ln.scorer.batch(seqs, ln.policy_version)
+    batch = ln.rollout_batch(graded)
+    return batch, batch.micro(torch.arange(len(batch)), ln.device)
 
 
 def test_shared_prefix_forward_matches_full_sequences(tmp_path, base_model, art_root):
     ln = make_learner(make_cfg(tmp_path), base_model, art_root)
-    seqs, b = sampled_batch(ln, HFEngine(ln.model, ln.tokenizer), 0)
+    batch, mb = sampled_batch(ln, HFEngine(ln.model, ln.tokenizer), 0)
     with torch.no_grad():
-        a, ha, ma = ln.scorer._forward_shared(seqs, b, hidden_layer=1)
-        f, hf, mf = ln.scorer._forward_full(seqs, b, hidden_layer=1)
-    m = b["mask"].bool()
+        a, ha, ma = ln.scorer.forward_shared(mb, hidden_layer=1)
+        f, hf, mf = ln.scorer.forward_full(mb, hidden_layer=1)
+    m = mb.mask.bool()
     assert torch.allclose(a[m], f[m], atol=1e-4)
-    engine_lp = torch.tensor([x for s in seqs for x in s["old"]])
+    engine_lp = mb.behaviour_logp[m]
     assert torch.allclose(a[m], engine_lp, atol=1e-4)  # = what the engine reported while sampling
     from learner.rebound import mean_completion_activation
     assert torch.allclose(mean_completion_activation(ha, ma), mean_completion_activation(hf, mf), atol=1e-4)
@@ -284,11 +271,11 @@ def test_shared_prefix_forward_matches_full_sequences(tmp_path, base_model, art_
 
 def test_shared_prefix_gradients_match_full_sequences(tmp_path, base_model, art_root):
     ln = make_learner(make_cfg(tmp_path), base_model, art_root)
-    seqs, b = sampled_batch(ln, HFEngine(ln.model, ln.tokenizer), 1)
+    batch, mb = sampled_batch(ln, HFEngine(ln.model, ln.tokenizer), 1)
     grads = []
-    for fwd in (ln.scorer._forward_shared, ln.scorer._forward_full):
+    for fwd in (ln.scorer.forward_shared, ln.scorer.forward_full):
         ln.model.zero_grad(set_to_none=True)
-        (fwd(seqs, b)[0] * b["mask"]).sum().backward()
+        (fwd(mb)[0] * mb.mask).sum().backward()
         grads.append(torch.cat([p.grad.reshape(-1).clone() for p in ln.delta_s]))
     assert torch.allclose(grads[0], grads[1], rtol=1e-3, atol=1e-4)
     assert float(grads[0].abs().max()) > 0
@@ -300,11 +287,11 @@ def test_lean_reference_logprobs_match_the_model_forward(tmp_path, base_model, a
     eng = HFEngine(ln.model, ln.tokenizer)
     one_step(ln, eng)  # delta_S != 0 now: the reference must still be the delta_S = 0 policy
     eng.version = ln.policy_version
-    seqs, b = sampled_batch(ln, eng, ln.step)
-    lean = ln.scorer.ref_logp(seqs, b)
+    batch, mb = sampled_batch(ln, eng, ln.step)
+    lean = ln.scorer.ref_logp(mb)
     ln.scorer.lean_ref = False
-    plain = ln.scorer.ref_logp(seqs, b)
-    mask = b["mask"].bool()
+    plain = ln.scorer.ref_logp(mb)
+    mask = mb.mask.bool()
     torch.testing.assert_close(lean[mask], plain[mask], rtol=1e-4, atol=1e-4)
-    policy = ln.scorer.logp(seqs, b)[0].detach()
+    policy = ln.scorer.logp(mb)[0].detach()
     assert (policy[mask] - plain[mask]).abs().max() > 1e-4  # and it is not the current policy

@@ -3,6 +3,7 @@ import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
+from analysis.vhack_plots import plot_validation
 from learner import vhack as V
 from learner.pairs import make_pairs, pair_set_hash, split_pairs
 from shared.adapter import adapter_modules, wrap_model
@@ -63,7 +64,7 @@ def test_heldout_gate_passes_and_flipped_direction_fails_loudly(world, tmp_path)
     report = V.validate_vhack(model, tok, vh, held, progress=False)
     assert report.passed and report.frac_positive > 0.5 and report.mean > 0.2
     assert len(report.cos) == len(world["names"]) and report.n_pairs == 8
-    png = V.plot_validation(report, tmp_path / "hist.png")
+    png = plot_validation(report, tmp_path / "hist.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
     flipped = {k: -v for k, v in vh.items()}
     with pytest.raises(V.VHackGateError, match=r"only 0\.0% of \d+ modules .*median -"):

@@ -38,7 +38,7 @@ def _setup(cfg, with_problems: bool = False):
 
     from shared.modeling import load_policy, load_problem_sets
 
-    from . import vhack as V
+    from learner import vhack as V
 
     torch.set_num_threads(max(1, cfg.train.torch_threads))
     problems = None if cfg.problems == "leetcode" else load_problem_sets(cfg)[0]
@@ -57,9 +57,9 @@ def _print_report(report) -> None:
 def _cache_path(cfg, policy, pairs, modes: list[str]) -> Path:
     """Where training looks for this v_hack (learner.artifacts): cfg.vhack_path, else the shared cache.
     Non-default extraction settings (svd basis, floors) add a suffix (learner.vhack.directions_tag)."""
-    from .artifacts import artifacts_dir, model_hash
-    from .pairs import pair_set_hash
-    from .vhack import directions_tag
+    from learner.artifacts import artifacts_dir, model_hash
+    from learner.pairs import pair_set_hash
+    from learner.vhack import directions_tag
 
     if cfg.vhack_path:
         return Path(cfg.vhack_path)
@@ -70,7 +70,7 @@ def _cache_path(cfg, policy, pairs, modes: list[str]) -> Path:
 
 def _solution_pairs(cfg, pairs, problems=None):
     """The solution construction of this config's problems (the active set itself when it is `solution`)."""
-    from .vhack import pairs_for_config
+    from learner.vhack import pairs_for_config
 
     if cfg.vhack.pair_set == "solution":
         return pairs
@@ -100,8 +100,8 @@ def extract(
     unit(mean grad_hack - mean grad_clean) of delta_S (vhack.basis=svd: the top vhack.k singular axes of
     the per-pair differences). Scores the held-out pairs (no gate here; `rankguard vhack validate` gates)
     and writes safetensors with model/modes/pair-set/held-out metadata."""
-    from .pairs import split_pairs
-    from .vhack import extract_directions, save_directions, validate_vhack, vhack_meta
+    from learner.pairs import split_pairs
+    from learner.vhack import extract_directions, save_directions, validate_vhack, vhack_meta
 
     cfg = config_from_flags(preset, set_)
     use_modes = parse_modes(modes, cfg.train.vhack_modes)
@@ -143,8 +143,10 @@ def validate(
     """Score v_hack on held-out pairs: per-module cos(held-out grad diff, v_hack); prints median, frac>0,
     mean and writes a histogram. Exit 1 when <= 50 % of modules are positive (the spec's gate, on the
     config's own pair set only)."""
-    from .pairs import build_pair_set, split_pairs
-    from .vhack import VHackGateError, decompose_vhack, load_directions, plot_validation, validate_vhack
+    from learner.pairs import build_pair_set, split_pairs
+    from learner.vhack import VHackGateError, decompose_vhack, load_directions, validate_vhack
+
+    from .vhack_plots import plot_validation
 
     cfg = config_from_flags(preset, set_)
     parse_modes(modes, list(MODES))  # fail fast on a bad --modes
@@ -187,7 +189,7 @@ def decompose(
     with the whole construction's v_hack. Warns when the correctness part dominates."""
     import json
 
-    from .vhack import decompose_vhack
+    from learner.vhack import decompose_vhack
 
     cfg = config_from_flags(preset, set_)
     use_modes = parse_modes(modes, cfg.train.vhack_modes)
@@ -219,8 +221,8 @@ def pairs_cmd(
 
     from shared.modeling import load_problem_sets
 
-    from .pairs import pair_set_hash, save_pairs
-    from .vhack import pairs_for_config
+    from learner.pairs import pair_set_hash, save_pairs
+    from learner.vhack import pairs_for_config
 
     cfg = config_from_flags(preset, set_)
     problems = None if cfg.problems == "leetcode" else load_problem_sets(cfg)[0]
