@@ -131,7 +131,8 @@ class Server:
         for fd in fds:
             os.close(fd)
         fds.clear()
-        timed_out = not self._wait(pid, float(hdr.get("timeout_s", 3.0)), float(hdr.get("hard_s", 0.0)))
+        timed_out = not self._wait(pid, float(hdr.get("timeout_s", 3.0)), float(hdr.get("hard_s", 0.0)),
+                                   float(hdr.get("cpu_s", 4)) + 1.0)
         if timed_out:
             self._signal_all(pid)
         _, status, ru = os.wait4(pid, 0)
@@ -147,11 +148,13 @@ class Server:
             iso.sweep_run_state(self.base, self.outdir, self.libc, ipc=self.isolation == "bwrap")
         return res
 
-    def _wait(self, pid: int, timeout: float, hard: float = 0.0) -> bool:
+    def _wait(self, pid: int, timeout: float, hard: float = 0.0, cpu_cap: float = float("inf")) -> bool:
         """True if the child exited in time. The wall ceiling `timeout` is for a child that idles
         (sleeps, blocks): one still computing when it passes is given more time, slice by slice up
         to `hard`, since RLIMIT_CPU stops it at its CPU budget anyway. So a busy machine, where the
-        child gets a fraction of a core, does not turn a correct answer into a timeout."""
+        child gets a fraction of a core, does not turn a correct answer into a timeout. As pid 1,
+        "computing" is the CPU of every process of the run, and the run stops once they used
+        `cpu_cap` together (RLIMIT_CPU is per process: a fork bomb would multiply it)."""
         start = time.monotonic()
         deadline, hard_end = start + timeout, start + max(hard, timeout)
         try:
@@ -159,15 +162,20 @@ class Server:
         except (AttributeError, OSError):
             pfd = None
         try:
-            cpu_then, t_then = _cpu_seconds(pid), start
+            usage = _run_usage if self.pid1 else _child_usage
+            cpu_then, t_then = usage(pid)[0], start
             while True:
-                if self._exited(pid, pfd, deadline - time.monotonic()):
+                wake = min(deadline, time.monotonic() + 1.0) if self.pid1 else deadline
+                if self._exited(pid, pfd, wake - time.monotonic()):
                     return True
                 now = time.monotonic()
-                cpu_now = _cpu_seconds(pid)
-                if now >= hard_end or cpu_now is None or cpu_then is None:
+                cpu_now, procs = usage(pid)
+                if cpu_now is None or cpu_then is None or cpu_now >= cpu_cap:
                     return False
-                if cpu_now - cpu_then < 0.05 * (now - t_then):  # idle: the ceiling holds
+                if now < deadline:
+                    continue
+                # past the ceiling: only a lone process still computing gets more time
+                if now >= hard_end or procs > 1 or cpu_now - cpu_then < 0.05 * (now - t_then):
                     return False
                 cpu_then, t_then = cpu_now, now
                 deadline = min(hard_end, now + max(1.0, timeout / 4))
@@ -209,8 +217,9 @@ class Server:
         if self.pid1:
             while True:
                 try:
-                    if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                    if os.waitpid(-1, os.WNOHANG)[0] == 0:  # one still alive (forked as the kill went out?)
                         time.sleep(0.0005)
+                        self._signal_all(pid)
                 except ChildProcessError:
                     return
 
@@ -293,6 +302,29 @@ def _cpu_seconds(pid: int) -> float | None:
         return (int(fields[11]) + int(fields[12])) / _CLK_TCK
     except (OSError, IndexError, ValueError):
         return None
+
+
+def _child_usage(pid: int) -> tuple[float | None, int]:
+    return _cpu_seconds(pid), 1
+
+
+def _run_usage(_pid: int) -> tuple[float | None, int]:
+    """(CPU seconds, processes) of every process in our PID namespace but us (pid 1), their reaped
+    children's CPU included."""
+    total, n = 0.0, 0
+    try:
+        pids = [p for p in os.listdir("/proc") if p.isdigit() and p != "1"]
+    except OSError:
+        return None, 0
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+            total += sum(int(x) for x in fields[11:15]) / _CLK_TCK
+            n += 1
+        except (OSError, IndexError, ValueError):
+            pass
+    return total, n
 
 
 def _clear(workdir: str) -> None:

@@ -174,6 +174,8 @@ class ExecJob:
     marker: str = ""
     result_file: str = ""
     cpu_s: float | None = None
+    wall_s: float | None = None  # a lower wall ceiling than the CPU budget's (what the completion has left)
+    hard_s: float | None = None
 
 
 @dataclass
@@ -258,17 +260,22 @@ def fallback_allowed(cfg: "SandboxConfig") -> bool:
 
 
 FALLBACK_REFUSED = (
-    "the reward sandbox fell back to audit-hook isolation (no namespaces: not root and bubblewrap "
-    "cannot create namespaces here); in it a program can read files outside the sandbox (a problem "
-    "set's answers) and native code can escape the guard, so rewards are refused. Run as root or "
-    f"install bubblewrap; to accept the risk set {ALLOW_FALLBACK_ENV}=1 (or SandboxConfig.allow_fallback)")
+    "the reward sandbox would run in fallback isolation ({detail}): no namespaces, so a program can "
+    "read files outside the sandbox (a problem set's answers) and native code can escape the audit "
+    "hook; rewards are refused. Run as root or install bubblewrap; to accept the risk set "
+    f"{ALLOW_FALLBACK_ENV}=1 (or SandboxConfig.allow_fallback)")
 
 
 def _header(job: ExecJob, cfg: SandboxConfig) -> dict:
     cpu = job.cpu_s if job.cpu_s else cfg.timeout_s
+    wall, hard = cfg.wall_for(cpu), cfg.hard_wall_for(cpu)
+    if job.wall_s is not None:
+        wall = max(0.01, min(wall, job.wall_s))
+    if job.hard_s is not None:
+        hard = max(wall, min(hard, job.hard_s))
     return {
         "mode": job.mode, "setup": job.setup, "program": job.program,
-        "timeout_s": cfg.wall_for(cpu), "hard_s": cfg.hard_wall_for(cpu), "cpu_s": max(1, math.ceil(cpu)),
+        "timeout_s": wall, "hard_s": hard, "cpu_s": max(1, math.ceil(cpu)),
         "mem_bytes": cfg.memory_mb << 20, "fsize_bytes": cfg.fsize_mb << 20, "nproc": cfg.nproc,
         "marker": job.marker, "markers": [job.marker] if job.marker else [],
         "result_file": job.result_file,
