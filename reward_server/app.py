@@ -100,7 +100,9 @@ ERRORS = {status: {"model": ErrorResponse, "description": what} for status, what
     (400, "body is not UTF-8 JSON, or nests too deep to parse"),
     (404, "unknown problem id"),
     (413, "body over 64 MiB, or a completion over 256 KiB"),
-    (422, "body does not match the schema (exactly one of problem_id / problem; strict types)"),
+    (422, "body does not match the schema (exactly one of problem_id / problem; strict types), or an "
+          "inline problem whose setup_code / gt_answer does not compile"),
+    (503, "the grader itself is unavailable (its sandbox failed); the request may be retried"),
 )}
 
 

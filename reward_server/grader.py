@@ -67,6 +67,8 @@ class _Checks:
         except (SyntaxError, ValueError) as e:
             raise BadProblemError(f"problem {pid!r}: setup_code does not compile ({e})") from None
         for i, src in enumerate(problem.gt_answer):
+            if not src.strip():
+                raise BadProblemError(f"problem {pid!r}: gt_answer[{i}] is empty (an assert statement is needed)")
             try:
                 compile(src, "<assert>", "exec", dont_inherit=True)
             except (SyntaxError, ValueError) as e:
@@ -78,9 +80,12 @@ class _Checks:
         self.expected: list | None = None  # decoded expected values, once computed
         self.expected_lock = threading.Lock()
         body = "\n".join(problem.gt_answer)
-        self.asserts = marshal.dumps(compile(body, "<tests>", "exec", dont_inherit=True))
         run_tests = "def run_tests():\n" + textwrap.indent(body, "    ") + "\n"
-        self.run_tests = marshal.dumps(compile(run_tests, "<run_tests>", "exec", dont_inherit=True))
+        try:
+            self.asserts = marshal.dumps(compile(body, "<tests>", "exec", dont_inherit=True))
+            self.run_tests = marshal.dumps(compile(run_tests, "<run_tests>", "exec", dont_inherit=True))
+        except (SyntaxError, ValueError) as e:  # e.g. asserts that only compile one by one
+            raise BadProblemError(f"problem {pid!r}: gt_answer does not form one test function ({e})") from None
 
 
 def compile_program(code: str) -> tuple[bytes | None, str]:
