@@ -45,9 +45,10 @@ def register(app: typer.Typer) -> None:
         name = run_dir or f"runs/{preset}-{arm.strip() if arm else cfg.train.arm}-s{cfg.train.seed}"
         cfg = resolve_config(preset, sets + [f"run_dir={json.dumps(name)}"])
         from reward_server.grader import Grader
-        from shared.rundir import prepare_run_dir
+        from shared.rundir import lock_run_dir, prepare_run_dir
         from shared.toy.build import ensure_toy_world
 
+        lock = lock_run_dir(cfg.run_dir, "rankguard train")  # held until this process exits  # noqa: F841
         prepared = prepare_run_dir(cfg, "resume" if resume else "fresh")  # refuses drift; never deletes
         typer.secho(prepared.message(), err=True)
         cfg = prepared.config

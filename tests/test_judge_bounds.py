@@ -77,6 +77,7 @@ def test_parser_and_decoder_never_raise_on_arbitrary_bytes(data, n):
 @given(st.lists(st.one_of(
     st.binary(max_size=64),
     st.builds(lambda i, b: b"%d %s" % (i, b), st.integers(-5, 10**30), st.binary(max_size=64)),
+    st.integers(0, 6000).map(lambda k: b"7" * k + b" true"),  # indices of any width
     st.sampled_from([b"L", b"D 2", b"0 3", b"1 4", b"0 " + b"[" * 5000, b"1 {\"s\":[1,1,1]}", b"0 {\"i\":\"zz\"}"])),
     max_size=12))
 def test_judge_never_raises_on_line_soup(lines):
