@@ -545,7 +545,10 @@ def test_one_wall_ceiling_per_completion(attacked, attack):
     for problem in ("judge-tiny", "3243"):
         g = attacked["grades"][(attack, problem)]
         assert g.timed_out, (attack, problem, g.status)
-        assert {"A", "BCD"} <= set(getattr(g, "ceiling_skipped", [])), (attack, problem, g.timings)
+        # a sleeper spends the ceiling in its first check; a fork bomb (a busy loop where the guard refuses
+        # fork) may compute through a second one, never through all
+        cut = {"A", "BCD"} if attack == "sleeper" or attacked["mode"] == "namespaces" else {"BCD"}
+        assert cut <= set(getattr(g, "ceiling_skipped", [])), (attack, problem, g.timings)
 
 
 def test_parser_bombs_are_recorded_not_raised(attacked):
