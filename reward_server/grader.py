@@ -35,8 +35,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from reward_server import judge, reference
 from reward_server.detector import detect
-from reward_server.sandbox import (ALLOW_FALLBACK_ENV, FALLBACK_REFUSED, ExecJob, ExecResult, SandboxConfig, SandboxError,
-                                   fallback_allowed, make_executor)
+from reward_server.sandbox import (ALLOW_FALLBACK_ENV, FALLBACK_REFUSED, ExecJob, ExecResult, SandboxConfig,
+                                   SandboxError, fallback_allowed, make_executor)
 from shared.config import LoopholeConfig, RewardConfig
 from shared.hacks import MODE_KEYS, MODES, PASS_MARKER, RESULT_FILE
 from shared.problems import Problem
@@ -177,11 +177,13 @@ class Grader:
         self.executor = make_executor(sandbox)
         self.workers = sandbox.n_workers
         self.sandbox_info = dict(self.executor.info)
-        if self.sandbox_info.get("isolation") in ("fallback", "fresh") and not fallback_allowed(sandbox):
+        mode = self.sandbox_info.get("isolation")
+        if mode in ("fallback", "fresh") and not fallback_allowed(sandbox):
             self.executor.close()
             self._closed = True
-            raise SandboxError(FALLBACK_REFUSED.format(detail=self.sandbox_info.get("detail", "")) if self.sandbox_info["isolation"] == "fallback" else
-                               "isolation='fresh' runs programs without any isolation (benchmark only); "
+            if mode == "fallback":
+                raise SandboxError(FALLBACK_REFUSED.format(detail=self.sandbox_info.get("detail", "")))
+            raise SandboxError("isolation='fresh' runs programs without any isolation (benchmark only); "
                                f"set {ALLOW_FALLBACK_ENV}=1 (or SandboxConfig.allow_fallback) to use it")
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="grade")
         self._cache: OrderedDict[str, _Checks] = OrderedDict()
@@ -194,7 +196,7 @@ class Grader:
         log.info("reward sandbox: isolation=%s network=%s workers=%d (%s)",
                  self.sandbox_info.get("isolation"), self.sandbox_info.get("network"), self.workers,
                  self.sandbox_info.get("detail", ""))
-        if self.sandbox_info.get("isolation") == "fallback":
+        if mode == "fallback":
             log.warning("reward sandbox runs WITHOUT namespaces (allowed explicitly): an in-process audit hook "
                         "only (run as root, or install bubblewrap, for the allow-list root and namespaces)")
 
