@@ -46,7 +46,6 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 VERDICT_CAP = 32 << 20  # result lines the grader keeps from one check (more is read and dropped)
 ISOLATIONS = ("auto", "namespaces", "bwrap", "fallback", "fresh")
 ALLOW_FALLBACK_ENV = "RANKGUARD_ALLOW_FALLBACK"
-MODULES = ("plain", "harness", "wire", "isolation", "forkserver")  # in import order
 
 # The fork server starts from `python -E -S -c BOOT`: its three modules arrive over a pipe, so the
 # sandbox never needs (or gets) read access to the repository.
@@ -63,7 +62,7 @@ srcs = marshal.loads(blob)
 top = types.ModuleType('reward_server'); top.__path__ = []; sys.modules['reward_server'] = top
 pkg = types.ModuleType('reward_server.sandbox'); pkg.__path__ = []; sys.modules[pkg.__name__] = pkg
 top.sandbox = pkg
-for name in ('plain', 'harness', 'wire', 'isolation', 'forkserver'):
+for name in srcs:  # in import order (plain, harness, wire, isolation, forkserver)
     mod = types.ModuleType('reward_server.sandbox.' + name)
     sys.modules[mod.__name__] = mod; setattr(pkg, name, mod)
     exec(compile(srcs[name], 'reward_server/sandbox/' + name + '.py', 'exec'), mod.__dict__)
