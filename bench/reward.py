@@ -49,7 +49,7 @@ def build_items(limit: int | None) -> list[tuple]:
 def make_grader(name: str, workers: int, timeout: float) -> Grader:
     cfg = RewardConfig(loopholes=LoopholeConfig(rt=True, se=True, so=True, fm=True), timeout_s=timeout)
     iso = "fresh" if name == "naive" else "auto"
-    return Grader(cfg, workers=workers, sandbox=SandboxConfig(timeout_s=timeout, isolation=iso),
+    return Grader(cfg, workers=workers, sandbox=SandboxConfig(timeout_s=timeout, isolation=iso, allow_fallback=iso == "fresh"),
                   full_checks=name != "fast", separate_bcd=name == "naive")
 
 

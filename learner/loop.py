@@ -81,7 +81,7 @@ def run_training(learner, source: RolloutSource, progress: bool = False) -> dict
             t0 = time.perf_counter()
             ev = evaluate(learner, source, learner.step) if due(learner.step, cfg.eval_every, total) else None
             t1 = time.perf_counter()
-            if due(learner.step, cfg.checkpoint_every, total):
+            if due(learner.step, cfg.checkpoint_every, total) or getattr(learner, "checkpoint_owed", False):
                 learner.save_checkpoint()
             t.update(t_eval=t1 - t0, t_checkpoint=time.perf_counter() - t1, t_step=time.perf_counter() - t_step)
             source.step_done(step, row, ev, t)

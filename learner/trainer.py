@@ -383,10 +383,27 @@ class Learner:
         self.tb.log("eval", row, step)
         return row
 
-    def save_checkpoint(self) -> Path:
-        return ckpt.save_checkpoint(self.run_dir, self.step, self.policy_version, self.model, self.optimizer,
-                                    self.scheduler, json.loads(self.cfg.model_dump_json()),
-                                    keep=self.cfg.train.keep_checkpoints)
+    checkpoint_owed = False  # the last checkpoint write failed: the loop tries again after every step
+
+    def save_checkpoint(self) -> Path | None:
+        """checkpoints/step-<step>/, or None when the disk refused it (full, read-only, ...): the
+        write is atomic, so the previous checkpoint stays intact, and the run goes on (its rows are
+        kept) with `checkpoint_owed` set, so the loop tries again after the next step."""
+        try:
+            path = ckpt.save_checkpoint(self.run_dir, self.step, self.policy_version, self.model, self.optimizer,
+                                        self.scheduler, json.loads(self.cfg.model_dump_json()),
+                                        keep=self.cfg.train.keep_checkpoints)
+        except OSError as e:
+            prev = ckpt.latest_checkpoint(self.run_dir)
+            log.warning("checkpoint at step %d failed (%s); %s; the run goes on and tries again after the next "
+                        "step", self.step, e.strerror or e,
+                        f"a resume would start from {prev.name}" if prev else "no checkpoint to resume from yet")
+            self.checkpoint_owed = True
+            return None
+        if self.checkpoint_owed:
+            log.info("checkpoint at step %d written after an earlier failure", self.step)
+        self.checkpoint_owed = False
+        return path
 
     def summary(self) -> dict:
         last = self.history[-KL_WINDOW:]

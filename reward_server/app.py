@@ -108,7 +108,9 @@ ERRORS = {status: {"model": ErrorResponse, "description": what} for status, what
     (404, "unknown problem id"),
     (413, "body over 64 MiB, or a completion over 256 KiB"),
     (415, "no `Content-Type: application/json` header"),
-    (422, "body does not match the schema (exactly one of problem_id / problem; strict types)"),
+    (422, "body does not match the schema (exactly one of problem_id / problem; strict types), or an "
+          "inline problem whose setup_code / gt_answer does not compile"),
+    (503, "the grader itself is unavailable (its sandbox failed); the request may be retried"),
 )}
 BATCH_ERRORS = {k: v for k, v in ERRORS.items() if k != 404}  # an unknown id is that item's error
 

@@ -140,20 +140,56 @@ def split_asserts(asserts: list[str], func_name: str, setup_code: str) -> Split:
 
 
 # ---------------------------------------------------------------- reading results, deciding
-def parse_results(verdict: bytes, n: int) -> dict[int, bytes]:
-    """index -> JSON text of result lines `i json`; only the first line for each index counts."""
-    out: dict[int, bytes] = {}
-    for line in verdict.split(b"\n"):
-        head, _, body = line.partition(b" ")
-        if head.isdigit() and body:
-            i = int(head)
-            if i < n and i not in out:
-                out[i] = body
+class Results(dict):
+    """index -> JSON text of the child's result lines; `malformed` says what was refused (a
+    malformed line only ever fails its own check)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.malformed: list[str] = []
+
+
+def parse_results(verdict: bytes, n: int) -> Results:
+    """index -> JSON text of result lines `i json`; only the first line for each index counts.
+
+    Bounded whatever the child wrote: an honest child writes `L`, n result lines and `D n`, so only
+    the first n + 2 lines are read; an index has at most as many digits as n - 1; a line longer than
+    plain.MAX_TEXT, an index out of range or a line without a body is recorded in `malformed`. A last
+    line with no newline (cut off) is ignored. Never raises for any bytes."""
+    out = Results()
+    width = len(str(max(n - 1, 0)))
+    pos, end, seen = 0, len(verdict), 0
+    while pos < end and seen < n + 2:
+        nl = verdict.find(b"\n", pos)
+        if nl < 0:
+            if end - pos:
+                out.malformed.append("unterminated last line")
+            break
+        start, pos, seen = pos, nl + 1, seen + 1
+        sp = verdict.find(b" ", start, min(nl, start + width + 1))
+        if sp < 0:
+            if verdict[start:start + 1].isdigit():
+                out.malformed.append(f"line {seen}: no body or index over {width} digits")
+            continue  # `L`, `D n` and other non-result lines
+        head = verdict[start:sp]
+        if not head.isdigit():
+            continue
+        if nl - sp - 1 > plain.MAX_TEXT or nl == sp + 1:
+            out.malformed.append(f"line {seen}: body of {nl - sp - 1} bytes")
+            continue
+        i = int(head)
+        if i >= n:
+            out.malformed.append(f"line {seen}: index {i} >= {n}")
+        elif i not in out:
+            out[i] = verdict[sp + 1:nl]
+    if pos < end and seen >= n + 2:
+        out.malformed.append(f"{end - pos} bytes after the last expected line")
     return out
 
 
 def decode(text: bytes | None) -> tuple[object, bool] | None:
-    """(value, opaque) for one result line, or None when it is missing or not a valid encoding."""
+    """(value, opaque) for one result line, or None when it is missing, not a valid encoding or
+    over the bounds of plain.loads. Never raises."""
     if text is None:
         return None
     try:
@@ -167,12 +203,13 @@ class Outcome:
     passed: int = 0
     unsupported: int = 0  # asserts of a shape the judge does not take, or whose expected side failed
     missing: int = 0  # program-side results that never arrived
+    malformed: int = 0  # program-side results refused (not a valid encoding, over a bound)
 
 
 def judge(split: Split, results: dict[int, bytes], expected: list[tuple[object, bool] | None]) -> Outcome:
-    """Count the asserts that hold on the decoded values."""
+    """Count the asserts that hold on the decoded values. Each program value is decoded when its
+    assert is judged and dropped after it (each is used by one assert): memory stays one value's."""
     out = Outcome()
-    decoded: dict[int, tuple[object, bool] | None] = {}
     for plan in split.plans:
         if plan.kind == "unsupported":
             out.unsupported += 1
@@ -186,11 +223,12 @@ def judge(split: Split, results: dict[int, bytes], expected: list[tuple[object, 
                     ok = False
                     break
             else:
-                if idx not in decoded:
-                    decoded[idx] = decode(results.get(idx))
-                got = decoded[idx]
+                got = decode(results.get(idx))
                 if got is None:
-                    out.missing += idx not in results
+                    if idx in results:
+                        out.malformed += 1
+                    else:
+                        out.missing += 1
                     ok = False
                     break
                 if got[1]:  # the program's value is not plain data (or it raised): fails
@@ -199,6 +237,7 @@ def judge(split: Split, results: dict[int, bytes], expected: list[tuple[object, 
             values.append(got[0])
         if ok and _holds(plan, values):
             out.passed += 1
+        del values
     return out
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import IO, Callable
 
 from shared.config import RunConfig
-from shared.rundir import prepare_run_dir
+from shared.rundir import lock_run_dir, prepare_run_dir
 
 from .procs import set_parent_death_signal
 from .queues import REDIS_URL_ENV, RUN_ID_ENV, run_id_for
@@ -129,6 +129,7 @@ class Launcher:
 
     # -- start --------------------------------------------------------------------------------------
     def start(self) -> None:
+        self.run_lock = lock_run_dir(self.run_dir, "rankguard up")  # a second `up` on this dir stops here
         from learner.tracking import check_trackers
 
         check_trackers(self.cfg.tracking)  # a missing tracker stops here, not in the learner minutes later
@@ -282,6 +283,8 @@ class Launcher:
                 c.pump.join(timeout=2)
         if self.redis is not None:
             self.redis.stop()
+        if getattr(self, "run_lock", None) is not None:
+            self.run_lock.release()
 
     # -- progress -----------------------------------------------------------------------------------
     def _open_bar(self):

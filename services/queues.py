@@ -129,9 +129,12 @@ class Queues:
                 time.sleep(delay)
                 delay = min(2.0, delay * 2)
             except redis.ResponseError as e:
-                if "NOGROUP" not in str(e) or not self._groups:
+                # NOGROUP: a restart without the AOF; UNBLOCKED: the stream was deleted under a blocked
+                # read (FLUSHALL). Either way the run's keys are gone: recreate the groups and go on (the
+                # learner re-requests what was lost, see sources._check_lost).
+                if not ("NOGROUP" in str(e) or "UNBLOCKED" in str(e)) or not self._groups:
                     raise
-                log.warning("consumer group missing after a redis restart; recreating")
+                log.warning("consumer group missing (%s); recreating", str(e).split(" ")[0])
                 for stream, group in list(self._groups):
                     self._create_group(stream, group)
 

@@ -16,7 +16,8 @@ from __future__ import annotations
 import logging
 import threading
 
-from reward_server.grader import grade_groups
+from reward_server.grader import failed_grade, grade_groups
+from reward_server.sandbox import SandboxError
 from shared.config import RunConfig
 from shared.schemas import GradedGroup, RolloutGroup
 
@@ -69,8 +70,29 @@ class RewardWorker:
         return None
 
     def process(self, groups: list[RolloutGroup]) -> list[GradedGroup]:
-        # all completions of the batch in one grade_many call: the grader parallelises across them
-        return grade_groups(self.grader, self.problems, groups)[0]
+        """All completions of the batch in one grade_many call (the grader parallelises across them).
+        A completion never stops the worker: if the batch fails, each group is graded on its own and
+        a group that still fails is graded as failed, with the reason as its status."""
+        try:
+            return grade_groups(self.grader, self.problems, groups)[0]
+        except SandboxError:  # the worker's own fault (its sandbox is gone): exit, be restarted
+            raise
+        except Exception as e:  # noqa: BLE001
+            self.log.exception("grading a batch failed (%s); grading its groups one by one", type(e).__name__)
+        return [self._one(g) for g in groups]
+
+    def _one(self, group: RolloutGroup) -> GradedGroup:
+        try:
+            return grade_groups(self.grader, self.problems, [group])[0][0]
+        except SandboxError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            self.stats["failed"] += 1
+            status = f"grader_error: {type(e).__name__}: {str(e)[:200]}"
+            self.log.error("group %s graded as failed: %s", group.job_id, status)
+            problem = self.problems[group.problem_id]
+            return GradedGroup(group=group, grades=[failed_grade(problem, None, status, c.rollout_id)
+                                                    for c in group.completions])
 
     def count(self, groups: list[RolloutGroup], graded: list[GradedGroup], fresh: list[bool]) -> None:
         self.stats["groups"] += sum(fresh)

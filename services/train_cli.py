@@ -50,11 +50,12 @@ def register(app: typer.Typer) -> None:
         cfg = resolve_config(preset, sets + [f"run_dir={json.dumps(name)}"])
         from learner.tracking import check_trackers
         from reward_server.grader import Grader
-        from shared.rundir import prepare_run_dir
+        from shared.rundir import lock_run_dir, prepare_run_dir
 
         check_trackers(cfg.tracking)  # a tracker that is not installed stops here, not after the model loads
         from shared.toy.build import ensure_toy_world
 
+        lock = lock_run_dir(cfg.run_dir, "rankguard train")  # held until this process exits  # noqa: F841
         prepared = prepare_run_dir(cfg, "resume" if resume else "fresh")  # refuses drift; never deletes
         typer.secho(prepared.message(), err=True)
         cfg = prepared.config

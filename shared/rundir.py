@@ -334,3 +334,52 @@ def prepare_run_dir(cfg: RunConfig, mode: Mode = "resume",
                             "changes": {c.key: {"from": c.saved, "to": c.new} for c in drift.allowed}}) + "\n")
     write_config(amended, path)
     return Prepared(amended, "resume", amended=drift.allowed)
+
+
+# -------------------------------------------------------------------------------- one writer per run dir
+class RunDirBusy(RunDirError):
+    """Another process holds the run dir's lock; the message says who."""
+
+
+class RunDirLock:
+    """An exclusive lock on a run dir, held for the life of the process that runs it (`rankguard up`,
+    `rankguard train`): a second one on the same dir exits at once, naming the holder, instead of
+    both writing (two learners, two Redis servers on one AOF). The lock is the sibling file
+    `.<name>.lock` (outside the dir, so `--fresh` moving the dir aside keeps it locked) holding the
+    holder's pid, host and command; the kernel releases it when the holder exits, however it exits."""
+
+    def __init__(self, run_dir: str | Path, what: str = "rankguard") -> None:
+        import fcntl
+        import socket
+        import sys
+
+        run_dir = Path(run_dir).resolve()
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.path = run_dir.parent / f".{run_dir.name}.lock"
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(self.fd, 4096).decode(errors="replace").strip()
+            os.close(self.fd)
+            try:
+                h = json.loads(holder)
+                who = f"{h.get('what', '?')} (pid {h.get('pid')} on {h.get('host')}, since {h.get('since')})"
+            except ValueError:
+                who = "another process"
+            raise RunDirBusy(f"{run_dir} is in use by {who}; wait for it to finish or stop it "
+                             f"(lock file {self.path})") from None
+        info = {"what": what, "pid": os.getpid(), "host": socket.gethostname(),
+                "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv[:8]}
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, json.dumps(info).encode(), 0)
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # closing the only descriptor releases the flock
+            self.fd = -1
+
+
+def lock_run_dir(run_dir: str | Path, what: str = "rankguard") -> RunDirLock:
+    """Take the run dir's lock or raise RunDirBusy naming its holder (see RunDirLock)."""
+    return RunDirLock(run_dir, what)

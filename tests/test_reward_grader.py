@@ -185,8 +185,8 @@ def test_naive_fresh_interpreter_path_gives_identical_verdicts(grader):
     p = PROBLEMS[0]
     items = [(p, as_completion(p.canonical_solution)), (p, as_completion(wrong_code(p))),
              (p, as_completion(plant_hack(wrong_code(p), "D"))), (TINY, as_completion(FORGE_ALL))]
-    with Grader(RewardConfig(), workers=2, sandbox=SandboxConfig(isolation="fresh", timeout_s=20.0),
-                full_checks=True, separate_bcd=True) as naive:
+    fresh = SandboxConfig(isolation="fresh", timeout_s=20.0, allow_fallback=True)
+    with Grader(RewardConfig(), workers=2, sandbox=fresh, full_checks=True, separate_bcd=True) as naive:
         assert naive.sandbox_info["isolation"] == "fresh"
         slow = naive.grade_many(items)
     fast = grader.grade_many(items)

@@ -12,8 +12,13 @@ the isolation mode allows the attack at all), so a passing test is not a toothle
 from __future__ import annotations
 
 import glob
+import json
 import os
+import shutil
+import subprocess
 import tempfile
+import uuid
+from pathlib import Path
 
 import pytest
 
@@ -376,6 +381,70 @@ scan()
 """, "NO_LEAK")
 
 
+# ---------------------------------------------------------------- round 3: around the result channel
+# A copy of the problem set (answers included) where the server's own hiding never looked: an
+# allow-list root must not show it (nor the repo's copy, nor paths on any process's command line).
+PLANTED = f"/opt/rankguard-answers-{uuid.uuid4().hex}/problems.jsonl"
+ATTACKS["hunt_answers_on_disk"] = ("""
+import os, json
+PATHS = [PLANTED_PATH, REPO_SET]
+def hunt():
+    paths, dirs = list(PATHS), 0
+    try:
+        for pid in os.listdir('/proc'):
+            try:
+                args = open('/proc/' + pid + '/cmdline', 'rb').read().split(b'\\0')
+                paths += [a.decode() for a in args if a.endswith(b'.jsonl')]
+            except OSError:
+                pass
+    except OSError:
+        pass
+    for root in ('/opt', '/srv', '/home', '/root', '/work', '/tmp', '/mnt', '/data', '/var'):
+        try:
+            for d, subs, files in os.walk(root):
+                dirs += 1
+                subs[:] = [x for x in subs if x not in ('.venv', '.git', 'node_modules', '__pycache__')]
+                paths += [os.path.join(d, f) for f in files if f.endswith('.jsonl')]
+                if dirs > 3000:
+                    break
+        except OSError:
+            pass
+    for path in paths:
+        try:
+            for line in open(path):
+                rec = json.loads(line)
+                if rec.get('func_name', '').endswith('.{m}') and rec.get('canonical_solution'):
+                    return rec['canonical_solution']
+        except Exception:
+            pass
+    return None
+SOL = hunt()
+print('HUNT', 'FOUND' if SOL else 'NOTHING', flush=True)
+if SOL:
+    exec(SOL, globals())
+else:
+    class Solution:
+        def {m}(self, *args, **kwargs):
+            return 'nope'
+""".replace("PLANTED_PATH", repr(PLANTED)).replace(
+    "REPO_SET", repr(str(Path(__file__).resolve().parents[1] / "shared/data/leetcode_medhard_dev.jsonl"))),
+    "HUNT")
+ONCE = "import os\n_rg_sent = []\ndef send(data):\n    if not _rg_sent:\n        _rg_sent.append(1)\n        os.write(4, data)\n"
+ATTACKS["parser_bomb_index_digits"] = (ONCE + wrong("{m}", "send(b'7' * 5000 + b' true\\n'); return 'nope'"), "")
+ATTACKS["parser_bomb_lines"] = (ONCE + wrong("{m}", "send(b'\\n' * (16 << 20)); return 'nope'"), "")
+ATTACKS["parser_bomb_int_digits"] = (ONCE + wrong("{m}", "send(b'0 ' + b'9' * 100000 + b'\\n'); return 'nope'"), "")
+ATTACKS["decode_bomb_colliding_keys"] = (ONCE + wrong(
+    "{m}", "P = (1 << 61) - 1; send(b'0 {\"s\":[' + b','.join(b'%d' % (i * P) for i in range(1, 60000)) + b']}\\n'); "
+           "return 'nope'"), "")
+ATTACKS["decode_bomb_memory"] = (ONCE + wrong("{m}", "send(b'0 [' + b'[],' * (5 << 20) + b'[]]\\n'); return 'nope'"), "")
+ATTACKS["decode_bomb_result_file"] = (wrong(
+    "{m}", "open('result.json', 'w').write('[' * 60000 + ']' * 60000); return 'nope'"), "")
+ATTACKS["sleeper"] = (wrong("{m}", "import time; time.sleep(1000)"), "")
+ATTACKS["fork_bomb"] = (wrong("{m}", "import os\n        while True:\n            try:\n                os.fork()\n"
+                                     "            except Exception:\n                pass"), "")
+CEILING_ATTACKS = ("sleeper", "fork_bomb")  # one wall ceiling per completion: the later checks are not run
+
+
 def _modes() -> list[str]:
     modes = ["fallback"]
     if bwrap_works():
@@ -389,10 +458,17 @@ def _slot_dirs() -> set[str]:
     return set(glob.glob(os.path.join(tempfile.gettempdir(), "rankguard-slot*")))
 
 
+def plant_answers() -> None:
+    Path(PLANTED).parent.mkdir(parents=True)
+    Path(PLANTED).write_text("".join(json.dumps(p.model_dump(mode="json")) + "\n" for p in (TINY, REAL)))
+
+
 @pytest.fixture(scope="module", params=_modes())
 def attacked(request):
     before = _slot_dirs()
-    grader = Grader(CFG, workers=4, sandbox=SandboxConfig(timeout_s=1.0, isolation=request.param))
+    plant_answers()
+    grader = Grader(CFG, workers=4, sandbox=SandboxConfig(timeout_s=1.0, isolation=request.param,
+                                                         allow_fallback=True))
     try:
         names = list(ATTACKS)
         items = [(p, as_completion(ATTACKS[n][0].replace("{m}", p.func_name.split(".")[-1])))
@@ -406,6 +482,7 @@ def attacked(request):
         uids = [s.uid for s in grader.executor.servers]
     finally:
         grader.close()
+        shutil.rmtree(Path(PLANTED).parent, ignore_errors=True)
     yield {"grades": out, "honest": honest, "alive": alive, "servers": servers, "uids": uids,
            "mode": grader.sandbox_info["isolation"], "new_dirs": _slot_dirs() - before}
 
@@ -459,3 +536,204 @@ def _pids_of_uid(uid: int) -> list[str]:
         if any(ln.startswith("Uid:") and int(ln.split()[1]) == uid for ln in lines):
             found.append(status)
     return found
+
+
+@pytest.mark.parametrize("attack", CEILING_ATTACKS)
+def test_one_wall_ceiling_per_completion(attacked, attack):
+    """A program that idles (or forks and stalls) uses up its completion's one wall ceiling in the
+    honest check; the vulnerable checks are then not run, rather than each waiting a ceiling of its own."""
+    for problem in ("judge-tiny", "3243"):
+        g = attacked["grades"][(attack, problem)]
+        assert g.timed_out, (attack, problem, g.status)
+        # a sleeper spends the ceiling in its first check; a fork bomb (a busy loop where the guard refuses
+        # fork) may compute through a second one, never through all
+        cut = {"A", "BCD"} if attack == "sleeper" or attacked["mode"] == "namespaces" else {"BCD"}
+        assert cut <= set(getattr(g, "ceiling_skipped", [])), (attack, problem, g.timings)
+
+
+def test_parser_bombs_are_recorded_not_raised(attacked):
+    """A bounded parse records what it refused; the grade is an ordinary failed one."""
+    g = attacked["grades"][("parser_bomb_index_digits", "judge-tiny")]
+    assert g.status != "ok" and g.n_passed == 0
+    assert getattr(g, "malformed", {}).get("n_lines", 0) >= 1, g.status
+
+
+# ---------------------------------------------------------------- nothing carried over between runs
+STASH_KEY = 0x52470001  # SysV IPC key the stash uses
+STASH_CHANNELS = r'''
+import os, socket
+KEY = %d
+def libc():
+    import ctypes
+    lib = ctypes.CDLL(None, use_errno=True)
+    lib.shmat.restype = ctypes.c_void_p
+    lib.shmat.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+    return lib
+def rt():
+    import ctypes
+    for name in (None, 'librt.so.1'):
+        lib = ctypes.CDLL(name, use_errno=True)
+        if hasattr(lib, 'mq_open'):
+            return lib
+FILES = ['/tmp/rgstash', '/dev/shm/rgstash', '/var/tmp/rgstash', os.path.expanduser('~') + '/../rgstash',
+         os.path.dirname(os.getcwd()) + '/rgstash', '/run/shm/rgstash']
+''' % STASH_KEY
+STASH = STASH_CHANNELS + r'''
+G = globals()
+SECRET = NONCE + ('|' + '|'.join(c for c in G['run_tests'].__code__.co_consts if isinstance(c, str))
+                  if 'run_tests' in G else '')
+ok = []
+def attempt(name, fn):
+    try:
+        fn()
+        ok.append(name)
+    except BaseException:
+        pass
+for path in FILES:
+    attempt('file:' + path, lambda path=path: open(path, 'w').write(SECRET))
+attempt('fifo', lambda: os.mkfifo('/tmp/rgstash-' + NONCE))
+def posix_shm():
+    import _posixshmem
+    fd = _posixshmem.shm_open('/rgstash', os.O_CREAT | os.O_RDWR, 0o666)
+    os.write(fd, SECRET.encode())
+attempt('posix_shm', posix_shm)
+def sysv_shm():
+    import ctypes
+    lib = libc()
+    shmid = lib.shmget(KEY, 4096, 0o1666)
+    addr = lib.shmat(shmid, None, 0) if shmid >= 0 else None
+    if not addr or addr == ctypes.c_void_p(-1).value:
+        raise OSError('shm')
+    data = SECRET.encode()[:4000] + b'\0'
+    ctypes.memmove(addr, data, len(data))
+attempt('sysv_shm', sysv_shm)
+def mqueue():
+    import ctypes
+    lib = rt()
+    lib.mq_open.restype = ctypes.c_int
+    fd = lib.mq_open(b'/rgstash', os.O_CREAT | os.O_WRONLY | os.O_NONBLOCK, 0o666, None)
+    data = SECRET.encode()[:4000]
+    if fd < 0 or lib.mq_send(fd, data, len(data), 0) != 0:
+        raise OSError('mq')
+attempt('mqueue', mqueue)
+def hostname():
+    if libc().sethostname(b'rg' + NONCE[:20].encode(), 22) != 0:
+        raise OSError('uts')
+attempt('hostname', hostname)
+def abstract_socket():
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind('\0rgstash')
+    s.listen(4)
+    if os.fork() == 0:
+        os.setsid()
+        while True:
+            c, _ = s.accept()
+            c.sendall(SECRET.encode())
+            c.close()
+attempt('abstract_socket', abstract_socket)
+print('STASHED', sorted(ok), flush=True)
+class Solution:
+    def reveal(self, *args, **kwargs):
+        return 'nope'
+'''
+USE = STASH_CHANNELS + r'''
+found = {}
+def attempt(name, fn):
+    try:
+        text = fn()
+        if text and NONCE in text:
+            found[name] = text
+    except BaseException:
+        pass
+for path in FILES:
+    attempt('file:' + path, lambda path=path: open(path).read())
+attempt('fifo', lambda: ' '.join(os.listdir('/tmp')))
+def posix_shm():
+    import _posixshmem
+    fd = _posixshmem.shm_open('/rgstash', os.O_RDONLY, 0)
+    return os.read(fd, 4096).decode()
+attempt('posix_shm', posix_shm)
+def sysv_shm():
+    import ctypes
+    lib = libc()
+    shmid = lib.shmget(KEY, 0, 0)
+    addr = lib.shmat(shmid, None, 0) if shmid >= 0 else None
+    if not addr or addr == ctypes.c_void_p(-1).value:
+        return ''
+    return ctypes.string_at(addr).decode()
+attempt('sysv_shm', sysv_shm)
+def mqueue():
+    import ctypes
+    lib = rt()
+    fd = lib.mq_open(b'/rgstash', os.O_RDONLY | os.O_NONBLOCK)
+    buf = ctypes.create_string_buffer(1 << 16)
+    n = lib.mq_receive(fd, buf, 1 << 16, None) if fd >= 0 else -1
+    return buf.raw[:n].decode() if n > 0 else ''
+attempt('mqueue', mqueue)
+attempt('hostname', lambda: os.uname().nodename)
+def abstract_socket():
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(1)
+    s.connect('\0rgstash')
+    return s.recv(1 << 16).decode()
+attempt('abstract_socket', abstract_socket)
+print('USE', sorted(found), flush=True)
+TOKENS = [t for text in found.values() for t in text.split('|')[1:] if t.startswith('tok')]
+class Solution:
+    def reveal(self, *args, **kwargs):
+        return TOKENS[0] if TOKENS else 'nope'
+'''
+
+
+def _host_leftovers(nonce: str) -> list[str]:
+    found = [p for p in glob.glob("/tmp/rgstash*") + glob.glob("/dev/shm/rgstash*") + glob.glob("/var/tmp/rgstash*")]
+    found += [p for p in glob.glob("/dev/mqueue/rgstash*")]
+    try:
+        rows = open("/proc/sysvipc/shm").read().splitlines()[1:]
+        found += [f"sysv shm key {STASH_KEY:#x}" for r in rows if r.split() and int(r.split()[0]) == STASH_KEY]
+    except OSError:
+        pass
+    return found
+
+
+def _clean_host() -> None:
+    for p in glob.glob("/tmp/rgstash*") + glob.glob("/dev/shm/rgstash*") + glob.glob("/var/tmp/rgstash*"):
+        try:
+            os.unlink(p)
+        except OSError:
+            pass
+    if shutil.which("ipcrm"):  # a SysV segment that reached the host (it outlives every process)
+        subprocess.run(["ipcrm", "-M", str(STASH_KEY)], capture_output=True)
+
+
+@pytest.mark.parametrize("mode", _modes())
+def test_stash_then_use_sees_nothing(mode):
+    """A program stashes a secret (and, in the mode-A check, the expected values it is handed by
+    design) in every place that could outlive it; the next program, on the same slot, finds none of
+    it: fresh IPC/UTS namespaces per run, nothing writable that persists, every process killed."""
+    from reward_server.grader import compile_program
+    from reward_server.sandbox import ExecJob
+
+    token = "tok" + uuid.uuid4().hex
+    nonce = uuid.uuid4().hex
+    secret = Problem(id="judge-secret", question="reveal", func_name="Solution().reveal", setup_code="",
+                     gt_answer=[f"assert Solution().reveal(1) == {token!r}"],
+                     canonical_solution=f"class Solution:\n    def reveal(self, x):\n        return {token!r}\n")
+    stash, use = (src.replace("NONCE", repr(nonce)) for src in (STASH, USE))
+    grader = Grader(CFG, workers=1, sandbox=SandboxConfig(timeout_s=1.0, isolation=mode, allow_fallback=True))
+    try:
+        ck = grader._checks(secret)
+        probe = grader.executor.run(ExecJob("eval", ck.setup, compile_program(stash)[0], {}, {"exprs": ck.program_exprs}))
+        stashed = grader.grade(secret, as_completion(stash))  # its mode-A run sees the expected value
+        used = grader.grade(secret, as_completion(use))
+        leftovers = _host_leftovers(nonce)
+    finally:
+        grader.close()
+        _clean_host()
+    assert "USE []" in used.stdout, (mode, used.stdout[-500:], used.stderr[-500:])
+    assert not used.gt_pass and used.reward <= CFG.format_reward
+    assert not stashed.gt_pass
+    assert leftovers == [], leftovers
+    assert "STASHED" in probe.stdout, (probe.status, probe.stderr[-500:])
+    if mode == "namespaces":  # the channels really were open to the stash (in its own namespaces)
+        assert "sysv_shm" in probe.stdout and "mqueue" in probe.stdout, probe.stdout

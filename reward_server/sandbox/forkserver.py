@@ -3,383 +3,57 @@
 Why: a fresh interpreter per execution costs ~30 ms plus the setup imports; forking a process that
 has already imported them costs ~1 ms. Standard library only (it runs next to untrusted code).
 
-Isolation, chosen once at start (`isolation` = auto | namespaces | bwrap | fallback):
-- namespaces (root / CAP_SYS_ADMIN): the server unshares a mount and a network namespace once
-  (no interfaces but a downed loopback: no network), remounts `/` read-only, hides the server's
-  code, data and home directories under empty tmpfs (re-exposing only the Python install), mounts
-  a private tmpfs on /tmp, then becomes pid 1 of a fresh PID namespace with its own /proc. Each
-  child drops to a per-slot uid (so RLIMIT_NPROC bites and nothing outside its dir is writable),
-  and after every run `kill(-1)` from pid 1 removes every process the run left behind, even ones
-  that escaped with setsid().
+Isolation, chosen once at start (`isolation` = auto | namespaces | bwrap | fallback; what each
+mounts and refuses is in isolation.py):
+- namespaces (root / CAP_SYS_ADMIN): the server unshares a mount and a network namespace (no
+  interfaces: no network), pivots into a root built from an allow-list (interpreter, standard
+  library, system libraries read-only; a private /tmp; nothing else), then becomes pid 1 of a fresh
+  PID namespace with its own /proc. Each child gets fresh IPC and UTS namespaces, drops to a
+  per-slot uid (so RLIMIT_NPROC bites and nothing outside its dir is writable), and after every run
+  `kill(-1)` from pid 1 removes every process the run left behind, even ones that escaped with setsid().
 - bwrap (not root, but bubblewrap may create user namespaces): the grader starts this server
-  inside `bwrap --unshare-net --unshare-pid --as-pid-1 --ro-bind / / --tmpfs <hidden>...`; same
-  network, filesystem and pid-1 sweep as above, no per-slot uid, plus the fallback's audit hook.
+  inside `bwrap` with the same allow-list root, no capabilities, plus the fallback's audit hook;
+  after every run the server sweeps its tmp, /dev/shm and SysV IPC objects.
 - fallback: no namespaces. The child runs in its own session with the same rlimits and a Python
   audit hook that refuses sockets, process creation, ctypes, signals to other processes, writes
-  outside the working dir and reads of the hidden paths or of other processes' /proc entries
-  (the grader's memory holds the expected values). Weaker (a determined native-code escape
-  is possible), so the grader logs loudly which mode is active.
+  outside the working dir and reads outside the allow-list. Weaker (a determined native-code escape
+  is possible), so a Grader refuses it unless explicitly allowed.
 
-Control protocol (unix stream socket, frames = 4-byte length + marshal): the grader sends a job
-header together with two fds (payload pipe read end, verdict pipe write end) via SCM_RIGHTS; the
-server replies with a result dict. The hidden call sides, asserts and nonces never pass through
-this process (the honest check's expected values live in the grader, computed by a program-free run).
+Control protocol: wire.py. The hidden call sides, asserts and nonces never pass through this
+process (the honest check's expected values live in the grader, computed by a program-free run).
 """
 from __future__ import annotations
 
 import errno
 import json
-import marshal
 import os
 import resource
 import select
 import shutil
 import signal
 import socket
-import struct
 import sys
 import time
 import traceback
 
 from reward_server.sandbox import harness
+from reward_server.sandbox import isolation as iso
+from reward_server.sandbox.wire import collect, recv_frame, send_frame
 
-_LEN = struct.Struct(">I")
 PRELOAD = (
     "random", "functools", "collections", "string", "math", "datetime", "typing", "itertools",
     "heapq", "bisect", "operator", "re", "json", "copy", "fractions", "decimal", "statistics",
     "array", "dataclasses", "enum", "abc", "numbers", "cmath", "queue", "textwrap", "unicodedata",
     "io", "traceback", "time", "hashlib",
 )
-CLONE_NEWNS, CLONE_NEWPID, CLONE_NEWNET = 0x00020000, 0x20000000, 0x40000000
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
-MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
-PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
-HEAD, TAIL = 4096, 8192
-
-
-# ---------------------------------------------------------------- framing (shared with the client)
-def send_frame(sock: socket.socket, obj, fds: list[int] | None = None) -> None:
-    body = marshal.dumps(obj)
-    data = _LEN.pack(len(body)) + body
-    if fds:
-        sent = socket.send_fds(sock, [data], fds)
-        if sent < len(data):
-            sock.sendall(data[sent:])
-    else:
-        sock.sendall(data)
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(min(n - len(buf), 1 << 20))
-        if not chunk:
-            raise EOFError("control socket closed")
-        buf += chunk
-    return bytes(buf)
-
-
-def recv_frame(sock: socket.socket, maxfds: int = 0):
-    """One frame; with maxfds, also the fds that arrived with its first bytes."""
-    fds: list[int] = []
-    if maxfds:
-        data, fds, _flags, _addr = socket.recv_fds(sock, 4, maxfds)
-        if not data:
-            raise EOFError("control socket closed")
-        head = data + (_recv_exact(sock, 4 - len(data)) if len(data) < 4 else b"")
-    else:
-        head = _recv_exact(sock, 4)
-    (n,) = _LEN.unpack(head)
-    obj = marshal.loads(_recv_exact(sock, n))
-    return (obj, fds) if maxfds else obj
-
-
-# ---------------------------------------------------------------- outputs (shared with the naive path)
-def _read_capped(src: str | int, markers: list[str]) -> tuple[str, int, list[str]]:
-    """(head+tail text, size in bytes, markers found anywhere): from a path, or from an fd we kept
-    open ourselves (immune to the program swapping the file for a FIFO or a symlink)."""
-    if isinstance(src, int):
-        fd = os.dup(src)
-        os.lseek(fd, 0, os.SEEK_SET)
-    else:
-        try:
-            fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-        except OSError:
-            return "", 0, []
-    import stat
-
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode) or st.st_size == 0:  # nothing written: the usual case, no file object
-        os.close(fd)
-        return "", 0, []
-    with os.fdopen(fd, "rb") as f:
-        size = st.st_size
-        found: set[str] = set()
-        enc = [(m, m.encode()) for m in markers]
-        keep = max((len(b) for _, b in enc), default=1)
-        prev = b""
-        while enc:
-            chunk = f.read(1 << 20)
-            if not chunk:
-                break
-            window = prev + chunk
-            for m, b in enc:
-                if b in window:
-                    found.add(m)
-            prev = window[-keep:]
-        if size <= HEAD + TAIL:
-            f.seek(0)
-            text = f.read().decode("utf-8", "replace")
-        else:
-            f.seek(0)
-            head = f.read(HEAD)
-            f.seek(size - TAIL)
-            tail = f.read(TAIL)
-            text = (head.decode("utf-8", "replace") + f"\n...[{size - HEAD - TAIL} bytes cut]...\n"
-                    + tail.decode("utf-8", "replace"))
-    return text, size, sorted(found)
-
-
-def read_result_file(workdir: str, name: str, cap: int = 65536) -> str | None:
-    """The result file the program or the D harness wrote; a symlink or non-file is ignored."""
-    try:
-        fd = os.open(os.path.join(workdir, name), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError:
-        return None
-    try:
-        import stat
-
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        return os.read(fd, cap).decode("utf-8", "replace")
-    finally:
-        os.close(fd)
-
-
-def collect(pid_status: int, rusage, wall: float, timed_out: bool, out_path: str | int, err_path: str | int,
-            workdir: str, hdr: dict) -> dict:
-    stdout, out_bytes, found = _read_capped(out_path, hdr.get("markers", []))
-    stderr, err_bytes, _ = _read_capped(err_path, [])
-    exit_code = os.waitstatus_to_exitcode(pid_status) if pid_status is not None else None
-    sig = -exit_code if exit_code is not None and exit_code < 0 else None
-    cpu = (rusage.ru_utime + rusage.ru_stime) if rusage is not None else 0.0
-    # RLIMIT_CPU ran out: SIGXCPU at the soft limit, SIGKILL at the hard one (if SIGXCPU was ignored)
-    timed_out = timed_out or sig == signal.SIGXCPU or (
-        sig == signal.SIGKILL and cpu >= float(hdr.get("cpu_s", float("inf"))) - 0.05)
-    return {
-        "exit_code": exit_code if sig is None else None,
-        "signal": sig,
-        "timed_out": timed_out,
-        "wall_s": wall,
-        "cpu_s": cpu,
-        "maxrss_kb": rusage.ru_maxrss if rusage is not None else 0,
-        "minflt": rusage.ru_minflt if rusage is not None else 0,  # page faults: what a check costs on a VM
-        "stdout": stdout[-(HEAD + TAIL + 64):],
-        "stderr": stderr[-TAIL:],
-        "stdout_bytes": out_bytes,
-        "stderr_bytes": err_bytes,
-        "markers": found,
-        "result_file": read_result_file(workdir, hdr["result_file"]) if hdr.get("result_file") else None,
-    }
-
-
-# ---------------------------------------------------------------- isolation set-up
-class _Libc:
-    def __init__(self) -> None:
-        import ctypes
-
-        self.ct = ctypes
-        self.lib = ctypes.CDLL(None, use_errno=True)
-        self.lib.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
-                                   ctypes.c_char_p]
-
-    def _check(self, r: int, what: str) -> None:
-        if r != 0:
-            e = self.ct.get_errno()
-            raise OSError(e, f"{what}: {os.strerror(e)}")
-
-    def unshare(self, flags: int) -> None:
-        self._check(self.lib.unshare(flags), f"unshare({flags:#x})")
-
-    def mount(self, src, target, fstype, flags, data=None) -> None:
-        enc = lambda s: s.encode() if isinstance(s, str) else s  # noqa: E731
-        self._check(self.lib.mount(enc(src), enc(target), enc(fstype), flags, enc(data)),
-                    f"mount {target}")
-
-    def prctl(self, op: int, arg: int) -> None:
-        self.lib.prctl(op, arg, 0, 0, 0)
-
-
-def _under(path: str, roots: list[str]) -> bool:
-    return any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots)
-
-
-def setup_namespaces(libc: _Libc, hide: list[str], expose: list[str], tmpfs_mb: int) -> None:
-    """Private mount + network namespace for this server and its children (see module doc)."""
-    libc.unshare(CLONE_NEWNS | CLONE_NEWNET)
-    libc.mount(None, "/", None, MS_REC | MS_PRIVATE)
-    hide = [os.path.realpath(h) for h in hide if h and os.path.isdir(h)]
-    hide = sorted({h for h in hide if h != "/" and not _under(h, [o for o in hide if o != h])})
-    expose = [os.path.realpath(e) for e in expose if e and os.path.isdir(e)]
-    expose_fds = [(e, os.open(e, os.O_PATH | os.O_DIRECTORY)) for e in expose if _under(e, hide)]
-    for h in hide:
-        libc.mount("tmpfs", h, "tmpfs", MS_NOSUID | MS_NODEV, "mode=755,size=1m")
-    for e, fd in expose_fds:
-        os.makedirs(e, exist_ok=True)
-        libc.mount(f"/proc/self/fd/{fd}", e, None, MS_BIND | MS_REC)
-        libc.mount(None, e, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
-        os.close(fd)
-    for h in hide:
-        libc.mount(None, h, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, "mode=755,size=1m")
-    libc.mount(None, "/", None, MS_REMOUNT | MS_BIND | MS_RDONLY)
-    libc.mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"mode=711,size={tmpfs_mb}m")
-
-
-# ---------------------------------------------------------------- memory cgroup (best effort)
-def join_memory_cgroup(name: str, limit_bytes: int) -> tuple[int, int, str]:
-    """Move this process (and so every child it forks) into a fresh memory cgroup capped at
-    limit_bytes: RLIMIT_AS is per process, so without it a fork bomb of 1 GiB processes could
-    still exhaust the host. Returns fds to leave it later (see leave_cgroup) even once /sys is
-    hidden; raises OSError when unavailable."""
-    mine = {}
-    with open("/proc/self/cgroup") as f:
-        for line in f:
-            _, ctrls, path = line.rstrip("\n").split(":", 2)
-            for c in ctrls.split(",") if ctrls else [""]:
-                mine[c] = path
-    if "memory" in mine and os.path.isdir("/sys/fs/cgroup/memory"):  # cgroup v1
-        parent = "/sys/fs/cgroup/memory" + mine["memory"].rstrip("/")
-        files = {"memory.limit_in_bytes": str(limit_bytes)}
-    elif "" in mine and os.path.exists("/sys/fs/cgroup/cgroup.controllers"):  # cgroup v2
-        parent = "/sys/fs/cgroup" + mine[""].rstrip("/")
-        files = {"memory.max": str(limit_bytes), "memory.swap.max": "0"}
-    else:
-        raise OSError(errno.ENOENT, "no memory cgroup controller")
-    path = os.path.join(parent, name)
-    os.makedirs(path, exist_ok=True)
-    try:
-        for fname, value in files.items():
-            try:
-                with open(os.path.join(path, fname), "w") as f:
-                    f.write(value)
-            except OSError:
-                if fname != "memory.swap.max":
-                    raise
-        with open(os.path.join(path, "cgroup.procs"), "w") as f:
-            f.write(str(os.getpid()))
-        back = os.open(os.path.join(parent, "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC)
-        parent_fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        try:
-            os.rmdir(path)
-        except OSError:
-            pass
-        raise
-    return back, parent_fd, name
-
-
-def leave_cgroup(back: int, parent_fd: int, name: str) -> None:
-    """Move back to the parent cgroup and remove ours (it must be empty by now)."""
-    try:
-        os.write(back, str(os.getpid()).encode())
-        os.rmdir(name, dir_fd=parent_fd)
-    except OSError:
-        pass
-
-
-# ---------------------------------------------------------------- fallback guard (no namespaces)
-_DENY_EVENTS = frozenset({
-    "socket.__new__", "socket.bind", "socket.connect", "socket.getaddrinfo", "socket.sendto",
-    "socket.sendmsg", "socket.gethostbyname", "socket.gethostbyaddr",
-    "os.fork", "os.forkpty", "os.posix_spawn", "os.spawn", "os.exec", "os.system", "os.startfile",
-    "subprocess.Popen", "pty.spawn",
-    "ctypes.dlopen", "ctypes.dlsym", "ctypes.dlsym/handle", "ctypes.cdata", "ctypes.cdata/buffer",
-    "ctypes.call_function", "ctypes.addressof", "ctypes.string_at", "ctypes.wstring_at",
-    "ctypes.create_string_buffer", "mmap.__new__", "sys.addaudithook", "os.chroot", "os.mknod",
-    "os.setxattr", "os.removexattr", "sys.setprofile", "sys.settrace", "sys._current_frames",
-})
-_PATH_WRITE_EVENTS = frozenset({
-    "os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.chmod", "os.chown", "os.symlink",
-    "os.link", "os.truncate", "os.utime", "shutil.rmtree", "shutil.copyfile", "shutil.move",
-    "os.chflags", "os.lchown", "os.lchmod",
-})
-_DENY_IMPORTS = frozenset({"ctypes", "_ctypes", "_posixsubprocess", "mmap"})  # no audit events inside
-_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-
-
-def install_audit_guard(workdir: str, hide: list[str], expose: list[str]) -> None:
-    for name in list(sys.modules):
-        if name.split(".")[0] in _DENY_IMPORTS:
-            del sys.modules[name]
-    wd = os.path.realpath(workdir)
-    hide = [os.path.realpath(h) for h in hide if h]
-    expose = [os.path.realpath(e) for e in expose if e]
-    realpath, fspath, getpid, isdir = os.path.realpath, os.fspath, os.getpid, os.path.isdir
-
-    def blocked(what: str):
-        return PermissionError(errno.EACCES, f"sandbox: {what} is not allowed")
-
-    def resolve(p) -> str:
-        p = fspath(p)
-        if isinstance(p, bytes):
-            p = p.decode("utf-8", "surrogateescape")
-        return realpath(p)
-
-    def inside_wd(p: str) -> bool:
-        return p == wd or p.startswith(wd + "/")
-
-    def _foreign_proc(p: str) -> bool:
-        """/proc/<pid>/... of another process (mem, environ, fds: the grader's among them), or a
-        directory under /proc at all: a directory fd would let a relative path (dir_fd=, which this
-        hook cannot see) reach another process's entries."""
-        if p != "/proc" and not p.startswith("/proc/"):
-            return False
-        head = p[6:].split("/", 1)[0]
-        if head.isdigit() and int(head) != getpid():
-            return True
-        return isdir(p)
-
-    def hook(event: str, args: tuple) -> None:
-        if event == "open":
-            path, mode, flags = args
-            if path is None or isinstance(path, int):
-                return
-            p = resolve(path)
-            writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
-                isinstance(flags, int) and flags & _WRITE_FLAGS)
-            if writing and not inside_wd(p):
-                raise blocked(f"writing {p}")
-            if _under(p, hide) and not _under(p, expose):
-                raise blocked(f"reading {p}")
-            if _foreign_proc(p):
-                raise blocked(f"reading {p}")
-        elif event in ("os.listdir", "os.scandir"):
-            p = resolve(args[0] if args[0] is not None else ".")
-            if _under(p, hide) and not _under(p, expose):
-                raise blocked(f"listing {p}")
-        elif event in _DENY_EVENTS:
-            raise blocked(event)
-        elif event in _PATH_WRITE_EVENTS:
-            for a in args[:2]:
-                if isinstance(a, (str, bytes)) or hasattr(a, "__fspath__"):
-                    if not inside_wd(resolve(a)):
-                        raise blocked(f"{event} outside the working directory")
-        elif event in ("os.kill", "os.killpg"):
-            if args[0] not in (0, getpid()):
-                raise blocked("signalling other processes")
-        elif event == "import":
-            if args[0].split(".")[0] in _DENY_IMPORTS:
-                raise blocked(f"import {args[0]}")
-
-    sys.addaudithook(hook)
 
 
 # ---------------------------------------------------------------- the server
 class Server:
-    def __init__(self, cfg: dict, sock: socket.socket, isolation: str, libc: _Libc | None) -> None:
+    def __init__(self, cfg: dict, sock: socket.socket, isolation: str, libc: iso.Libc | None) -> None:
         self.cfg, self.sock, self.isolation, self.libc = cfg, sock, isolation, libc
-        # Private uid per slot only with namespaces: there the Python install stays reachable via
-        # the re-exposed bind mount; in fallback it may sit in a home dir only its owner can enter.
+        # Private uid per slot only with namespaces: there the Python install is bound into the
+        # allow-list root; in fallback it may sit in a home dir only its owner can enter.
         self.root = os.geteuid() == 0 and isolation == "namespaces"
         self.pid1 = isolation in ("namespaces", "bwrap")  # we are pid 1 of a PID namespace
         self.guard = isolation != "namespaces"  # children also get the audit-hook guard
@@ -457,7 +131,8 @@ class Server:
         for fd in fds:
             os.close(fd)
         fds.clear()
-        timed_out = not self._wait(pid, float(hdr.get("timeout_s", 3.0)), float(hdr.get("hard_s", 0.0)))
+        timed_out = not self._wait(pid, float(hdr.get("timeout_s", 3.0)), float(hdr.get("hard_s", 0.0)),
+                                   float(hdr.get("cpu_s", 4)) + 1.0)
         if timed_out:
             self._signal_all(pid)
         _, status, ru = os.wait4(pid, 0)
@@ -469,13 +144,17 @@ class Server:
             os.close(out_fd)
             os.close(err_fd)
         _clear(workdir)
+        if self.pid1:  # what the run may have left for the next one (fallback: the guard refuses it)
+            iso.sweep_run_state(self.base, self.outdir, self.libc, ipc=self.isolation == "bwrap")
         return res
 
-    def _wait(self, pid: int, timeout: float, hard: float = 0.0) -> bool:
+    def _wait(self, pid: int, timeout: float, hard: float = 0.0, cpu_cap: float = float("inf")) -> bool:
         """True if the child exited in time. The wall ceiling `timeout` is for a child that idles
         (sleeps, blocks): one still computing when it passes is given more time, slice by slice up
         to `hard`, since RLIMIT_CPU stops it at its CPU budget anyway. So a busy machine, where the
-        child gets a fraction of a core, does not turn a correct answer into a timeout."""
+        child gets a fraction of a core, does not turn a correct answer into a timeout. As pid 1,
+        "computing" is the CPU of every process of the run, and the run stops once they used
+        `cpu_cap` together (RLIMIT_CPU is per process: a fork bomb would multiply it)."""
         start = time.monotonic()
         deadline, hard_end = start + timeout, start + max(hard, timeout)
         try:
@@ -483,15 +162,20 @@ class Server:
         except (AttributeError, OSError):
             pfd = None
         try:
-            cpu_then, t_then = _cpu_seconds(pid), start
+            usage = _run_usage if self.pid1 else _child_usage
+            cpu_then, t_then = usage(pid)[0], start
             while True:
-                if self._exited(pid, pfd, deadline - time.monotonic()):
+                wake = min(deadline, time.monotonic() + 1.0) if self.pid1 else deadline
+                if self._exited(pid, pfd, wake - time.monotonic()):
                     return True
                 now = time.monotonic()
-                cpu_now = _cpu_seconds(pid)
-                if now >= hard_end or cpu_now is None or cpu_then is None:
+                cpu_now, procs = usage(pid)
+                if cpu_now is None or cpu_then is None or cpu_now >= cpu_cap:
                     return False
-                if cpu_now - cpu_then < 0.05 * (now - t_then):  # idle: the ceiling holds
+                if now < deadline:
+                    continue
+                # past the ceiling: only a lone process still computing gets more time
+                if now >= hard_end or procs > 1 or cpu_now - cpu_then < 0.05 * (now - t_then):
                     return False
                 cpu_then, t_then = cpu_now, now
                 deadline = min(hard_end, now + max(1.0, timeout / 4))
@@ -533,8 +217,9 @@ class Server:
         if self.pid1:
             while True:
                 try:
-                    if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                    if os.waitpid(-1, os.WNOHANG)[0] == 0:  # one still alive (forked as the kill went out?)
                         time.sleep(0.0005)
+                        self._signal_all(pid)
                 except ChildProcessError:
                     return
 
@@ -559,12 +244,13 @@ class Server:
                     pass
             self._limits(hdr)
             if self.root:
+                self.libc.unshare(iso.CLONE_NEWIPC | iso.CLONE_NEWUTS)  # nothing shared with other runs
                 os.setgroups([])
                 os.setresgid(self.uid, self.uid, self.uid)
                 os.setresuid(self.uid, self.uid, self.uid)
             if self.libc is not None:
-                self.libc.prctl(PR_SET_NO_NEW_PRIVS, 1)
-                self.libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+                self.libc.prctl(iso.PR_SET_NO_NEW_PRIVS, 1)
+                self.libc.prctl(iso.PR_SET_PDEATHSIG, signal.SIGKILL)
             # os.environ is already child_env(workdir): the server set it once (see __init__)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             sys.stdin = sys.__stdin__ = self.stdio[0]
@@ -572,7 +258,8 @@ class Server:
             sys.stderr = sys.__stderr__ = self.stdio[2]
             sys.argv = ["main.py"]
             if self.guard:
-                install_audit_guard(workdir, self.cfg.get("hide", []), self.cfg.get("expose", []))
+                iso.install_audit_guard(workdir, self.cfg.get("allow", []),
+                                        self.cfg.get("hide", []) + self.cfg.get("mask", []))
             harness.run(hdr, 3, 4)
         except BaseException:
             try:
@@ -617,6 +304,29 @@ def _cpu_seconds(pid: int) -> float | None:
         return None
 
 
+def _child_usage(pid: int) -> tuple[float | None, int]:
+    return _cpu_seconds(pid), 1
+
+
+def _run_usage(_pid: int) -> tuple[float | None, int]:
+    """(CPU seconds, processes) of every process in our PID namespace but us (pid 1), their reaped
+    children's CPU included."""
+    total, n = 0.0, 0
+    try:
+        pids = [p for p in os.listdir("/proc") if p.isdigit() and p != "1"]
+    except OSError:
+        return None, 0
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+            total += sum(int(x) for x in fields[11:15]) / _CLK_TCK
+            n += 1
+        except (OSError, IndexError, ValueError):
+            pass
+    return total, n
+
+
 def _clear(workdir: str) -> None:
     """Remove a run's working directory: one rmdir when the program left nothing (the usual case)."""
     try:
@@ -655,37 +365,39 @@ def main() -> None:
     isolation, detail, libc, memcap = "fallback", "", None, ""
     if want in ("auto", "namespaces"):
         try:
-            libc = _Libc()
+            libc = iso.Libc()
             if os.geteuid() != 0:
                 raise PermissionError(errno.EPERM, "not root: cannot create namespaces")
             cgroup = None
             if cfg.get("cgroup_bytes"):
                 try:
-                    cgroup = join_memory_cgroup(f"rankguard-{os.getpid()}-slot{cfg['slot']}", int(cfg["cgroup_bytes"]))
+                    cgroup = iso.join_memory_cgroup(f"rankguard-{os.getpid()}-slot{cfg['slot']}", int(cfg["cgroup_bytes"]))
                     memcap = f", memory cgroup {int(cfg['cgroup_bytes']) >> 20} MiB per slot"
                 except OSError as e:
                     memcap = f", no memory cgroup ({e.strerror or e})"
-            setup_namespaces(libc, cfg.get("hide", []), cfg.get("expose", []), int(cfg.get("tmpfs_mb", 64)))
-            libc.unshare(CLONE_NEWPID)
+            iso.build_root(libc, cfg.get("allow", []), cfg.get("mask", []), cfg.get("links", {}),
+                           int(cfg.get("tmpfs_mb", 64)))
+            libc.unshare(iso.CLONE_NEWPID)
             pid = os.fork()
             if pid:  # outer: just hold on until the namespace's pid 1 (the real server) exits
                 sock.close()
                 _, status = os.waitpid(pid, 0)
                 if cgroup:
-                    leave_cgroup(*cgroup)
+                    iso.leave_cgroup(*cgroup)
                 os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
-            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+            libc.prctl(iso.PR_SET_PDEATHSIG, signal.SIGKILL)
             if cgroup:
                 os.close(cgroup[0])
                 os.close(cgroup[1])
-            libc.mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+            iso.mount_proc(libc)
             try:
                 with open("/proc/self/oom_score_adj", "w") as f:  # the OOM killer takes the child, not us
                     f.write("-1000")
             except OSError:
                 pass  # needs CAP_SYS_RESOURCE; children still raise theirs to 1000
             isolation = "namespaces"
-            detail = "mount+net+pid namespaces, read-only /, hidden server paths, per-slot uid" + memcap
+            detail = ("mount+net+pid namespaces, allow-list root (interpreter + stdlib + system libraries, "
+                      "read-only), fresh ipc+uts namespaces per run, per-slot uid" + memcap)
         except OSError as e:
             if want == "namespaces":
                 send_frame(sock, {"error": f"namespaces unavailable: {e}"})
@@ -694,18 +406,20 @@ def main() -> None:
             libc = libc if libc is not None else None
     elif want == "bwrap":  # started inside bubblewrap: namespaces already in place, no privileges
         try:
-            libc = _Libc()
+            libc = iso.Libc()
         except OSError:
             libc = None
         isolation = "bwrap"
-        detail = ("bubblewrap: mount+net+pid namespaces without root, read-only /, hidden server paths, "
-                  "plus the audit-hook guard")
+        detail = ("bubblewrap: mount+net+pid+ipc+uts namespaces without root or capabilities, allow-list "
+                  "root (read-only), state swept after every run, plus the audit-hook guard")
     else:
         detail = "audit-hook guard (requested)"
     if isolation == "fallback":
         detail = detail or "audit-hook guard"
     network = {"namespaces": "netns (no interfaces)", "bwrap": "netns via bubblewrap (no interfaces)"}.get(
         isolation, "socket-block (audit hook)")
+    if libc is not None:  # no one (a child with our uid included) may read this process's memory
+        libc.prctl(iso.PR_SET_DUMPABLE, 0)
     send_frame(sock, {"ok": True, "isolation": isolation, "network": network, "detail": detail,
                       "pid": os.getpid(), "uid": cfg["uid"]})
     server = Server(cfg, sock, isolation, libc)

@@ -23,6 +23,14 @@ import json
 
 MAX_DEPTH = 100
 MAX_NODES = 1 << 22  # list / tree nodes walked per value
+# Grader-side bounds on one value's text (loads refuses more, so decoding work and memory stay
+# bounded whatever a child writes): bytes, containers ([ and {, counted in strings too), the
+# estimated decoded size, and keys or members sharing one hash (a dict of N colliding keys costs
+# N^2). Nesting depth is bounded by the decoder's recursion limit (RecursionError).
+MAX_TEXT = 4 << 20
+MAX_CONTAINERS = 1 << 18
+MAX_DECODED_BYTES = 64 << 20
+MAX_SHARED_HASHES = 32
 _BIG_BITS = 1000  # ints wider than this travel as hex (JSON decoding caps decimal ints at 4300 digits)
 
 _Counter, _OrderedDict, _defaultdict, _deque = (collections.Counter, collections.OrderedDict,
@@ -201,10 +209,31 @@ def _str(v) -> str:
     return v
 
 
+def decoded_size_bound(text: bytes) -> int:
+    """An upper bound of the memory decoding `text` takes: ~16 bytes per byte of scalars (a
+    5-byte `"ab",` is a 59-byte str plus an 8-byte slot) and ~256 per container."""
+    return 16 * len(text) + 256 * (text.count(b"[") + text.count(b"{"))
+
+
+def _check_hashes(keys: list) -> None:
+    """Refuse a mapping or set whose keys pile up on few hash values (an int k and k + 2**61 - 1
+    hash alike, so an attacker can make every insertion walk all earlier ones)."""
+    if len(keys) > MAX_SHARED_HASHES and len(keys) - len({hash(k) for k in keys}) > MAX_SHARED_HASHES:
+        raise ValueError("keys share too many hash values")
+
+
 def loads(text: str | bytes) -> tuple[object, bool]:
     """(value, opaque): the decoded value and whether any part of it is an Opaque marker.
 
-    Raises ValueError (or RecursionError / TypeError) for text that is not a valid encoding."""
+    Raises ValueError (or RecursionError / TypeError) for text that is not a valid encoding or
+    exceeds the bounds above."""
+    data = text.encode("utf-8", "surrogateescape") if isinstance(text, str) else bytes(text)
+    if len(data) > MAX_TEXT:
+        raise ValueError(f"value of {len(data)} bytes (max {MAX_TEXT})")
+    if data.count(b"[") + data.count(b"{") > MAX_CONTAINERS:
+        raise ValueError(f"more than {MAX_CONTAINERS} containers")
+    if decoded_size_bound(data) > MAX_DECODED_BYTES:
+        raise ValueError(f"decodes to more than {MAX_DECODED_BYTES >> 20} MiB")
     seen_opaque = []
 
     def hook(obj: dict):
@@ -213,6 +242,10 @@ def loads(text: str | bytes) -> tuple[object, bool]:
         (tag, v), = obj.items()
         if tag == "t":
             return tuple(_list(v))
+        if tag in ("d", "C", "O", "D"):
+            _check_hashes([p[0] for p in _pairs(v)])
+        elif tag in ("s", "f"):
+            _check_hashes(_list(v))
         if tag == "d":
             return dict((k, x) for k, x in _pairs(v))
         if tag == "s":
@@ -243,5 +276,5 @@ def loads(text: str | bytes) -> tuple[object, bool]:
             return Opaque(("raised " if tag == "e" else "") + str(v)[:80])
         raise ValueError(f"unknown tag {tag[:20]!r}")
 
-    value = json.loads(text, object_hook=hook)
+    value = json.loads(data, object_hook=hook)
     return value, bool(seen_opaque)

@@ -17,6 +17,7 @@ ever passes through the fork server.
 from __future__ import annotations
 
 import fcntl
+import glob
 import itertools
 import json
 import logging
@@ -30,6 +31,7 @@ import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import threading
 import time
@@ -37,12 +39,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from reward_server.sandbox import forkserver, harness, plain
+from reward_server.sandbox import forkserver, harness, isolation, plain, wire
 
 log = logging.getLogger("rankguard.sandbox")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 VERDICT_CAP = 32 << 20  # result lines the grader keeps from one check (more is read and dropped)
 ISOLATIONS = ("auto", "namespaces", "bwrap", "fallback", "fresh")
+ALLOW_FALLBACK_ENV = "RANKGUARD_ALLOW_FALLBACK"
 
 # The fork server starts from `python -E -S -c BOOT`: its three modules arrive over a pipe, so the
 # sandbox never needs (or gets) read access to the repository.
@@ -59,7 +62,7 @@ srcs = marshal.loads(blob)
 top = types.ModuleType('reward_server'); top.__path__ = []; sys.modules['reward_server'] = top
 pkg = types.ModuleType('reward_server.sandbox'); pkg.__path__ = []; sys.modules[pkg.__name__] = pkg
 top.sandbox = pkg
-for name in ('plain', 'harness', 'forkserver'):
+for name in srcs:  # in import order (plain, harness, wire, isolation, forkserver)
     mod = types.ModuleType('reward_server.sandbox.' + name)
     sys.modules[mod.__name__] = mod; setattr(pkg, name, mod)
     exec(compile(srcs[name], 'reward_server/sandbox/' + name + '.py', 'exec'), mod.__dict__)
@@ -95,28 +98,22 @@ def _probe_bwrap() -> bool:
     return ok
 
 
-def _top_dirs(paths: list[str]) -> list[str]:
-    real = sorted({os.path.realpath(p) for p in paths if p and os.path.isdir(p) and p != "/"})
-    return [p for p in real if not any(p != q and p.startswith(q.rstrip("/") + "/") for q in real)]
-
-
-def bwrap_argv(hide: list[str], expose: list[str]) -> list[str]:
-    """bubblewrap wrapper: no network, own pid namespace (server = pid 1), read-only /, hidden dirs.
+def bwrap_argv(allow: list[str], mask: list[str], links: dict[str, str]) -> list[str]:
+    """bubblewrap wrapper: no network, own pid/ipc/uts namespaces (server = pid 1), no capabilities,
+    a root holding the allow-list only (read-only), site-packages masked, private /tmp and /dev/shm.
 
     No --die-with-parent: its PDEATHSIG fires when the spawning *thread* exits. The server leaves
     on its own when the control socket closes (grader gone), taking the namespace with it."""
     argv = [shutil.which("bwrap") or "bwrap", "--unshare-net", "--unshare-pid", "--unshare-ipc",
-            "--unshare-uts", "--as-pid-1", "--ro-bind", "/", "/", "--dev", "/dev",
-            "--proc", "/proc"]
-    hidden = [h for h in _top_dirs(hide) if h not in ("/tmp", "/dev", "/proc")]
-    for h in hidden:
-        argv += ["--tmpfs", h]
-    for e in _top_dirs(expose):
-        if any(e == h or e.startswith(h.rstrip("/") + "/") for h in hidden):
-            argv += ["--ro-bind", e, e]
-    for h in hidden:
-        argv += ["--remount-ro", h]
-    return argv + ["--tmpfs", "/tmp", "--"]
+            "--unshare-uts", "--as-pid-1", "--cap-drop", "ALL"]
+    for p in sorted({os.path.realpath(p) for p in allow if p and os.path.exists(p)}):
+        argv += ["--ro-bind", p, p]
+    for m in sorted(mask):
+        argv += ["--tmpfs", m, "--remount-ro", m]
+    for link, target in sorted(links.items()):
+        argv += ["--symlink", target, link]
+    return argv + ["--dev", "/dev", "--tmpfs", "/dev/shm", "--remount-ro", "/dev/shm", "--proc", "/proc",
+                   "--tmpfs", "/tmp", "--remount-ro", "/", "--"]
 
 
 class SandboxError(RuntimeError):
@@ -135,7 +132,8 @@ class SandboxConfig:
     nproc: int = 32  # processes + threads per execution (namespaces mode)
     isolation: str = "auto"  # auto | namespaces | fallback | fresh (naive: new interpreter per run)
     hide: list[str] = field(default_factory=list)  # extra paths programs must not read
-    expose: list[str] = field(default_factory=list)  # extra paths to keep readable inside hidden ones
+    expose: list[str] = field(default_factory=list)  # extra paths programs may read (added to the allow-list)
+    allow_fallback: bool = False  # a Grader may serve rewards from fallback isolation (see FALLBACK_REFUSED)
 
     def __post_init__(self) -> None:
         if self.isolation not in ISOLATIONS:
@@ -175,6 +173,8 @@ class ExecJob:
     marker: str = ""
     result_file: str = ""
     cpu_s: float | None = None
+    wall_s: float | None = None  # a lower wall ceiling than the CPU budget's (what the completion has left)
+    hard_s: float | None = None
 
 
 @dataclass
@@ -210,25 +210,71 @@ class ExecResult:
 
 
 def default_hide() -> list[str]:
-    """Server code, data and home directories; the top-level folder holding the repo too."""
+    """Server code, data and home directories: refused by the audit guard even where an allow-list
+    entry would cover them (fallback mode's only hiding)."""
     paths = {str(REPO_ROOT), os.getcwd(), os.path.expanduser("~"), "/root", "/home", "/var/tmp",
              "/dev/shm", "/run", "/mnt", "/media", "/srv", "/sys"}
     top = "/" + REPO_ROOT.parts[1] if len(REPO_ROOT.parts) > 2 else ""
     if top and top not in {"/usr", "/lib", "/lib64", "/bin", "/sbin", "/etc", "/opt", "/var", "/proc", "/dev"}:
         paths.add(top)
-    return sorted(p for p in paths if p and p != "/")
+    python = _python_paths()
+    return sorted(p for p in paths if p and p != "/" and not any(x.startswith(p.rstrip("/") + "/") for x in python))
 
 
-def default_expose() -> list[str]:
-    """The Python install (stdlib imports must keep working inside hidden folders)."""
-    return sorted({sys.base_prefix, os.path.dirname(os.__file__)})
+def _python_paths() -> list[str]:
+    """The interpreter, its shared library and its standard library (lib-dynload included)."""
+    base = os.path.realpath(sys.base_prefix)
+    stdlib = os.path.realpath(os.path.dirname(os.__file__))
+    libdir = sysconfig.get_config_var("LIBDIR") or os.path.join(base, "lib")
+    shared = [os.path.realpath(p) for p in glob.glob(os.path.join(libdir, "libpython*"))]
+    extra = [os.path.realpath(p) for p in sys.path if p and os.path.realpath(p).startswith(base + "/")
+             and "-packages" not in p]
+    return sorted({os.path.realpath(sys.executable), stdlib, *shared, *extra})
+
+
+def default_allow() -> tuple[list[str], list[str], dict[str, str]]:
+    """(allow, mask, links): what a sandboxed program may read, read-only, and nothing else — the
+    interpreter and its standard library (what setup_code imports), the system libraries they load,
+    the loader's cache; site-/dist-packages inside them masked empty; top-level symlinks such as
+    /lib -> usr/lib recreated. No problem sets, repo, home, run dirs or other mounts."""
+    allow, links = _python_paths(), {}
+    for top in ("/lib", "/lib64", "/lib32", "/libx32", "/usr/lib", "/usr/lib64", "/usr/lib32"):
+        if os.path.islink(top) and top.count("/") == 1:
+            links[top] = os.readlink(top)
+        elif os.path.isdir(top):
+            allow.append(os.path.realpath(top))
+    if os.path.isfile("/etc/ld.so.cache"):
+        allow.append("/etc/ld.so.cache")
+    mask = set()
+    for root in allow:
+        if os.path.isdir(root):
+            for pat in ("site-packages", "dist-packages", "python3*/site-packages", "python3*/dist-packages"):
+                mask.update(os.path.realpath(m) for m in glob.glob(os.path.join(root, pat)) if os.path.isdir(m))
+    return sorted(set(allow)), sorted(mask), links
+
+
+def fallback_allowed(cfg: "SandboxConfig") -> bool:
+    """Whether rewards may be served from fallback isolation (config flag or RANKGUARD_ALLOW_FALLBACK=1)."""
+    return cfg.allow_fallback or os.environ.get(ALLOW_FALLBACK_ENV, "") in ("1", "true", "yes")
+
+
+FALLBACK_REFUSED = (
+    "the reward sandbox would run in fallback isolation ({detail}): no namespaces, so a program can "
+    "read files outside the sandbox (a problem set's answers) and native code can escape the audit "
+    "hook; rewards are refused. Run as root or install bubblewrap; to accept the risk set "
+    f"{ALLOW_FALLBACK_ENV}=1 (or SandboxConfig.allow_fallback)")
 
 
 def _header(job: ExecJob, cfg: SandboxConfig) -> dict:
     cpu = job.cpu_s if job.cpu_s else cfg.timeout_s
+    wall, hard = cfg.wall_for(cpu), cfg.hard_wall_for(cpu)
+    if job.wall_s is not None:
+        wall = max(0.01, min(wall, job.wall_s))
+    if job.hard_s is not None:
+        hard = max(wall, min(hard, job.hard_s))
     return {
         "mode": job.mode, "setup": job.setup, "program": job.program,
-        "timeout_s": cfg.wall_for(cpu), "hard_s": cfg.hard_wall_for(cpu), "cpu_s": max(1, math.ceil(cpu)),
+        "timeout_s": wall, "hard_s": hard, "cpu_s": max(1, math.ceil(cpu)),
         "mem_bytes": cfg.memory_mb << 20, "fsize_bytes": cfg.fsize_mb << 20, "nproc": cfg.nproc,
         "marker": job.marker, "markers": [job.marker] if job.marker else [],
         "result_file": job.result_file,
@@ -349,7 +395,7 @@ class _ServerRun:
         return self.server.sock.fileno()
 
     def finish(self, timed_out: bool) -> dict:
-        return forkserver.recv_frame(self.server.sock)
+        return wire.recv_frame(self.server.sock)
 
     def kill(self) -> None:  # pragma: no cover - the server enforces its own timeout
         pass
@@ -377,11 +423,13 @@ class ForkServer:
     def _spawn(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         boot_r, boot_w = os.pipe()
-        isolation = self._isolation()
-        hide, expose = default_hide() + list(self.cfg.hide), default_expose() + list(self.cfg.expose)
+        mode = self._isolation()
+        allow, mask, links = default_allow()
+        allow += [os.path.realpath(p) for p in self.cfg.expose]
+        hide = default_hide() + list(self.cfg.hide)
         conf = {
-            "fd": theirs.fileno(), "slot": self.slot, "uid": self.uid, "isolation": isolation,
-            "hide": hide, "expose": expose,
+            "fd": theirs.fileno(), "slot": self.slot, "uid": self.uid, "isolation": mode,
+            "allow": allow, "mask": mask, "links": links, "hide": hide,
             "tmpfs_mb": max(64, 4 * self.cfg.fsize_mb + 16),
             # whole slot (server + the run's processes + its tmpfs files) under one memory cap
             "cgroup_bytes": (self.cfg.memory_mb + 192 + max(64, 4 * self.cfg.fsize_mb + 16)) << 20,
@@ -389,8 +437,8 @@ class ForkServer:
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
         python = os.path.realpath(sys.executable)  # the venv's symlink may sit in a hidden folder
         argv = [python, "-E", "-S", "-c", BOOT, str(boot_r), json.dumps(conf)]
-        if isolation == "bwrap":
-            argv = bwrap_argv(hide, expose) + argv
+        if mode == "bwrap":
+            argv = bwrap_argv(allow, mask, links) + argv
         try:
             self.proc = subprocess.Popen(argv, pass_fds=[theirs.fileno(), boot_r], stdin=subprocess.DEVNULL,
                                          stdout=subprocess.DEVNULL, env=env, cwd="/", start_new_session=True)
@@ -400,13 +448,13 @@ class ForkServer:
         try:
             with os.fdopen(boot_w, "wb") as f:
                 f.write(marshal.dumps({m.__name__.rsplit(".", 1)[1]: Path(m.__file__).read_text()
-                                       for m in (plain, harness, forkserver)}))
+                                       for m in (plain, harness, wire, isolation, forkserver)}))
         except OSError:
             pass  # it died at once; the hello read below reports it
         self.sock = ours
         ours.settimeout(60)
         try:
-            hello = forkserver.recv_frame(ours)
+            hello = wire.recv_frame(ours)
         except (EOFError, OSError) as e:
             self._reap()
             raise SandboxError(f"fork server {self.slot} did not start: {e}") from None
@@ -418,7 +466,7 @@ class ForkServer:
 
     def run(self, job: ExecJob) -> ExecResult:
         def start(hdr: dict, pr: int, vw: int) -> _ServerRun:
-            forkserver.send_frame(self.sock, hdr, [pr, vw])
+            wire.send_frame(self.sock, hdr, [pr, vw])
             return _ServerRun(self)
 
         try:
@@ -504,7 +552,7 @@ class _FreshRun:
         self.kill()  # leftovers in its session
         os.close(self.pidfd)
         work = os.path.join(self.tmp, "w")
-        res = forkserver.collect(status, ru, wall, timed_out, os.path.join(self.tmp, "out"),
+        res = wire.collect(status, ru, wall, timed_out, os.path.join(self.tmp, "out"),
                                  os.path.join(self.tmp, "err"), work, self.hdr)
         shutil.rmtree(self.tmp, ignore_errors=True)
         return res
