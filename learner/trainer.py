@@ -35,6 +35,7 @@ from shared.adapter import adapter_modules, delta_s_layout, get_delta, quarantin
 from shared.config import RunConfig
 from shared.problems import Problem
 from shared.prompts import build_messages, render_prompt
+from shared.rundir import run_identity
 from shared.schemas import DeltaSUpdate, GradedGroup, PromptJob, SamplingParams
 
 from . import checkpoint as ckpt
@@ -133,7 +134,9 @@ class Learner:
         self.last_penalties: list[float] = []  # rebound: per completion of the last step, in group order
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.evals_path = self.run_dir / "evals.jsonl"
-        last = ckpt.latest_checkpoint(self.run_dir) if resume else None
+        # who this run is (shared.rundir): every checkpoint carries it, a resume accepts only its own
+        self.identity = run_identity(cfg)
+        last = ckpt.latest_checkpoint(self.run_dir, self.identity, cfg.model_dump(mode="json")) if resume else None
         if last is not None:
             self._resume(last)
         else:
@@ -158,8 +161,10 @@ class Learner:
         checkpoint keeps the bad ones (named in the warnings) instead of deleting them."""
         for name in ("metrics.jsonl", "evals.jsonl", "summary.json", "DONE"):
             (self.run_dir / name).unlink(missing_ok=True)
-        if drop_checkpoints:
-            shutil.rmtree(ckpt.checkpoint_dir(self.run_dir), ignore_errors=True)
+        if drop_checkpoints:  # this run's own (never another run's in a shared folder)
+            for _, path in ckpt.list_checkpoints(self.run_dir):
+                if ckpt.foreign_reason(path, self.identity) is None:
+                    shutil.rmtree(path, ignore_errors=True)
 
     def _resume(self, path: Path) -> None:
         c = ckpt.load_checkpoint(path, self.model, self.optimizer, self.scheduler, restore_rng=True)
@@ -374,7 +379,7 @@ class Learner:
     def save_checkpoint(self) -> Path:
         return ckpt.save_checkpoint(self.run_dir, self.step, self.policy_version, self.model, self.optimizer,
                                     self.scheduler, json.loads(self.cfg.model_dump_json()),
-                                    keep=self.cfg.train.keep_checkpoints)
+                                    keep=self.cfg.train.keep_checkpoints, identity=self.identity)
 
     def summary(self) -> dict:
         last = self.history[-KL_WINDOW:]
