@@ -33,7 +33,7 @@ from torch import Tensor
 
 from shared.adapter import adapter_modules, delta_s_layout, get_delta, quarantine
 from shared.config import RunConfig
-from shared.problems import Problem
+from shared.problems import Problem, eval_shortfall
 from shared.prompts import build_messages, render_prompt
 from shared.rundir import run_identity
 from shared.schemas import DeltaSUpdate, GradedGroup, PromptJob, SamplingParams
@@ -100,6 +100,8 @@ class Learner:
         self.train_problems, self.eval_problems = list(problems[0]), list(problems[1])
         if not self.train_problems:
             raise TrainerError("no training problems")
+        for warning in eval_shortfall(cfg, self.train_problems, self.eval_problems):
+            log.warning(warning)
         self.problems = {p.key: p for p in self.train_problems + self.eval_problems}
         self.device = next(self.model.parameters()).device
         self.names, self.sizes = delta_s_layout(self.model)
