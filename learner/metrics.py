@@ -6,6 +6,7 @@ The row keys are fixed by docs/ARCHITECTURE.md (metrics.jsonl, evals.jsonl); `ME
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -87,7 +88,8 @@ class JsonlWriter:
 
 
 class TensorBoard:
-    """Scalars to TensorBoard when `tensorboard` is importable; silently a no-op otherwise."""
+    """Scalars to TensorBoard when `tensorboard` is importable; otherwise a no-op that says so once
+    (metrics.jsonl and evals.jsonl hold every number either way)."""
 
     def __init__(self, log_dir: str | Path, enabled: bool = True):
         self.writer = None
@@ -95,7 +97,10 @@ class TensorBoard:
             return
         try:
             from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
-        except Exception:
+        except Exception as e:  # noqa: BLE001 - ImportError, or tensorboard's own import-time errors
+            logging.getLogger("rankguard.learner").warning(
+                "no TensorBoard scalars in %s: %s (pip install tensorboard); metrics.jsonl has every number",
+                log_dir, str(e).splitlines()[0] if str(e) else type(e).__name__)
             return
         self.writer = SummaryWriter(str(log_dir))
 
