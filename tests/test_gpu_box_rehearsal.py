@@ -243,3 +243,58 @@ def test_compose_commands_two_runs_back_to_back_each_resumes_its_own(tmp_path, t
     out = subprocess.run([str(EXE), "report", str(box.runs / "qwen3-4b")], capture_output=True, text=True,
                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"})
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+
+
+# ------------------------------------------------------------------ deploy/README.md's commands
+# where each rankguard command of deploy/README.md runs on CPU in the suite
+EXERCISED = {
+    ("problems", "import"): "test_compose_commands_two_runs_back_to_back_each_resumes_its_own (+ tests/test_problem_import.py)",
+    ("problems", "calibrate"): "tests/test_reward_calibrate.py",
+    ("report",): "test_compose_commands_two_runs_back_to_back_each_resumes_its_own (+ tests/test_report.py)",
+    ("experiment",): "tests/test_experiment.py",
+}
+
+
+def readme_commands() -> list[str]:
+    """Every command line of deploy/README.md's bash blocks (continuations joined)."""
+    text = (DEPLOY / "README.md").read_text()
+    out = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in re.sub(r"\\\n\s*", " ", block).splitlines():
+            line = line.strip()
+            if line and not line.startswith("#"):
+                out.append(line)
+    return out
+
+
+def test_readme_commands_parse_and_are_exercised():
+    import typer.main
+
+    from services.cli import app
+
+    root = typer.main.get_command(app)
+    services = set(compose_file()["services"])
+    seen = set()
+    for line in readme_commands():
+        if line.startswith("docker compose"):
+            assert "-f deploy/docker-compose.yml --env-file deploy/.env" in line, line
+            argv = shlex.split(line)[6:]
+            if argv[0] == "run":
+                rest = argv[1:]
+                while rest[0].startswith("-"):
+                    rest = rest[2:] if rest[0] == "-v" else rest[1:]
+                assert rest[0] in services, line
+            elif argv[0] in ("wait", "logs"):
+                assert argv[-1] in services, line
+        if "rankguard " not in line:
+            continue
+        argv = shlex.split(line[line.index("rankguard "):])[1:]
+        cmd, path = root, []
+        while hasattr(cmd, "list_commands"):  # a group: descend to the sub-command
+            path.append(argv[0])
+            cmd, argv = cmd.get_command(None, argv[0]), argv[1:]
+            assert cmd is not None, f"unknown command in deploy/README.md: {line}"
+        cmd.make_context(" ".join(path), list(argv))  # options and arguments parse (a renamed flag fails here)
+        seen.add(tuple(path))
+    assert seen and seen <= set(EXERCISED), seen - set(EXERCISED)
+    assert {("problems", "import"), ("report",)} <= seen
