@@ -199,3 +199,20 @@ def test_cli_entry_point_reports_a_missing_set_with_rc_2(tmp_path):
                           f"problems.train={tmp_path}/t.jsonl", "--set", f"problems.eval={tmp_path}/e.jsonl"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and out.stderr.strip().startswith("error: problems.train: problem file"), out.stderr
+
+
+def test_hub_reads_leetcodedataset_through_datasets(tmp_path, monkeypatch):
+    """--hub SPLIT asks `datasets` for newfacade/LeetCodeDataset (here a stand-in module serving the
+    fixture rows: no network in the suite); without `datasets` it says what to install."""
+    import types
+
+    calls = []
+    fake = types.ModuleType("datasets")
+    fake.load_dataset = lambda name, split: calls.append((name, split)) or read_jsonl_rows(LCD)
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    r = _import(["--hub", "test", "--out", tmp_path / "hub.jsonl", "--tokenizer", "none", "--repeats", "1"])
+    assert r.exit_code == 0 and "kept 4 of 6" in r.output, r.output
+    assert calls == [("newfacade/LeetCodeDataset", "test")]
+    monkeypatch.setitem(sys.modules, "datasets", None)  # not installed
+    r = _import(["--hub", "train", "--out", tmp_path / "x.jsonl"])
+    assert r.exit_code == 2 and "--hub needs the `datasets` package" in r.output
