@@ -204,9 +204,10 @@ def _set_dotted(data: dict, dotted: str, value: Any) -> None:
 # key that decides what the run computes (all but RESUME_MUTABLE and FILLED_BY_RUN).
 
 def _drop_dotted(data: dict, keys: Iterable[str]) -> dict:
+    """data without the dotted keys (`section.*` drops the whole section)."""
     out = json.loads(json.dumps(data))
     for dotted in keys:
-        node, parts = out, dotted.split(".")
+        node, parts = out, dotted.removesuffix(".*").split(".")
         for p in parts[:-1]:
             node = node.get(p) if isinstance(node, dict) else None
         if isinstance(node, dict):
