@@ -251,7 +251,9 @@ EXERCISED = {
     ("problems", "import"): "test_compose_commands_two_runs_back_to_back_each_resumes_its_own (+ tests/test_problem_import.py)",
     ("problems", "calibrate"): "tests/test_reward_calibrate.py",
     ("report",): "test_compose_commands_two_runs_back_to_back_each_resumes_its_own (+ tests/test_report.py)",
-    ("experiment",): "tests/test_experiment.py",
+    ("experiment",): "tests/test_experiment.py (placement: tests/test_placement.py, Ray: tests/test_ray_cluster.py)",
+    ("prepare",): "test_compose_commands_two_runs_back_to_back_each_resumes_its_own (compose's init)",
+    ("worker",): "test_compose_commands_two_runs_back_to_back_each_resumes_its_own (compose's workers)",
 }
 
 
