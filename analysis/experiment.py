@@ -269,7 +269,8 @@ class ChildProcessRun:
 
 
 def _model_key(cfg: RunConfig) -> str:
-    return json.dumps([cfg.model.model_dump(mode="json"), cfg.toy.model_dump(mode="json"), cfg.problems],
+    return json.dumps([cfg.model.model_dump(mode="json"), cfg.toy.model_dump(mode="json"),
+                       cfg.model_dump(mode="json")["problems"]],
                       sort_keys=True)
 
 

@@ -4,13 +4,17 @@ checkpoints/step-<N>/ (N = completed train steps) holds
   adapter.safetensors  delta_S (and delta_Q) per module, fp32
   optimizer.pt         optimizer + scheduler state dicts
   rng.pt               python, numpy and torch RNG states
-  state.json           step, policy_version, the resolved config
-  manifest.json        size and sha256 of each file above
+  state.json           step, policy_version, the resolved config, the run's identity
+  manifest.json        size and sha256 of each file above, the run's identity
   complete             written last: the checkpoint is whole
 Written (and fsynced) into a temp folder, then renamed into place, so a crash never leaves a half
 checkpoint under a step-<N> name. On resume the newest checkpoint that verifies (marker, manifest,
 sizes, hashes) is used; a newer incomplete or corrupt one is skipped with a warning naming it.
 Pruning keeps the newest `keep` complete checkpoints and removes only folders older than those.
+
+Identity: each checkpoint carries {"run_id", "config_fingerprint"} (shared.rundir.run_identity). A
+resume that finds another run's checkpoint stops with one line naming it (two runs must never share a
+checkpoints folder), and pruning never removes a checkpoint of another run.
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from shared.adapter import get_delta, set_delta
+from shared.rundir import RESUME_MUTABLE, check_config_drift
 
 CKPT_PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
@@ -109,13 +114,51 @@ def checkpoint_problem(path: str | Path, deep: bool = True) -> str | None:
     return None
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest checkpoint that verifies; each newer one that does not is skipped with a warning."""
+def checkpoint_identity(path: str | Path) -> dict | None:
+    """The identity a checkpoint was written with (from its manifest), None when it has none."""
+    path = Path(path)
+    try:
+        ident = json.loads((path / MANIFEST).read_text()).get("identity")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return ident if isinstance(ident, dict) else None
+
+
+def foreign_reason(path: str | Path, identity: dict | None, config: dict | None = None) -> str | None:
+    """Why the checkpoint belongs to another run than `identity`, else None. A checkpoint without an
+    identity (written before identities existed) is this run's. A fingerprint that differs only
+    because of keys added since at their defaults is the same config (shared.rundir's drift rule)."""
+    theirs = checkpoint_identity(path)
+    if identity is None or theirs is None:
+        return None
+    drift = ""
+    if config is not None and theirs.get("config_fingerprint") != identity.get("config_fingerprint"):
+        try:
+            saved = json.loads((Path(path) / "state.json").read_text()).get("config") or {}
+        except (OSError, ValueError, AttributeError):
+            saved = {}
+        drift = check_config_drift(saved, config, RESUME_MUTABLE).describe(3)
+    if theirs.get("run_id") != identity.get("run_id"):
+        return f"run id {theirs.get('run_id')}, not this run's {identity.get('run_id')}" + (f"; {drift}" if drift else "")
+    if drift:
+        return f"config fingerprint {theirs.get('config_fingerprint')} != {identity.get('config_fingerprint')}: {drift}"
+    return None
+
+
+def latest_checkpoint(run_dir: str | Path, identity: dict | None = None, config: dict | None = None) -> Path | None:
+    """The newest checkpoint that verifies; each newer one that does not is skipped with a warning.
+    With `identity`: a checkpoint of another run stops the resume (CheckpointError, one line)."""
     for _, path in reversed(list_checkpoints(run_dir)):
         problem = checkpoint_problem(path)
         if problem is None:
             if is_legacy(path):
                 log.warning("checkpoint %s has no manifest (written by an older version); using it unverified", path)
+            reason = foreign_reason(path, identity, config)
+            if reason is not None:
+                raise CheckpointError(
+                    f"{path} belongs to another run ({reason}); refusing to resume from it. Each run needs its "
+                    "own checkpoints folder: give this run its own run dir (compose: its own RUN_NAME under "
+                    "/runs), or move that folder away")
             return path
         log.warning("skipping checkpoint %s: %s", path.name, problem)
     return None
@@ -149,12 +192,13 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _write_manifest(folder: Path, step: int) -> None:
+def _write_manifest(folder: Path, step: int, identity: dict | None = None) -> None:
     files = {}
     for f in sorted(folder.iterdir()):
         _fsync(f)
         files[f.name] = {"size": f.stat().st_size, "sha256": _sha256(f)}
-    (folder / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1))
+    manifest = {"step": step, "files": files, **({"identity": identity} if identity else {})}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
     _fsync(folder / MANIFEST)
     (folder / COMPLETE).write_text(time.strftime("%Y-%m-%dT%H:%M:%S%z") + "\n")
     _fsync(folder / COMPLETE)
@@ -163,8 +207,9 @@ def _write_manifest(folder: Path, step: int) -> None:
 
 def save_checkpoint(run_dir: str | Path, step: int, policy_version: int, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer, scheduler: Any, config: dict, extra: dict | None = None,
-                    keep: int = DEFAULT_KEEP) -> Path:
-    """Atomically write checkpoints/step-<step>/ (with manifest and marker), then prune to `keep`."""
+                    keep: int = DEFAULT_KEEP, identity: dict | None = None) -> Path:
+    """Atomically write checkpoints/step-<step>/ (with manifest, marker and the run's identity), then
+    prune this run's checkpoints to `keep`."""
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(f"{TMP_PREFIX}*"):  # a writer that died mid-checkpoint (one learner per run dir)
@@ -178,9 +223,10 @@ def save_checkpoint(run_dir: str | Path, step: int, policy_version: int, model: 
         torch.save({"optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict() if scheduler is not None else None}, tmp / "optimizer.pt")
         torch.save(rng_state(), tmp / "rng.pt")
-        state = {"step": step, "policy_version": policy_version, "config": config, **(extra or {})}
+        state = {"step": step, "policy_version": policy_version, "config": config, **(extra or {}),
+                 **({"identity": identity} if identity else {})}
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
-        _write_manifest(tmp, step)
+        _write_manifest(tmp, step, identity)
         replaced = None
         if final.exists():  # the same step again: keep the old one until the new one is in place
             replaced = root / f"{TMP_PREFIX}replaced-{final.name}"
@@ -193,16 +239,17 @@ def save_checkpoint(run_dir: str | Path, step: int, policy_version: int, model: 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    prune_checkpoints(run_dir, keep)
+    prune_checkpoints(run_dir, keep, identity)
     return final
 
 
-def prune_checkpoints(run_dir: str | Path, keep: int) -> list[Path]:
+def prune_checkpoints(run_dir: str | Path, keep: int, identity: dict | None = None) -> list[Path]:
     """Remove checkpoint folders older than the newest `keep` complete ones; returns what went.
-    Nothing newer than those is touched (an incomplete newest one stays, to be looked at)."""
+    Nothing newer than those is touched (an incomplete newest one stays, to be looked at). With
+    `identity`, another run's checkpoints are neither counted nor removed."""
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
-    cks = list_checkpoints(run_dir)
+    cks = [(s, p) for s, p in list_checkpoints(run_dir) if foreign_reason(p, identity) is None]
     complete = [s for s, p in cks if checkpoint_problem(p, deep=False) is None]
     if len(complete) <= keep:
         return []

@@ -6,6 +6,7 @@ The row keys are fixed by docs/ARCHITECTURE.md (metrics.jsonl, evals.jsonl); `ME
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass

@@ -33,8 +33,9 @@ from torch import Tensor
 
 from shared.adapter import adapter_modules, delta_s_layout, get_delta, quarantine
 from shared.config import RunConfig, TrackingConfig
-from shared.problems import Problem
+from shared.problems import Problem, eval_shortfall
 from shared.prompts import build_messages, render_prompt, system_line_for
+from shared.rundir import run_identity
 from shared.schemas import DeltaSUpdate, GradedGroup, PromptJob, SamplingParams
 
 from . import checkpoint as ckpt
@@ -102,6 +103,8 @@ class Learner:
         self.train_problems, self.eval_problems = list(problems[0]), list(problems[1])
         if not self.train_problems:
             raise TrainerError("no training problems")
+        for warning in eval_shortfall(cfg, self.train_problems, self.eval_problems):
+            log.warning(warning)
         self.problems = {p.key: p for p in self.train_problems + self.eval_problems}
         self.device = next(self.model.parameters()).device
         self.names, self.sizes = delta_s_layout(self.model)
@@ -136,7 +139,9 @@ class Learner:
         self.last_penalties: list[float] = []  # rebound: per completion of the last step, in group order
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.evals_path = self.run_dir / "evals.jsonl"
-        last = ckpt.latest_checkpoint(self.run_dir) if resume else None
+        # who this run is (shared.rundir): every checkpoint carries it, a resume accepts only its own
+        self.identity = run_identity(cfg)
+        last = ckpt.latest_checkpoint(self.run_dir, self.identity, cfg.model_dump(mode="json")) if resume else None
         if last is not None:
             self._resume(last)
         else:
@@ -163,8 +168,10 @@ class Learner:
         checkpoint keeps the bad ones (named in the warnings) instead of deleting them."""
         for name in ("metrics.jsonl", "evals.jsonl", "summary.json", "DONE"):
             (self.run_dir / name).unlink(missing_ok=True)
-        if drop_checkpoints:
-            shutil.rmtree(ckpt.checkpoint_dir(self.run_dir), ignore_errors=True)
+        if drop_checkpoints:  # this run's own (never another run's in a shared folder)
+            for _, path in ckpt.list_checkpoints(self.run_dir):
+                if ckpt.foreign_reason(path, self.identity) is None:
+                    shutil.rmtree(path, ignore_errors=True)
 
     def _resume(self, path: Path) -> None:
         c = ckpt.load_checkpoint(path, self.model, self.optimizer, self.scheduler, restore_rng=True)
@@ -392,7 +399,7 @@ class Learner:
         try:
             path = ckpt.save_checkpoint(self.run_dir, self.step, self.policy_version, self.model, self.optimizer,
                                         self.scheduler, json.loads(self.cfg.model_dump_json()),
-                                        keep=self.cfg.train.keep_checkpoints)
+                                        keep=self.cfg.train.keep_checkpoints, identity=self.identity)
         except OSError as e:
             prev = ckpt.latest_checkpoint(self.run_dir)
             log.warning("checkpoint at step %d failed (%s); %s; the run goes on and tries again after the next "

@@ -33,7 +33,8 @@ from reward_server.grader import BadProblemError, Grader
 from reward_server.metrics import CONTENT_TYPE_LATEST, RewardMetrics
 from reward_server.offline_docs import mount_offline_docs
 from shared.config import LoopholeConfig, RewardConfig, RunConfig, ToyConfig
-from shared.problems import Problem, ProblemFormatError, load_leetcode_sample, load_problems
+from shared.problems import (Problem, ProblemFormatError, load_leetcode_sample, load_problem_sets,
+                             load_problems)
 
 log = logging.getLogger("rankguard.reward_app")
 
@@ -202,7 +203,11 @@ def create_app(cfg: RunConfig | RewardConfig | None = None, *, grader: Grader | 
     if isinstance(cfg, RunConfig):
         reward_cfg = cfg.reward
         if problems is None:
-            problems = load_problem_source(problem_source or cfg.problems, cfg.toy.dir)
+            if problem_source is not None:
+                problems = load_problem_source(problem_source, cfg.toy.dir)
+            else:  # the run's train + eval sets, exactly as the workers load them
+                train, held = load_problem_sets(cfg)
+                problems = {p.key: p for p in train + held}
     else:
         reward_cfg = cfg or RewardConfig()
     if problems is None:

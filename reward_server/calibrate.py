@@ -14,6 +14,7 @@ import math
 import os
 import platform
 from pathlib import Path
+from typing import Callable
 
 from shared.problems import Problem, load_problems, problem_fingerprint, save_budgets
 
@@ -26,9 +27,14 @@ def budget_for(cpu_s: float, k: float = DEFAULT_K, min_s: float = DEFAULT_MIN_S)
 
 
 def measure(problems: list[Problem], workers: int = 2, ceiling_s: float = 60.0, repeats: int = 2,
-            isolation: str = "auto") -> dict[str, dict]:
-    """problem id -> {"canonical_cpu_s" (max over repeats), "passed", "status"}."""
+            isolation: str = "auto", budget_of: Callable[[float], float] | None = None,
+            progress: bool = False) -> dict[str, dict]:
+    """problem id -> {"canonical_cpu_s" (max over repeats), "passed", "status"}; with `budget_of`, the
+    canonical solution also runs once under budget_of(its CPU time) ("passed_under_budget"): what a
+    rollout's honest check will get. `progress`: a progress bar on stderr."""
     from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm import tqdm
 
     from reward_server.grader import Grader
     from reward_server.sandbox import SandboxConfig
@@ -39,17 +45,25 @@ def measure(problems: list[Problem], workers: int = 2, ceiling_s: float = 60.0, 
             ThreadPoolExecutor(workers) as pool:
         def one(p: Problem) -> dict:
             runs = [grader.canonical_cpu(p, ceiling_s) for _ in range(max(1, repeats))]
-            return {"canonical_cpu_s": round(max(r[0] for r in runs), 4), "passed": all(r[1] for r in runs),
-                    "status": next((r[2] for r in runs if not r[1]), runs[0][2])}
+            out = {"canonical_cpu_s": round(max(r[0] for r in runs), 4), "passed": all(r[1] for r in runs),
+                   "status": next((r[2] for r in runs if not r[1]), runs[0][2])}
+            if budget_of is not None:
+                budget = budget_of(out["canonical_cpu_s"])
+                _, passed, status = grader.canonical_cpu(p, budget) if out["passed"] else (0.0, False, out["status"])
+                out.update(passed_under_budget=passed, status_under_budget=status)
+            return out
 
-        return dict(zip([p.key for p in problems], pool.map(one, problems)))
+        results = tqdm(pool.map(one, problems), total=len(problems), desc="canonical solutions", unit="problem",
+                       disable=not progress, leave=False)
+        return dict(zip([p.key for p in problems], results))
 
 
-def calibrate_file(path: str | Path, k: float = DEFAULT_K, min_s: float = DEFAULT_MIN_S, workers: int = 2,
-                   ceiling_s: float = 60.0, repeats: int = 2) -> tuple[Path, dict[str, dict]]:
-    """Measure every problem of one jsonl file and write its sidecar; returns (sidecar, entries)."""
-    problems = load_problems(path)
-    measured = measure(problems, workers=workers, ceiling_s=ceiling_s, repeats=repeats)
+def calibrate(problems: list[Problem], k: float = DEFAULT_K, min_s: float = DEFAULT_MIN_S, workers: int = 2,
+              ceiling_s: float = 60.0, repeats: int = 2, validate: bool = False,
+              progress: bool = False) -> tuple[dict[str, dict], dict]:
+    """(entries, meta) of the budgets sidecar for these problems (validate: see measure's budget_of)."""
+    measured = measure(problems, workers=workers, ceiling_s=ceiling_s, repeats=repeats, progress=progress,
+                       budget_of=(lambda cpu: budget_for(cpu, k, min_s)) if validate else None)
     entries = {}
     for p in problems:
         m = measured[p.key]
@@ -60,4 +74,11 @@ def calibrate_file(path: str | Path, k: float = DEFAULT_K, min_s: float = DEFAUL
             "calibrated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores",
             "python": platform.python_version()}
+    return entries, meta
+
+
+def calibrate_file(path: str | Path, k: float = DEFAULT_K, min_s: float = DEFAULT_MIN_S, workers: int = 2,
+                   ceiling_s: float = 60.0, repeats: int = 2) -> tuple[Path, dict[str, dict]]:
+    """Measure every problem of one jsonl file and write its sidecar; returns (sidecar, entries)."""
+    entries, meta = calibrate(load_problems(path), k, min_s, workers, ceiling_s, repeats)
     return save_budgets(path, entries, meta), entries

@@ -114,6 +114,54 @@ def calibrate(
         typer.echo(f"  wrote {side}")
 
 
+def import_problems(
+    source: Optional[str] = typer.Argument(None, help="A jsonl file: rl-rewardhacking's (e.g. "
+                                           "leetcode_train_medhard_filtered.jsonl) or LeetCodeDataset rows."),
+    out: Path = typer.Option(..., "--out", help="Where to write the imported set (jsonl; budgets beside it)."),
+    hub: Optional[str] = typer.Option(None, "--hub", help="Read newfacade/LeetCodeDataset's SPLIT (train/test) "
+                                      "from the hub instead of a file (needs `datasets` and internet)."),
+    fmt: str = typer.Option("auto", "--format", help="auto, rl-rewardhacking or leetcodedataset."),
+    difficulty: str = typer.Option("medium,hard", help="Difficulties kept (comma separated; '' keeps all)."),
+    tokenizer: str = typer.Option("Qwen/Qwen3-4B", help="Tokenizer (HF id or folder) of the prompt-length "
+                                  "filter; 'none' skips it."),
+    max_prompt_tokens: int = typer.Option(1536, help="Longest prompt kept, in the tokenizer's tokens."),
+    prompt_variant: str = typer.Option("simple_overwrite_tests", help="Prompt variant the length is measured "
+                                       "with (the run's reward.prompt_variant)."),
+    workers: int = typer.Option(2, help="Sandbox slots validating and calibrating in parallel."),
+    k: float = typer.Option(3.0, help="Budget = max(--min-s, k x the canonical solution's CPU seconds)."),
+    min_s: float = typer.Option(3.0, "--min-s", help="Smallest budget."),
+    ceiling: float = typer.Option(60.0, help="CPU seconds a canonical solution may take while measured."),
+    repeats: int = typer.Option(2, help="Measurements per problem (the largest counts)."),
+) -> None:
+    """Import a problem set with rl-rewardhacking's filters (difficulty, prompt length), validate every
+    record (its canonical solution passes its own tests under its calibrated budget; others are
+    reported and dropped) and write it with its budgets: the input of problems.train / problems.eval."""
+    from reward_server.importer import (FORMATS, check_output, convert_and_filter, hub_rows, load_tokenizer,
+                                        read_jsonl_rows, validate_and_write)
+
+    if (source is None) == (hub is None):
+        raise UserError("give one input: a jsonl file or --hub SPLIT")
+    if fmt not in ("auto", *FORMATS):
+        raise UserError(f"unknown --format {fmt!r}; valid: auto, {', '.join(FORMATS)}")
+    rows = hub_rows(hub) if hub is not None else read_jsonl_rows(source)
+    tok = None if tokenizer.lower() == "none" else load_tokenizer(tokenizer)
+    res = convert_and_filter(rows, fmt, [d for d in difficulty.split(",") if d.strip()], tok, max_prompt_tokens,
+                             prompt_variant)
+    typer.echo(f"read {res.read} records; {len(res.kept)} pass the filters; validating their canonical "
+               f"solutions ({workers} workers) ...", err=True)
+    origin = f"hub:{hub}" if hub is not None else str(source)
+    path, side = validate_and_write(res, out, workers=workers, k=k, min_s=min_s, ceiling_s=ceiling,
+                                    repeats=repeats, progress=True, source=origin)
+    check_output(path)
+    reasons = ", ".join(f"{why} {n}" for why, n in sorted(res.reasons().items())) or "none"
+    typer.echo(f"kept {len(res.kept)} of {res.read}; dropped {len(res.dropped)} ({reasons})")
+    for key, why in list(sorted(res.dropped.items()))[:20]:
+        typer.echo(f"  dropped {key}: {why}")
+    if len(res.dropped) > 20:
+        typer.echo(f"  ... {len(res.dropped) - 20} more in {side} ('dropped')")
+    typer.echo(f"wrote {path} and {side}")
+
+
 def _problem_files(source: str) -> list[Path]:
     from shared.config import ToyConfig
     from shared.problems import BUNDLED_LEETCODE, TOY_EVAL_FILE, TOY_TRAIN_FILE
@@ -142,6 +190,7 @@ def _read(file: str) -> str:
 def register(app: typer.Typer) -> None:
     app.command("serve-reward")(friendly_errors(serve_reward))
     app.command("grade")(friendly_errors(grade))
-    problems = typer.Typer(help="Problem sets: per-problem time budgets.", no_args_is_help=True)
+    problems = typer.Typer(help="Problem sets: import real data, per-problem time budgets.", no_args_is_help=True)
     problems.command("calibrate")(friendly_errors(calibrate))
+    problems.command("import")(friendly_errors(import_problems))
     app.add_typer(problems, name="problems")

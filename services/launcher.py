@@ -146,6 +146,10 @@ class Launcher:
         from shared.toy.build import ensure_toy_world
 
         ensure_toy_world(self.cfg, make_grader=Grader)
+        from shared.problems import check_problem_sets
+
+        for warning in check_problem_sets(self.cfg):  # a missing set stops here, not in a restarting worker
+            self.say(f"warning: {warning}")
         config_path = self.run_dir / "config.json"
         self.redis_url = self.cfg.pipeline.redis_url
         if not self.redis_url:

@@ -120,18 +120,30 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Resolve and write RUN_DIR/config.json for services started separately (docker compose's init
         step), building the toy world first for toy runs. An existing run there is resumed: its
-        config.json must match (or differ only in keys a resume may change). Prints the config path."""
+        config.json must match (or differ only in keys a resume may change). The problem sets are
+        loaded as the services will load them: a missing or malformed one is an error (exit 2), an
+        eval_problems above the eval set's size a warning. Prints the config path."""
         from shared.rundir import prepare_run_dir
 
         preset, sets = run_settings(preset, config, overrides, report_to)
         cfg = config_from_flags(preset, [*sets, *cli_overrides(arm)],
                                 **{"train.seed": seed, "train.steps": steps}, run_dir=run_dir)
+        from shared.problems import check_problem_sets
+
+        def check_sets(c) -> None:  # a missing or malformed set stops here (rc 2), before any service starts
+            for warning in check_problem_sets(c):
+                typer.secho(f"warning: {warning}", fg="yellow", err=True)
+
+        if cfg.problems != "toy":  # toy problems exist only after the toy build below
+            check_sets(cfg)
         prepared = prepare_run_dir(cfg, "resume" if resume else "fresh")
         typer.secho(prepared.message(), err=True)
         from reward_server.grader import Grader
         from shared.toy.build import ensure_toy_world
 
         ensure_toy_world(prepared.config, make_grader=Grader)
+        if cfg.problems == "toy":
+            check_sets(prepared.config)
         typer.echo(str(Path(run_dir) / "config.json"))
 
     @app.command("health")

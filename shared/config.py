@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 ARMS = ("vanilla", "projected", "projected_nomag", "rebound", "weak", "route")
 Arm = Literal["vanilla", "projected", "projected_nomag", "rebound", "weak", "route"]
@@ -296,6 +296,41 @@ class VllmConfig(_Strict):
         return 0.45 if colocate else 0.9
 
 
+class ProblemsConfig(_Strict):
+    """Which problems a run trains and evaluates on. `train` + `eval` (jsonl paths, e.g. from
+    `rankguard problems import`) are used as given; without them `source` is split by a hash of each
+    id (~75/25). Written as the plain string `source` when no files are given (older config.json)."""
+
+    source: str = Field("toy", description=(
+        '"toy" (the built toy world), "leetcode" (the bundled sample) or a jsonl path; split by id hash (~75/25).'))
+    train: str | None = Field(None, description="jsonl of training problems (needs `eval` too).")
+    eval: str | None = Field(None, description="jsonl of held-out evaluation problems (needs `train` too).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, data: Any) -> Any:
+        return {"source": data} if isinstance(data, str) else data
+
+    @model_validator(mode="after")
+    def _both_files(self) -> "ProblemsConfig":
+        if (self.train is None) != (self.eval is None):
+            raise ValueError("problems.train and problems.eval are given together (a train file and a held-out "
+                             "eval file)")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _as_string_without_files(self, handler):
+        data = handler(self)
+        return data["source"] if self.train is None and self.eval is None else data
+
+    def __eq__(self, other: object) -> bool:  # `cfg.problems == "leetcode"` keeps working
+        if isinstance(other, str):
+            return self.train is None and self.source == other
+        return super().__eq__(other)
+
+    __hash__ = None  # mutable model
+
+
 class RunConfig(_Strict):
     """One whole run; every service reads the same resolved config.json."""
 
@@ -311,7 +346,9 @@ class RunConfig(_Strict):
     placement: PlacementConfig = Field(default_factory=PlacementConfig, description="Devices per run (issue #21).")
     vllm: VllmConfig = Field(default_factory=VllmConfig, description="The vLLM engine's knobs.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="Experiment tracking (TensorBoard, wandb, trackio).")
-    problems: str = Field("toy", description='Problem set: "toy", "leetcode" (bundled sample) or a jsonl path.')
+    problems: ProblemsConfig = Field(default_factory=ProblemsConfig, description=(
+        'Problem sets: `problems.train` + `problems.eval` files, or one `source` ("toy", "leetcode" = the bundled '
+        'sample, a jsonl path) split by id hash; `--set problems=leetcode` still works.'))
     vhack_path: str | None = Field(None, description=(
         "v_hack file; None = <run_dir>/../vhack-<hash>.safetensors, built on demand."))
 
@@ -394,6 +431,8 @@ def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     keys = []
     for name, field in model.model_fields.items():
         ann = field.annotation
+        if ann is ProblemsConfig:
+            keys.append(prefix + name)  # `problems=leetcode` (the source) as well as problems.train / .eval
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             keys += _valid_keys(ann, f"{prefix}{name}.")
         else:
@@ -412,6 +451,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             close = sorted(k for k in valid if k.split(".")[-1] == path[-1] or k.startswith(path[0] + "."))
             hint = ", ".join(close[:12]) if close else ", ".join(sorted(valid)[:12]) + ", ..."
             raise ConfigError(f"unknown config key {dotted!r}; valid keys include: {hint}")
+        if path[0] == "problems" and len(path) > 1 and isinstance(data.get("problems"), str):
+            data["problems"] = {"source": data["problems"]}  # a preset's plain source, now with files
         node = data
         for p in path[:-1]:
             node = node.setdefault(p, {})

@@ -175,9 +175,29 @@ def split_problems(problems: list[Problem]) -> tuple[list[Problem], list[Problem
     return train, held
 
 
+def _load_set(path: str, key: str) -> list[Problem]:
+    """One problem file named by config key `key`; missing, malformed or empty: one line saying so."""
+    path_ = Path(path).expanduser()
+    if not path_.is_file():
+        raise ProblemFormatError(f"{key}: problem file {path!r} not found (make it with `rankguard problems import`)")
+    problems = load_problems(path_)
+    if not problems:
+        raise ProblemFormatError(f"{key}: {path} holds no problems")
+    return problems
+
+
 def load_problem_sets(cfg: "RunConfig") -> tuple[list[Problem], list[Problem]]:
-    """(train, eval) problems: "toy" -> the built toy files; "leetcode" -> bundled sample; else a jsonl path."""
-    src = cfg.problems
+    """(train, eval) problems: problems.train + problems.eval as given (disjoint ids); else the source:
+    "toy" -> the built toy files; "leetcode" -> bundled sample, hash split; else a jsonl path, hash split."""
+    spec = cfg.problems
+    if spec.train is not None and spec.eval is not None:
+        train, held = _load_set(spec.train, "problems.train"), _load_set(spec.eval, "problems.eval")
+        shared_ids = sorted({p.key for p in train} & {p.key for p in held})
+        if shared_ids:
+            raise ProblemFormatError(f"problems.eval shares {len(shared_ids)} problem ids with problems.train "
+                                     f"({', '.join(shared_ids[:5])}): a held-out set must be disjoint")
+        return train, held
+    src = spec.source
     if src == "toy":
         root = Path(cfg.toy.dir)
         train_f, eval_f = root / TOY_TRAIN_FILE, root / TOY_EVAL_FILE
@@ -191,3 +211,23 @@ def load_problem_sets(cfg: "RunConfig") -> tuple[list[Problem], list[Problem]]:
     if not path.exists():
         raise ProblemFormatError(f"problem set {src!r} not found; use 'toy', 'leetcode' or a jsonl path")
     return split_problems(load_problems(path))
+
+
+def check_problem_sets(cfg: "RunConfig") -> list[str]:
+    """Load the run's sets as every service will (so a missing or malformed set stops `prepare` with one
+    line instead of a reward worker that restarts forever); returns warnings for requests the sets
+    cannot meet (train.eval_problems above the eval set's size)."""
+    train, held = load_problem_sets(cfg)
+    if not train:
+        raise ProblemFormatError("the training set holds no problems")
+    return eval_shortfall(cfg, train, held)
+
+
+def eval_shortfall(cfg: "RunConfig", train: list[Problem], held: list[Problem]) -> list[str]:
+    """A warning when train.eval_problems asks for more problems than evaluation has (it uses them all)."""
+    pool = len(held) or len(train)
+    want = cfg.train.eval_problems
+    if want <= pool:
+        return []
+    which = "eval set" if held else "training set (no eval set)"
+    return [f"train.eval_problems={want} but the {which} has {pool} problems; each evaluation uses those {pool}"]

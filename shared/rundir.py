@@ -15,10 +15,12 @@ folder that belongs to another configuration, so both paths agree on what "the s
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Literal
@@ -30,6 +32,7 @@ from .config import ConfigError, RunConfig, migrate_train_keys
 Mode = Literal["resume", "fresh"]
 CONFIG_NAME = "config.json"
 AMENDMENTS_NAME = "amendments.jsonl"
+RUN_ID_NAME = "run_id"  # one line: this run's id, written by the run's first learner start
 
 # Keys a resume may change: they decide how long the run goes on or how it is operated, not what
 # it computes per step. train.steps changes the cosine schedule's end from the resumed step on
@@ -208,6 +211,58 @@ def _set_dotted(data: dict, dotted: str, value: Any) -> None:
     for p in parts[:-1]:
         node = node.setdefault(p, {})
     node[parts[-1]] = value
+
+
+# -------------------------------------------------------------------------------- run identity
+# A checkpoint carries the identity of the run that wrote it, so a resume never continues another
+# run's checkpoints (e.g. two runs whose checkpoints folders are the same volume): the run id is a
+# random id born with the run's first learner start and kept in the run dir (a --fresh start moves the
+# dir aside, so it is a new run), the fingerprint hashes every config
+# key that decides what the run computes (all but RESUME_MUTABLE and FILLED_BY_RUN).
+
+def _drop_dotted(data: dict, keys: Iterable[str]) -> dict:
+    """data without the dotted keys (`section.*` drops the whole section)."""
+    out = json.loads(json.dumps(data))
+    for dotted in keys:
+        node, parts = out, dotted.removesuffix(".*").split(".")
+        for p in parts[:-1]:
+            node = node.get(p) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(parts[-1], None)
+    return out
+
+
+def config_fingerprint(config: RunConfig | dict) -> str:
+    """sha256 (16 hex) of the outcome-relevant config: everything a resume may not change."""
+    data = config.model_dump(mode="json") if isinstance(config, RunConfig) else config
+    relevant = _drop_dotted(data, RESUME_MUTABLE | FILLED_BY_RUN)
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run_id(run_dir: str | Path, create: bool = True) -> str | None:
+    """The run's id from `<run_dir>/run_id`; created (race-free) when missing and `create`."""
+    path = Path(run_dir) / RUN_ID_NAME
+    if not path.exists() and create:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            pass
+        else:
+            with os.fdopen(fd, "w") as f:
+                f.write(uuid.uuid4().hex + "\n")
+    if not path.exists():
+        return None
+    text = path.read_text().strip()
+    if not text:
+        raise RunDirError(f"{path} is empty; it should hold the run's id (write any unique line to adopt "
+                          "the checkpoints in this run dir)")
+    return text
+
+
+def run_identity(cfg: RunConfig) -> dict[str, str]:
+    """What every checkpoint of this run carries: {"run_id", "config_fingerprint"}."""
+    return {"run_id": run_id(cfg.run_dir), "config_fingerprint": config_fingerprint(cfg)}
 
 
 # -------------------------------------------------------------------------------- run dir contents
