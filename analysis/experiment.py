@@ -259,13 +259,23 @@ class ChildProcessRun:
                 proc.kill()
             proc.join()
             raise
-        status, msg = recv.recv() if recv.poll() else ("gone", "")
-        recv.close()
+        status, msg = _child_status(recv)
         if status == "ok" and proc.exitcode == 0:
             return None
         if stopped_at is not None or status == "interrupted":
             raise RunInterrupted(f"stopped (exit {proc.exitcode})")
-        raise RuntimeError(msg or f"run process exited with code {proc.exitcode}")
+        raise RuntimeError(msg or f"run process exited with code {proc.exitcode} before reporting its status")
+
+
+def _child_status(recv) -> tuple[str, str]:
+    """The (status, message) the child sent, or ("gone", "") when it exited without sending one: `poll()`
+    is also true at end of file (the child's end closed), where `recv()` would raise EOFError."""
+    try:
+        return recv.recv() if recv.poll() else ("gone", "")
+    except EOFError:
+        return ("gone", "")
+    finally:
+        recv.close()
 
 
 def _model_key(cfg: RunConfig) -> str:

@@ -3,6 +3,7 @@ interrupted ones, refuse a folder with a different config, prepare once, bad arm
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -315,11 +316,13 @@ def test_toy_defaults_are_eight_seeds_in_process():
 
 
 class ChildRecorder(FakeTrainer):
-    """Runs in a spawned child: notes its pid, torch threads and wall interval, sleeps, then trains (fake)."""
+    """Runs in a spawned child: notes its pid and torch threads, then waits (hang guard `wait_s`) until two
+    runs have started, counting the runs live at that moment (marker files next to the run dirs, so the
+    concurrency is read from the order of events, not from wall-clock intervals), then trains (fake)."""
 
-    def __init__(self, sleep_s: float = 1.5):
+    def __init__(self, wait_s: float = 120.0):
         super().__init__()
-        self.sleep_s = sleep_s
+        self.wait_s = wait_s
 
     def __call__(self, cfg: RunConfig) -> dict:
         import os
@@ -327,11 +330,20 @@ class ChildRecorder(FakeTrainer):
 
         import torch
 
-        t0 = time.time()
-        time.sleep(self.sleep_s)
+        shared = Path(cfg.run_dir).parent
+        shared.mkdir(parents=True, exist_ok=True)
+        live = shared / f"live-{os.getpid()}"
+        live.write_text("1")
+        (shared / f"started-{os.getpid()}").write_text("1")
+        deadline = time.monotonic() + self.wait_s  # hang guard only
+        while len(list(shared.glob("started-*"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        seen_live = len(list(shared.glob("live-*")))
         out = super().__call__(cfg)
+        live.unlink()
         (Path(cfg.run_dir) / "child.json").write_text(json.dumps(
-            {"pid": os.getpid(), "threads": torch.get_num_threads(), "start": t0, "end": time.time()}))
+            {"pid": os.getpid(), "threads": torch.get_num_threads(), "live": seen_live,
+             "started": len(list(shared.glob("started-*")))}))
         return out
 
 
@@ -345,13 +357,9 @@ def test_parallel_inprocess_runs_in_separate_processes(tmp_path):
     kids = [json.loads((Path(r["run_dir"]) / "child.json").read_text()) for r in rec["runs"]]
     assert len({k["pid"] for k in kids}) == 3 and os.getpid() not in {k["pid"] for k in kids}
     assert all(k["threads"] == 1 for k in kids)
-    # concurrency from the recorded intervals: two at a time, never three
-    events = sorted([(k["start"], 1) for k in kids] + [(k["end"], -1) for k in kids])
-    live, peak = 0, 0
-    for _, d in events:
-        live += d
-        peak = max(peak, live)
-    assert peak == 2
+    # concurrency from the order of events: a run waits until two have started, and never sees three live
+    assert max(k["live"] for k in kids) == 2
+    assert all(k["started"] >= 2 for k in kids)
     assert all(r["status"] == "finished" and r["timing"]["steps_logged"] == 4 for r in rec["runs"])
 
 
@@ -392,9 +400,32 @@ def test_child_run_stops_cleanly_and_reports_errors(tmp_path):
         stop.set()
 
     threading.Thread(target=stop_when_started, daemon=True).start()
-    t0 = time.time()
-    with pytest.raises(RunInterrupted):
-        ChildProcessRun(Sleeper(), stop)(cfg)
-    assert (tmp_path / "a" / "interrupted").exists() and time.time() - t0 < 40  # one SIGINT, no 60 s sleep
+    with pytest.raises(RunInterrupted, match=r"exit 130"):  # the child's own SIGINT exit, not the SIGKILL (-9)
+        ChildProcessRun(Sleeper(), stop, grace_s=300)(cfg)
+    assert (tmp_path / "a" / "interrupted").exists()
     with pytest.raises(RuntimeError, match="ValueError: boom in the child"):
         ChildProcessRun(Sleeper(fail=True), threading.Event())(resolve_config("toy", run_dir=str(tmp_path / "b")))
+
+
+class Vanisher:
+    """A child run that exits without reporting a status (as a crash in the child's start-up would)."""
+
+    def __init__(self, code: int):
+        self.code = code
+
+    def __call__(self, cfg: RunConfig) -> None:
+        os._exit(self.code)
+
+
+@pytest.mark.parametrize("code", [3, 0])
+def test_child_that_exits_without_a_status_is_a_failed_run(tmp_path, code):
+    """EOF on the status pipe (poll() is true there) is a failed run with the exit code, never EOFError;
+    exit code 0 without an "ok" is a failure too."""
+    import threading
+
+    from analysis.experiment import ChildProcessRun
+    from shared.config import resolve_config
+
+    cfg = resolve_config("toy", run_dir=str(tmp_path / "v"))
+    with pytest.raises(RuntimeError, match=f"run process exited with code {code} before reporting its status"):
+        ChildProcessRun(Vanisher(code), threading.Event())(cfg)
