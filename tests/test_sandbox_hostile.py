@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from reward_server import judge
-from reward_server.grader import EMPTY_PROGRAM, _Checks, compile_program
+from reward_server.grader import EMPTY_PROGRAM, ProblemChecks, compile_program
 from reward_server.sandbox import REPO_ROOT, ExecJob, SandboxConfig, SandboxPool, bwrap_works
 from shared.problems import Problem
 
@@ -25,7 +25,7 @@ TINY = Problem(
     canonical_solution="class Solution:\n    def add(self, a, b):\n        return a + b\n",
 )
 GOOD = TINY.canonical_solution
-CK = _Checks(TINY)
+CK = ProblemChecks(TINY)
 ESCAPE = f"/tmp/rankguard-escape-{uuid.uuid4().hex}"
 SECRET = REPO_ROOT / "reward_server" / "grader.py"
 
@@ -127,7 +127,7 @@ def _modes() -> list[str]:
     return modes
 
 
-def expected_values(pool, ck: _Checks) -> list:
+def expected_values(pool, ck: ProblemChecks) -> list:
     """The expected sides, evaluated as the grader does: setup only, no program."""
     n = len(ck.split.expected_exprs)
     res = pool.run(ExecJob("eval", ck.setup, EMPTY_PROGRAM, {}, {"exprs": ck.expected_exprs}))
@@ -135,7 +135,7 @@ def expected_values(pool, ck: _Checks) -> list:
     return [judge.decode(lines.get(k)) for k in range(n)]
 
 
-def run_eval(pool, ck: _Checks, code: str, expected: list):
+def run_eval(pool, ck: ProblemChecks, code: str, expected: list):
     """(result, asserts passed) of the honest check's child on `code`, judged outside it."""
     blob, err = compile_program(code)
     assert blob is not None, err
@@ -233,7 +233,7 @@ class Solution:
 
 
 def test_asserts_invisible_while_the_program_loads():
-    ck = _Checks(SECRET_PROBLEM)
+    ck = ProblemChecks(SECRET_PROBLEM)
     pool = SandboxPool(SandboxConfig(workers=1, timeout_s=1.0))
     try:
         res, passed = run_eval(pool, ck, SNOOP, expected_values(pool, ck))
