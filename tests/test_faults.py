@@ -6,7 +6,6 @@ by `--fresh`, and no orphans after Ctrl-C / kill -9 of the launcher / a crashed 
 import json
 import os
 import signal
-import time
 
 import pytest
 import redis
@@ -154,11 +153,9 @@ def test_ctrl_c_stops_everything(toy_dir, tmp_path):
     try:
         st = up.state()
         up.wait_rows(1)
-        t0 = time.monotonic()
         os.kill(up.proc.pid, signal.SIGINT)
-        assert up.wait(60) == 130
-        assert time.monotonic() - t0 < 15  # services honour SIGTERM (no grace-period SIGKILL)
-        assert "ignored SIGTERM" not in up.output()
+        assert up.wait(120) == 130  # hang guard only
+        assert "ignored SIGTERM" not in up.output()  # services honour SIGTERM (no grace-period SIGKILL)
         assert wait_all_dead(all_pids(st), timeout=5) == []
     finally:
         up.kill()

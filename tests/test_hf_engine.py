@@ -107,25 +107,29 @@ def test_load_delta_sets_weights_and_version(engine, tiny_qwen3):
     assert [c.token_ids for c in after.completions] == [c.token_ids for c in ref.completions]
 
 
-def test_generate_by_mode_samples_each_mode_apart_in_job_order():
+def test_generate_by_mode_samples_each_mode_apart_in_job_order(monkeypatch):
     """rollout.engine.generate_by_mode: train-mode jobs first, each mode prepared once (untimed) and
-    sampled once, gen_seconds = the part's wall time shared evenly, groups back in job order."""
-    import time
+    sampled once, gen_seconds = the part's wall time shared evenly, groups back in job order. A fake
+    clock that only the callbacks advance: prepare 0.2 s, sample 0.03 s per job."""
+    import types
 
+    from rollout import engine
     from rollout.engine import generate_by_mode
     from shared.schemas import RolloutGroup
 
+    now = [100.0]
+    monkeypatch.setattr(engine, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
     jobs = [PromptJob(job_id=f"j{i}", step=0, problem_id="p", prompt_text="", prompt_ids=[1],
                       sampling=SamplingParams(n=1), adapter_mode=mode) for i, mode in enumerate(["eval", "train", "eval", "train", "train"])]
     calls = []
 
     def prepare(train):
         calls.append(("prepare", train))
-        time.sleep(0.2)  # not counted in gen_seconds
+        now[0] += 0.2  # not counted in gen_seconds
 
     def sample(part, train):
         calls.append(("sample", train, [j.job_id for j in part]))
-        time.sleep(0.03 * len(part))
+        now[0] += 0.03 * len(part)
         return [RolloutGroup(job_id=j.job_id, step=0, problem_id="p", policy_version=0, prompt_ids=[1],
                              completions=[]) for j in reversed(part)]
 
@@ -133,5 +137,5 @@ def test_generate_by_mode_samples_each_mode_apart_in_job_order():
     assert [g.job_id for g in groups] == ["j0", "j1", "j2", "j3", "j4"]
     assert calls == [("prepare", True), ("sample", True, ["j1", "j3", "j4"]),
                      ("prepare", False), ("sample", False, ["j0", "j2"])]
-    assert all(0.03 <= g.gen_seconds < 0.15 for g in groups), [g.gen_seconds for g in groups]
+    assert [g.gen_seconds for g in groups] == pytest.approx([0.03] * 5, rel=1e-9)
     assert generate_by_mode([], sample) == [] and len(calls) == 4

@@ -48,12 +48,18 @@ def test_put_read_ack_deletes(q):
     assert q.read("jobs", "rollout", "c1", PromptJob, count=10) == []  # nothing new
 
 
+def patient(q: Queues) -> Queues:
+    """A second view of `q`'s run that re-claims only after 60 s: "not idle long enough yet" without
+    racing q's 0.2 s threshold on a busy machine."""
+    return Queues(q.url, q.run_id, max_queue=4, max_deliveries=2, claim_idle_s=60, block_ms=50)
+
+
 def test_dead_consumer_work_is_reclaimed_then_dead_lettered(q):
     q.put("jobs", job(7))
     first = q.read("jobs", "rollout", "dead", PromptJob)
     assert first[0].deliveries == 1
-    assert q.read("jobs", "rollout", "alive", PromptJob) == []  # not idle long enough yet
-    time.sleep(0.3)
+    assert patient(q).read("jobs", "rollout", "alive", PromptJob) == []  # not idle long enough yet
+    time.sleep(0.3)  # > q's claim_idle_s: a lower bound, always true after the sleep
     again = q.read("jobs", "rollout", "alive", PromptJob)
     assert [d.item.job_id for d in again] == ["j7"] and again[0].deliveries == 2
     time.sleep(0.3)  # "alive" died too: third delivery > max_deliveries=2 -> DLQ
@@ -66,13 +72,23 @@ def test_dead_consumer_work_is_reclaimed_then_dead_lettered(q):
 
 
 def test_heartbeat_keeps_claim(q):
+    """The holder beats every 0.1 s; a thief that re-claims after 2 s idle finds nothing while the
+    heartbeat runs (a 2 s stall of the beat thread would be needed to flake), and takes the message
+    once the heartbeat has stopped and 2 s have passed."""
     q.put("jobs", job(3))
     d = q.read("jobs", "rollout", "slow", PromptJob)[0]
+    thief = Queues(q.url, q.run_id, max_queue=4, max_deliveries=2, claim_idle_s=2.0, block_ms=50)
+    beats = []
+    beat = q.heartbeat
+    q.heartbeat = lambda *a: (beats.append(a), beat(*a))[1]
     with Heartbeat(q, "jobs", "rollout", "slow") as hb:
         hb.ids.append(d.msg_id)
-        time.sleep(0.5)  # > claim_idle_s, but beats every ~0.07 s
-        assert q.read("jobs", "rollout", "thief", PromptJob) == []
-    q.ack(d, "rollout")
+        time.sleep(2.5)  # > the thief's claim_idle_s
+        assert thief.read("jobs", "rollout", "thief", PromptJob) == []
+    assert beats and all(a[-1] == [d.msg_id] for a in beats)
+    time.sleep(2.1)
+    assert [x.item.job_id for x in thief.read("jobs", "rollout", "thief", PromptJob)] == ["j3"]
+    thief.close()
 
 
 def test_malformed_message_goes_to_dlq_with_reason(q):
@@ -118,7 +134,7 @@ def test_backpressure_blocks_producer_until_consumed(q):
     assert not done.is_set() and q.backlog("jobs") == 4
     got = q.read("jobs", "rollout", "c", PromptJob, count=1)
     q.ack(got[0], "rollout")
-    t.join(2)
+    t.join(60)  # hang guard only
     assert done.is_set() and q.backlog("jobs") == 4
     with pytest.raises(QueueError, match="full"):
         q.wait_for_room("jobs", timeout_s=0.1)

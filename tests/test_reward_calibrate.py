@@ -119,17 +119,14 @@ def test_all_bundled_canonicals_pass_on_a_busy_two_worker_server():
 def test_wall_ceiling_stops_idle_programs_not_computing_ones():
     """A wall ceiling far below the CPU a correct answer needs (what a busy box amounts to): the
     computing program still gets its CPU budget; a sleeping one is stopped at the ceiling."""
-    import time
-
     from reward_server.sandbox import SandboxConfig
 
     sandbox = SandboxConfig(workers=1, timeout_s=5.0, wall_factor=0.05, wall_slack_s=0.2)  # ceiling 0.45 s
     sleeper = as_completion("import time\nclass Solution:\n    def total(self, n):\n        time.sleep(30)\n")
     with Grader(RewardConfig(timeout_s=5.0), workers=1, sandbox=sandbox) as g:
         computing = g.grade(SLOW, as_completion(SLOW.canonical_solution))
-        t0 = time.perf_counter()
         idle = g.grade(SLOW.model_copy(update={"id": "slow-sleep"}), sleeper)
-        idle_s = time.perf_counter() - t0
     assert computing.gt_pass and not computing.timed_out, (computing.status, computing.timings)
     assert computing.timings["gt"] > sandbox.wall_for(5.0)
-    assert idle.timed_out and not idle.gt_pass and idle_s < 15  # gt, A and BCD each stopped at ~0.45 s
+    # sleeping uses no CPU, so only the wall ceiling (not the 5 s CPU budget) can have stopped it
+    assert idle.timed_out and not idle.gt_pass
