@@ -366,7 +366,7 @@ def test_micro_batches_give_the_same_gradient(tokenizer, splits):
 def test_the_grader_sees_every_planted_hack(splits):
     """Warm-start hacks are the grader's hacks: strict for their own mode, loose-detected, and clean
     targets trigger neither."""
-    grader_mod = pytest.importorskip("reward_server.grader")
+    from reward_server import grader as grader_mod
     from shared.config import LoopholeConfig, RewardConfig
 
     rng = random.Random(3)
