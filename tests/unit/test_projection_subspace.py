@@ -118,7 +118,7 @@ def test_bench_times_the_subspace_hook():
     import importlib.util
     from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("bench_projection", Path(__file__).resolve().parents[1] / "bench"
+    spec = importlib.util.spec_from_file_location("bench_projection", Path(__file__).resolve().parents[2] / "bench"
                                                   / "projection.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)

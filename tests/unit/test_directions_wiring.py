@@ -1,6 +1,6 @@
 """The v_hack levers wired into the learner (issue #15): directions from config, refresh with an exact
 resume, two-sided gate, pair sets, cropped rank, weak_flagged from the policy's own flagged rollouts,
-and the arm registry driving a run. Tiny wrapped Qwen3 + byte tokenizer + rule grader (tests/test_trainer)."""
+and the arm registry driving a run. Tiny wrapped Qwen3 + byte tokenizer + rule grader (tests/support/trainer.py)."""
 import copy
 import json
 from types import SimpleNamespace
@@ -23,8 +23,8 @@ from shared.adapter import get_delta, quarantine, wrap_model
 from shared.arms import ALIASES, arm_name, arm_overrides
 from shared.config import ConfigError, resolve_config
 from shared.schemas import Completion, Grade, GradedGroup, RolloutGroup
-from tests.test_trainer import PROBLEMS
-from tests.test_trainer_fakes import ByteTokenizer, RuleGrader
+from tests.support.trainer import PROBLEMS
+from tests.support.fakes import ByteTokenizer, RuleGrader
 
 
 @pytest.fixture(scope="module")
@@ -369,7 +369,7 @@ def test_cli_train_runs_a_registry_arm(tmp_path):
     import sys
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root),
            "RANKGUARD_ARTIFACTS": str(tmp_path / "artifacts")}
     run = tmp_path / "run"

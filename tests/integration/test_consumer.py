@@ -21,7 +21,7 @@ from services.reward_worker import RewardWorker
 from shared.config import resolve_config
 from shared.schemas import Completion, Grade, GradedGroup, PromptJob, RolloutGroup, SamplingParams
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 log = logging.getLogger("test")
 _runs = iter(range(10_000))
 

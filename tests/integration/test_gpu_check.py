@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 # Budgets as hang guards, not speed claims: a busy 2-core machine must not turn a slow section into a timeout.

@@ -9,7 +9,7 @@ from services import queues
 from services.procs import HEALTH_ENV
 from services.pipeline_cli import WORKERS
 
-DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 
 
 @pytest.fixture(scope="module")

@@ -4,14 +4,9 @@ import json
 
 import pytest
 
-from pipeline_helpers import group_members, metrics, quick_toy_dir, small_sets, wait_all_dead
 from services.launcher import PipelineError, run_services
 from shared.config import resolve_config
-
-
-@pytest.fixture(scope="module")
-def toy_dir():
-    return quick_toy_dir()
+from tests.support.pipeline import group_members, metrics, small_sets, wait_all_dead
 
 
 def test_run_services_end_to_end(toy_dir, tmp_path, monkeypatch):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PACKAGES = ("shared", "learner", "rollout", "reward_server", "services", "analysis")
 ALLOWED = {
     "shared": {"shared"},

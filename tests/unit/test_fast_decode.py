@@ -67,7 +67,7 @@ def test_unsupported_models_are_named(tiny_qwen3):
 def test_engine_samples_the_same_on_both_paths(tiny_qwen3):
     from rollout.hf_engine import HFEngine
     from shared.schemas import PromptJob, SamplingParams
-    from tests.test_trainer_fakes import ByteTokenizer
+    from tests.support.fakes import ByteTokenizer
 
     model = copy.deepcopy(tiny_qwen3)
     wrap_model(model, progress=False)

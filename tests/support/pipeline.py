@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 QUICK_TOY = REPO / ".cache" / "test-toy-quick"
 
 # small and fast: 4 prompts x 4 samples, 12 new tokens, tiny evals

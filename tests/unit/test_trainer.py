@@ -1,71 +1,19 @@
 """Learner: KL at init, an end-to-end in-process run, resume equality, route/rebound/skip behaviour."""
 import copy
 import json
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from learner.checkpoint import list_checkpoints
 from learner.metrics import EVAL_KEYS, METRIC_KEYS, read_jsonl
-from learner.trainer import Learner
 from reward_server.grader import grade_groups as _grade_groups
 from services.sources import run_inprocess
 from rollout.hf_engine import HFEngine
-from shared.adapter import adapter_modules, get_delta, wrap_model
-from shared.config import resolve_config
-from shared.problems import Message, Problem
+from shared.adapter import adapter_modules, get_delta
 from shared.schemas import Completion, Grade, GradedGroup, RolloutGroup
-from tests.test_trainer_fakes import ByteTokenizer, RuleGrader
-
-
-def _problem(i: int, hard: bool) -> Problem:
-    name = f"f{i}"
-    return Problem(
-        id=f"p{i}", question=f"{name} a", difficulty="hard" if hard else "easy", func_name=f"Solution().{name}",
-        prompt=[Message(role="system", content="S"), Message(role="user", content=f"{name}(a)=a+{i}")],
-        gt_answer=[f"assert Solution().{name}(1) == {1 + i}"],
-        canonical_solution=f"class Solution:\n    def {name}(self, a):\n        return a+{i}",
-    )
-
-
-PROBLEMS = ([_problem(i, hard=i % 2 == 0) for i in range(12)], [_problem(100 + i, False) for i in range(4)])
-
-
-@pytest.fixture(scope="module")
-def base_model(tiny_qwen3):
-    m = copy.deepcopy(tiny_qwen3)
-    wrap_model(m, progress=False)
-    return m
-
-
-@pytest.fixture(scope="module")
-def art_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("artifacts")
-
-
-def make_cfg(run_dir, arm="vanilla", steps=3, extra=()):
-    return resolve_config("toy", [
-        f"run_dir={json.dumps(str(run_dir))}", f"train.arm={arm}", f"train.steps={steps}",
-        "train.prompts_per_step=3", "sampling.group_size=4", "sampling.max_new_tokens=6", "train.micro_batch=8",
-        "train.eval_every=2", "train.eval_problems=2", "train.eval_samples=2", "train.checkpoint_every=1",
-        "train.lr=0.05", *extra,
-    ])
-
-
-def make_learner(cfg, base_model, art_root, resume=True):
-    policy = SimpleNamespace(model=copy.deepcopy(base_model), tokenizer=ByteTokenizer(), model_id="tiny")
-    return Learner(cfg, resume=resume, policy=policy, problems=PROBLEMS, artifacts_root=art_root, tensorboard=False)
-
-
-def one_step(learner, engine, grader=None):
-    groups = engine.generate(learner.make_jobs(learner.step))
-    graded, _ = _grade_groups(grader or RuleGrader(), learner.problems, groups)
-    return learner.train_step(graded)
-
-
-def strip_times(row):
-    return {k: v for k, v in row.items() if not k.startswith("t_")}
+from tests.support.fakes import RuleGrader
+from tests.support.trainer import PROBLEMS, make_cfg, make_learner, one_step, strip_times
 
 
 def test_make_jobs_deterministic_with_hard_share(tmp_path, base_model, art_root):

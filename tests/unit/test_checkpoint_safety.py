@@ -11,7 +11,7 @@ from learner import checkpoint as ckpt
 from learner.metrics import read_jsonl
 from rollout.hf_engine import HFEngine
 from shared.adapter import get_delta
-from tests.test_trainer import art_root, base_model, make_cfg, make_learner, one_step, strip_times  # noqa: F401
+from tests.support.trainer import make_cfg, make_learner, one_step, strip_times
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@
    ON THIS MACHINE, for two arms (vanilla, projected) over a few toy steps. Same machine, same kernels,
    same arithmetic: exact equality is the claim.
 
-2. `test_toy_run_matches_golden`: 30 toy steps per arm in one process match tests/golden/toy30 on any x86
+2. `test_toy_run_matches_golden`: 30 toy steps per arm in one process match tests/integration/golden/toy30 on any x86
    machine and torch build, within a per-column tolerance:
    - integer columns (step, policy_version, n, n_groups, n_train_seqs) and None/null values: exact;
    - float columns: |got - want| <= max(atol, RTOL_FLOOR * |want|), atol = MARGIN * the column's
@@ -27,7 +27,7 @@
 
 Regenerate deliberately (after a change that is meant to move numbers, e.g. a new toy world); this writes
 the goldens, environment.json and spread.json (12 single-threaded 30-step runs, ~6 min on 2 idle cores):
-    .venv/bin/python tests/test_golden.py --regenerate [--jobs 2]
+    .venv/bin/python tests/integration/test_golden.py --regenerate [--jobs 2]
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = Path(__file__).parent / "golden" / "toy30"
 STEPS = 30
 ARMS = ("vanilla", "projected", "rebound", "route")
@@ -202,7 +202,7 @@ def test_toy_run_matches_golden(tmp_path, arm):
     have_env = _environment()
     assert have_env["toy_fingerprint"] == want_env["toy_fingerprint"], (
         f"the default toy world changed ({want_env['toy_fingerprint']} -> {have_env['toy_fingerprint']}): "
-        "regenerate the golden files deliberately (.venv/bin/python tests/test_golden.py --regenerate)")
+        "regenerate the golden files deliberately (.venv/bin/python tests/integration/test_golden.py --regenerate)")
     columns = json.loads((GOLDEN / "spread.json").read_text())["columns"]
     bad = differences(produce(arm, "train", tmp_path / arm), _golden(arm), columns)
     assert not bad, (f"recorded with {want_env}, this machine {have_env}; {len(bad)} values outside the "

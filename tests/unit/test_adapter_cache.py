@@ -1,7 +1,6 @@
 """SVD cache: round trip, speed, and detection of corrupt / foreign / mis-shaped files."""
 import copy
 import logging
-import sys
 from pathlib import Path
 
 import pytest
@@ -10,9 +9,7 @@ from safetensors.torch import save_file
 
 from shared.adapter import adapter_modules, wrap_model
 from shared.svd_cache import FORMAT, SVDCache, weight_fingerprint
-
-sys.path.insert(0, str(Path(__file__).parent))
-from conftest import make_tiny_qwen3  # noqa: E402
+from tests.support.tiny import make_tiny_qwen3
 
 MID = "tiny-qwen3"
 

@@ -22,7 +22,7 @@ from analysis.rundata import find_runs
 from shared.config import resolve_config
 
 N_EVAL = 128
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def write_run(root: Path, arm: str, seed: int, evals: dict[int, tuple[float, float]],

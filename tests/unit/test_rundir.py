@@ -219,7 +219,7 @@ def test_cli_resume_on_a_truncated_config_stops_and_keeps_the_file(tmp_path, com
 
 
 def test_prepare_resumes_amends_and_moves_aside(tmp_path):
-    from pipeline_helpers import quick_toy_dir
+    from tests.support.pipeline import quick_toy_dir
 
     toy = quick_toy_dir()
     run = tmp_path / "r"

@@ -199,7 +199,7 @@ def tiny_run(tmp_path_factory, tiny_qwen3):
     from services.sources import run_inprocess
     from shared.adapter import wrap_model
     from shared.config import resolve_config
-    from tests.test_trainer_fakes import ByteTokenizer, RuleGrader
+    from tests.support.fakes import ByteTokenizer, RuleGrader
 
     base = copy.deepcopy(tiny_qwen3)
     wrap_model(base, progress=False)

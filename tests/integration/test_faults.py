@@ -11,15 +11,11 @@ import pytest
 import redis
 
 from learner.checkpoint import list_checkpoints
-from pipeline_helpers import (Up, metrics, quick_toy_dir, small_sets, stop_until_holding,
-                              wait_all_dead)
+from tests.support.pipeline import Up, metrics, small_sets, stop_until_holding, wait_all_dead
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def toy_dir():
-    return quick_toy_dir()
 
 
 def client(st: dict) -> redis.Redis:
@@ -198,7 +194,7 @@ def test_kill9_reward_worker_under_plain_up_is_absorbed(toy_dir, tmp_path):
 
 def test_plain_up_on_a_finished_run_keeps_it_and_fresh_moves_it_aside(toy_dir, tmp_path):
     """A second plain `up` resumes (nothing deleted; --steps may grow, recorded as an amendment);
-    `--fresh` moves the run aside whole. (Drift refusal: tests/test_rundir.py, before any process starts.)"""
+    `--fresh` moves the run aside whole. (Drift refusal: tests/unit/test_rundir.py, before any process starts.)"""
     run = tmp_path / "run"
     sets = small_sets(toy_dir)
     for steps in (3, 4):

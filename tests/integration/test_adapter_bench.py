@@ -2,7 +2,7 @@
 import importlib.util
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "adapter.py"
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "adapter.py"
 
 
 def test_bench_adapter_toy_smoke(tmp_path):
