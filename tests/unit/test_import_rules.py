@@ -185,3 +185,31 @@ def test_no_module_import_cycles():
 def test_cycle_finder_sees_a_lazy_cycle():
     assert cycles({"a": {"b"}, "b": {"a", "c"}, "c": set()}) == [{"a", "b"}]
     assert cycles({"a": {"b"}, "b": {"c"}, "c": set()}) == []
+
+
+# ---------------------------------------------------------------------------------- private names
+# Private names one package still imports from another, to be made public by their owners (issue #19
+# item 6). Empty this as they go; never add to it.
+KNOWN_PRIVATE_IMPORTS = {("learner/scoring.py", "shared.logprobs._LayerCapture"),
+                         ("analysis/diagnose.py", "learner.vhack._completion_grad")}
+
+
+def private_imports() -> set[tuple[str, str]]:
+    """(file, module.name) for every `_name` a package (or bench/) imports from another package."""
+    out = set()
+    for pkg in (*PACKAGES, "bench"):
+        for path in sorted((REPO / pkg).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                    top = node.module.split(".")[0]
+                    if top in PACKAGES and top != pkg:
+                        out |= {(str(path.relative_to(REPO)), f"{node.module}.{a.name}") for a in node.names
+                                if a.name.startswith("_") and not a.name.startswith("__")}
+    return out
+
+
+def test_no_private_names_cross_packages():
+    """A `_name` is a module's own business; another package needing it means it should be public."""
+    found = private_imports()
+    assert found - KNOWN_PRIVATE_IMPORTS == set()
+    assert KNOWN_PRIVATE_IMPORTS <= found, "a known private import is gone: remove it from KNOWN_PRIVATE_IMPORTS"
