@@ -22,18 +22,11 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from analysis.placement import DevicePool, Needs, Placement, PlacementError, detect_devices, split
+from analysis.runners import Note, RunFn, run_name  # noqa: F401 - re-exported
 from shared.config import RunConfig
 
 BACKENDS = ("local", "ray")
-RunFn = Callable[[RunConfig], Any]
 Runner = Callable[[RunConfig, Placement], Any]  # one run on its placement
-Note = Callable[[RunConfig, dict], None]  # record facts about a run (its devices, its attempts)
-
-
-def run_name(cfg: RunConfig) -> str:
-    """`arm/seed<k>` from the run folder OUT/<arm>/seed<k>."""
-    path = Path(cfg.run_dir)
-    return f"{path.parent.name}/{path.name}"
 
 
 @dataclass(frozen=True)
@@ -87,7 +80,7 @@ def services_runner(stop: threading.Event | None) -> Runner:
 def inprocess_runner(run_fn: RunFn, stop: threading.Event) -> Runner:
     """An in-process run in a spawned interpreter that sees only the run's devices."""
     def run(cfg: RunConfig, placement: Placement) -> Any:
-        from analysis.experiment import ChildProcessRun
+        from analysis.runners import ChildProcessRun
 
         return ChildProcessRun(EnvRun(run_fn, placement.env("learner")), stop)(cfg)
     return run
@@ -141,7 +134,7 @@ class Dispatch:
                say: Callable[[str], None] | None = None, progress: bool = False) -> RunFn:
         """What each run thread calls. `run_fn` (tests: a fake trainer) replaces the real training; with
         devices or Ray it still runs where and as the backend says."""
-        from analysis.experiment import ChildProcessRun, InProcessRun, default_run_fn
+        from analysis.runners import ChildProcessRun, InProcessRun, default_run_fn
 
         if self.backend == "ray":
             from analysis.ray_backend import RayRunFn

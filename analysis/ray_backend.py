@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from analysis.dispatch import Note, RunFn, run_name
+from analysis.runners import Note, RunFn, run_name
 from analysis.placement import CPU_HINT, Needs, split
 from shared.config import RunConfig
 
@@ -110,7 +110,7 @@ def run_attempt(cfg_json: str, mode: str, cwd: str, run_fn: RunFn | None = None)
     gpus = [str(g) for g in ray.get_gpu_ids()]
     needs = Needs.of(cfg, mode)
     placement = split(needs, gpus, run_name(cfg))
-    from analysis.experiment import last_logged_step
+    from analysis.runners import last_logged_step
 
     rows = last_logged_step(Path(cfg.run_dir))
     n = len(read_attempts(cfg.run_dir)) + 1
@@ -180,7 +180,7 @@ class RayRunFn:
 
     def __call__(self, cfg: RunConfig) -> dict:
         ray = self._ensure()
-        from analysis.experiment import RunInterrupted
+        from analysis.runners import RunInterrupted
 
         opts = task_options(cfg, self.mode, self.retries)
         why = infeasible(opts, ray.nodes())

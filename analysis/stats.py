@@ -44,6 +44,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 from scipy import stats as sps
 
+from analysis.hypotheses import t_ci  # noqa: F401 - one t interval for the preregistered and paired checks
 from analysis.rundata import RunRecord, arm_order, pct
 
 LEVEL = 0.95
@@ -74,16 +75,6 @@ def _safepass(row: dict) -> float | None:
 
 
 # ------------------------------------------------------------------ intervals and power
-def t_ci(d: Sequence[float], level: float = LEVEL) -> tuple[float | None, float | None]:
-    """mean ± t(1 − (1 − level)/2, n − 1)·SD/√n; (None, None) for fewer than 2 values."""
-    n = len(d)
-    if n < 2:
-        return None, None
-    m, sd = float(np.mean(d)), float(np.std(d, ddof=1))
-    half = float(sps.t.ppf(1 - (1 - level) / 2, n - 1)) * sd / math.sqrt(n)
-    return m - half, m + half
-
-
 def bootstrap_ci(d: Sequence[float], level: float = LEVEL, n_boot: int = N_BOOT,
                  seed: int = BOOT_SEED) -> tuple[float | None, float | None]:
     """Percentile bootstrap CI of the mean (resampling seeds with replacement, fixed RNG seed)."""

@@ -6,7 +6,8 @@ no vLLM, no weights, no network). One JSON + one markdown table.
     python bench/gpu_check.py --out DIR --budget 470 --sections svd,fwd_bwd --budgets svd=60
 
 Sections, in order; each has its own time budget, and the files are rewritten after every figure, so a
-section that fails or runs out of time is recorded as such and the rest still report:
+section that fails or runs out of time is recorded as such and the rest still report (that framework, apart
+from what is measured: bench/budget_report.py):
 
   svd       AntiPaSTO wrap of a random Qwen3-4B-shaped model cut to --svd-layers layers: fp32 SVD per module
             on the device (torch.linalg.svd), SVD-cache build and reload, max |Δlogit| at delta_S = 0, and the
@@ -31,20 +32,13 @@ random ids of the bundled prompts' mean length (505 tokens; recorded as `prompts
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as _dt
-import json
-import math
 import os
 import platform
-import re
-import signal
 import statistics
 import sys
 import tempfile
-import threading
 import time
-import traceback
 from pathlib import Path
 
 import torch
@@ -52,6 +46,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.budget_report import (Report, SectionTimeout, device_slug, fmt, git_commit, parse_budgets,  # noqa: E402
+                                 peak_gb, reset_peak, run_sections, start_hard_stop, sync, timed)
 from shared.tiny_models import QWEN3_4B, QWEN3_VOCAB, qwen3_config, random_model  # noqa: E402
 
 SECTIONS = ("svd", "fwd_bwd", "learner", "merge", "generate")
@@ -70,128 +66,6 @@ PLANS = {
                             "train.micro_batch=4"],
                  budgets=dict(svd=60, fwd_bwd=60, learner=90, merge=30, generate=60)),
 }
-MIN_START_S = 5.0  # a section is skipped when less than this is left of the global budget
-
-
-class SectionTimeout(Exception):
-    """Raised (by SIGALRM) inside a section that ran past its budget."""
-
-
-# ---------------------------------------------------------------------------------------------- output
-class Report:
-    """The JSON + markdown pair, rewritten after every figure (partial results survive any failure)."""
-
-    def __init__(self, out: Path, meta: dict):
-        self.out = out
-        self.data: dict = {"meta": meta, "sections": {}, "figures": []}
-        self.lock = threading.RLock()
-        self.t0 = time.perf_counter()
-        out.mkdir(parents=True, exist_ok=True)
-
-    def put(self, section: str, **values) -> None:
-        with self.lock:
-            self.data["sections"].setdefault(section, {}).update(_jsonable(values))
-            self.flush()
-
-    def figure(self, section: str, what: str, value: float | None, unit: str, baseline: float | None = None,
-               baseline_what: str = "", ratio: float | None = None, note: str = "") -> None:
-        """One row of the table; ratio defaults to value / baseline when both are there."""
-        if ratio is None and value is not None and baseline:
-            ratio = value / baseline
-        with self.lock:
-            self.data["figures"].append(_jsonable(dict(section=section, what=what, value=value, unit=unit,
-                                                       baseline=baseline, baseline_what=baseline_what,
-                                                       ratio=ratio, note=note)))
-            self.flush()
-
-    def flush(self) -> None:
-        with self.lock:
-            self.data["meta"]["wall_s"] = round(time.perf_counter() - self.t0, 2)
-            tmp = self.out / "gpu_check.json.tmp"
-            tmp.write_text(json.dumps(self.data, indent=1))
-            tmp.replace(self.out / "gpu_check.json")
-            (self.out / "gpu_check.md").write_text(render_markdown(self.data))
-
-
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, float):
-        return None if not math.isfinite(x) else float(f"{x:.6g}")
-    if isinstance(x, (str, int, bool)) or x is None:
-        return x
-    if isinstance(x, torch.Tensor) and x.numel() == 1:
-        return _jsonable(x.item())
-    return str(x)
-
-
-def _fmt(v, unit: str = "") -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        text = f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
-    else:
-        text = f"{v:,}" if isinstance(v, int) else str(v)
-    return f"{text} {unit}".strip()
-
-
-def render_markdown(data: dict) -> str:
-    m = data["meta"]
-    lines = [f"# GPU check — {m.get('device_name')} ({m.get('mode')})", "",
-             f"{m.get('date')} · torch {m.get('torch')} (CUDA {m.get('cuda')}) · transformers {m.get('transformers')} · "
-             f"{m.get('dtype')} · commit {m.get('commit') or '?'} · wall {m.get('wall_s')} s of a {m.get('budget_s')} s budget",
-             "", f"Model: {m.get('model')}", "", f"Notes: {m.get('notes')}", "",
-             "| section | figure | value | side by side | ratio | note |", "|---|---|---|---|---|---|"]
-    for f in data["figures"]:
-        side = f"{_fmt(f['baseline'], f['unit'])} ({f['baseline_what']})" if f["baseline"] is not None else "-"
-        ratio = "-" if f["ratio"] is None else f"{f['ratio']:.3g}x" if f["ratio"] >= 0.01 else f"{f['ratio']:.2e}x"
-        cell = [str(c).replace("|", "\\|") for c in (f["what"], f["note"])]  # "|Δlogit|" must not split a row
-        lines.append(f"| {f['section']} | {cell[0]} | {_fmt(f['value'], f['unit'])} | {side} | {ratio} | {cell[1]} |")
-    lines += ["", "| section | status | seconds |", "|---|---|---|"]
-    for name, s in data["sections"].items():
-        lines.append(f"| {name} | {s.get('status', '?')} | {s.get('seconds', '-')} |")
-    return "\n".join(lines) + "\n"
-
-
-# ---------------------------------------------------------------------------------------------- helpers
-def sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
-def reset_peak(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(dev)
-
-
-def peak_gb(dev: torch.device) -> float | None:
-    return torch.cuda.max_memory_allocated(dev) / 1e9 if dev.type == "cuda" else None
-
-
-def timed(fn, dev: torch.device):
-    sync(dev)
-    t0 = time.perf_counter()
-    out = fn()
-    sync(dev)
-    return out, time.perf_counter() - t0
-
-
-@contextlib.contextmanager
-def time_budget(seconds: float):
-    """SIGALRM after `seconds` raises SectionTimeout in the main thread (after the running kernel returns)."""
-    def on_alarm(signum, frame):
-        raise SectionTimeout(f"ran past its {seconds:g} s budget")
-
-    old = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, max(seconds, 1e-3))
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
 
 
 class IdsTokenizer:
@@ -485,7 +359,7 @@ class Check:
         self.r.figure("learner", f"GRPO learner step: {P}x{G} seqs, {warm['tokens']:,} tokens, micro-batch "
                       f"{cfg.train.micro_batch}, KL {cfg.train.beta_kl:g}, projection", warm["seconds"], "s",
                       steps[0]["seconds"], "first (cold) step",
-                      note=f"peak {_fmt(warm['peak_gb'], 'GB')}; kl {_fmt(warm['kl'])}, cos {_fmt(warm['cos_mean'])}")
+                      note=f"peak {fmt(warm['peak_gb'], 'GB')}; kl {fmt(warm['kl'])}, cos {fmt(warm['cos_mean'])}")
         self.r.figure("learner", "projection hook inside the step (vectorised)", warm["hook_ms"], "ms",
                       warm["seconds"] * 1e3, "learner step")
         try:
@@ -605,55 +479,13 @@ class Check:
 
     # ---- driver
     def run(self, sections: list[str], budgets: dict[str, float], deadline: float) -> None:
-        for name in sections:
-            left = deadline - time.monotonic()
-            rec = {"status": "running", "budget_s": budgets[name]}
-            if left < MIN_START_S:
-                self.r.put(name, status=f"skipped: global budget spent ({left:.0f} s left)")
-                continue
-            self.budget_left = min(budgets[name], left - 2.0)
-            self.r.put(name, **rec)
-            t0 = time.perf_counter()
-            status = "ok"
-            try:
-                with time_budget(self.budget_left):
-                    getattr(self, name)(lambda **kv: self.r.put(name, **kv))
-            except SectionTimeout as e:
-                status = f"timeout: {e}"
-            except Exception as e:  # noqa: BLE001 - recorded; the other sections still run
-                status = f"failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
-                self.r.put(name, traceback=traceback.format_exc()[-3000:])
-            finally:
-                if self.dev.type == "cuda":
-                    torch.cuda.empty_cache()
-            self.r.put(name, status=status, seconds=round(time.perf_counter() - t0, 2))
-            print(f"[gpu_check] {name}: {status} ({time.perf_counter() - t0:.1f} s)", flush=True)
+        def one(name: str, budget_s: float, put) -> None:
+            self.budget_left = budget_s
+            getattr(self, name)(put)
+
+        run_sections(self.r, sections, budgets, deadline, one,
+                     after_each=torch.cuda.empty_cache if self.dev.type == "cuda" else None)
         self.tmp.cleanup()
-
-
-def _device_slug(dev: torch.device) -> str:
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or dev.type
-
-
-def _commit() -> str | None:
-    try:
-        import subprocess
-
-        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def parse_budgets(text: str | None) -> dict[str, float]:
-    out = {}
-    for item in filter(None, (text or "").split(",")):
-        name, _, sec = item.partition("=")
-        if name not in SECTIONS or not sec:
-            raise SystemExit(f"error: --budgets takes NAME=SECONDS with NAME in {', '.join(SECTIONS)} (got {item!r})")
-        out[name] = float(sec)
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -694,9 +526,9 @@ def main(argv: list[str] | None = None) -> int:
     bad = [s for s in sections if s not in SECTIONS]
     if bad:
         raise SystemExit(f"error: unknown section {bad[0]!r}; valid: {', '.join(SECTIONS)}")
-    budgets = {**plan["budgets"], **parse_budgets(a.budgets)}
+    budgets = {**plan["budgets"], **parse_budgets(a.budgets, SECTIONS)}
     date = _dt.date.today().isoformat()
-    slug = _device_slug(dev)
+    slug = device_slug(dev)
     out = Path(a.out) if a.out else (ROOT / "runs" / "gpu_check" / f"{date}-{slug}-tiny" if a.tiny
                                      else ROOT / "docs" / "results" / "gpu" / f"{date}-{slug}")
     import transformers
@@ -705,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"mode": mode, "date": date, "device": str(dev),
             "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({os.cpu_count()} cores)",
             "torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__,
-            "python": platform.python_version(), "dtype": str(dtype).removeprefix("torch."), "commit": _commit(),
+            "python": platform.python_version(), "dtype": str(dtype).removeprefix("torch."), "commit": git_commit(ROOT),
             "budget_s": a.budget, "threads": torch.get_num_threads(),
             "model": (f"random-init Qwen3 {plan['shape']['hidden_size']} hidden, {layers} of "
                       f"{plan['shape']['num_hidden_layers']} layers, vocab {plan['vocab']:,}, "
@@ -723,18 +555,7 @@ def main(argv: list[str] | None = None) -> int:
         meta["gpu_memory_gb"] = round(props.total_memory / 1e9, 1)
     report = Report(out, meta)
 
-    def hard_stop():  # the global budget is a promise: whatever runs now is cut off, the files stay
-        with report.lock:
-            for s in report.data["sections"].values():
-                if s.get("status") == "running":
-                    s["status"] = f"killed: global budget of {a.budget:.0f} s spent"
-            report.flush()
-        print(f"[gpu_check] global budget of {a.budget:.0f} s spent; results so far in {out}", flush=True)
-        os._exit(124)
-
-    timer = threading.Timer(max(1.0, deadline - time.monotonic()), hard_stop)
-    timer.daemon = True
-    timer.start()
+    timer = start_hard_stop(report, a.budget, deadline)
     check = Check(a, plan, dev, dtype, report)
     report.put("setup", status="ok", prompts=check.prompts, seconds=round(time.monotonic() - t_start, 2))
     check.run(sections, budgets, deadline - 3.0)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from reward_server.grader import Grader, _Checks, compile_program  # noqa: E402
+from reward_server.grader import Grader, ProblemChecks, compile_program  # noqa: E402
 from reward_server.sandbox import ExecJob, SandboxConfig, make_executor  # noqa: E402
 from shared.config import LoopholeConfig, RewardConfig  # noqa: E402
 from shared.hacks import MODES, as_completion, plant_hack  # noqa: E402
@@ -81,7 +81,7 @@ def exec_overhead(isolation: str, n: int) -> tuple[float, float]:
     """Median seconds per execution: (empty program, no setup, no asserts; honest check of a wrong
     program on the first LeetCode problem: its setup + 70 call sides, each raising)."""
     p = load_leetcode_sample()[0]
-    ck = _Checks(p)
+    ck = ProblemChecks(p)
     blob, _ = compile_program("class Solution:\n    pass\n")
     empty = marshal.dumps(compile("", "<empty>", "exec"))
     ex = make_executor(SandboxConfig(workers=1, isolation=isolation))

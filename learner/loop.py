@@ -8,7 +8,7 @@
 `rankguard train` runs it over an in-process source (engine + grader called directly), `rankguard up`
 and the learner service over Redis (services/sources.py, picked by `make_source`). Everything a run
 writes that depends on the algorithm comes from here and from `Learner`, so both paths produce the
-same metrics to the last digit (tests/test_golden.py).
+same metrics to the last digit (tests/integration/test_golden.py).
 """
 from __future__ import annotations
 

@@ -56,7 +56,7 @@ def _marshal_call(src: str) -> bytes:
     return marshal.dumps(compile(src, "<test call>", "exec", dont_inherit=True))
 
 
-class _Checks:
+class ProblemChecks:
     """Per-problem compiled pieces, marshalled once and reused for every rollout; the expected
     values of the hidden asserts are filled in on first use (Grader._expected) and kept here."""
 
@@ -186,7 +186,7 @@ class Grader:
             raise SandboxError("isolation='fresh' runs programs without any isolation (benchmark only); "
                                f"set {ALLOW_FALLBACK_ENV}=1 (or SandboxConfig.allow_fallback) to use it")
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="grade")
-        self._cache: OrderedDict[str, _Checks] = OrderedDict()
+        self._cache: OrderedDict[str, ProblemChecks] = OrderedDict()
         self._verdicts: OrderedDict[str, Grade] = OrderedDict()  # reward_cfg.verdict_cache entries
         self._calls: OrderedDict[str, bytes] = OrderedDict()  # compiled test calls (mode A)
         self._ref_cache: OrderedDict[str, tuple[bool, bool]] = OrderedDict()  # reference runs per test function
@@ -340,7 +340,7 @@ class Grader:
             pass
 
     # ------------------------------------------------------------ internals
-    def _checks(self, problem: Problem) -> _Checks:
+    def _checks(self, problem: Problem) -> ProblemChecks:
         key = hashlib.sha1("\x00".join([problem.key, problem.setup_code, problem.func_name,
                                         *problem.gt_answer]).encode()).hexdigest()
         with self._lock:
@@ -348,7 +348,7 @@ class Grader:
             if hit is not None:
                 self._cache.move_to_end(key)
                 return hit
-        checks = _Checks(problem)
+        checks = ProblemChecks(problem)
         with self._lock:
             checks = self._cache.setdefault(key, checks)  # a racing thread's copy wins: one expected run
             self._cache.move_to_end(key)
@@ -374,7 +374,7 @@ class Grader:
             extra["error"] = res.error
         return res
 
-    def _expected(self, ck: _Checks, extra: dict, budget: float) -> list:
+    def _expected(self, ck: ProblemChecks, extra: dict, budget: float) -> list:
         """Decoded expected sides of the problem's asserts, computed once in a sandboxed process
         that runs the setup code and those expressions only, never a program."""
         with ck.expected_lock:
@@ -394,7 +394,7 @@ class Grader:
                     ck.expected = values
             return ck.expected
 
-    def _run_all(self, ck: _Checks, program: bytes, extra: dict, budget: float,
+    def _run_all(self, ck: ProblemChecks, program: bytes, extra: dict, budget: float,
                  test_func: reference.TestFunction | None, ceiling: WallCeiling) -> tuple[bool, float]:
         # Honest check: the child writes the call sides' values; the decision is made here.
         expected = self._expected(ck, extra, budget)

@@ -120,18 +120,21 @@ def build(
 @toy_app.command("pack")
 def pack(
     dir: Optional[str] = typer.Option(None, "--dir", help="Finished build to ship (default .cache/toy)."),
+    out: Optional[str] = typer.Option(None, "--out", help="Folder for the archive and MANIFEST.json "
+                                      "(default shared/toy/prebuilt, the shipped one)."),
 ) -> None:
     """Ship a finished build as shared/toy/prebuilt/toy-<fingerprint>.tar.xz (maintainers: after a
     change of the default toy world, `rankguard toy build --force --threads 1` then this)."""
-    from . import prebuilt
-    from .build import toy_status
+    from shared.toy import prebuilt
+    from shared.toy.build import toy_status
 
     root = Path(dir or _toy_config(None, None).dir)
     ok, reason, _ = toy_status(root)
     if not ok:
         _fail(f"{root} is not a finished build ({reason})")
-    out = prebuilt.pack(root)
-    console.print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB) and {prebuilt.MANIFEST}")
+    dest = Path(out) if out else prebuilt.PREBUILT_DIR
+    archive = prebuilt.pack(root, dest)
+    console.print(f"wrote {archive} ({archive.stat().st_size / 1e6:.2f} MB) and {dest / prebuilt.MANIFEST.name}")
 
 
 @toy_app.command("show")
@@ -161,12 +164,12 @@ def show(
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from reward_server.grader import Grader
-        from shared.toy.build import _quiet_transformers, stats_grader
+        from shared.toy.build import quiet_transformers, stats_grader
         from shared.toy.warmstart import sample_completions
 
         torch.set_num_threads(1)
         tok = AutoTokenizer.from_pretrained(root / "model")
-        with _quiet_transformers():
+        with quiet_transformers():
             model = AutoModelForCausalLM.from_pretrained(root / "model")
         flat = [p for p in probs for _ in range(samples)]
         out = sample_completions(model, tok, flat, 64, 1.0, seed)

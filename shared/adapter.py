@@ -12,7 +12,7 @@ Dtypes (decided here, relied on elsewhere):
   x @ Vh.T in fp32 before the cast back: casting the scale itself to bf16 would round away every
   delta smaller than S/256 (the lr is ~1e-4), freezing the policy between rounding jumps.
 - S, delta_S, delta_Q stay fp32 even through a later model.to(dtype) / .half() (see `_apply`).
-- Tolerance at delta_S = 0 vs the unwrapped model (tests/test_adapter.py, tiny Qwen3, logits ~0.7):
+- Tolerance at delta_S = 0 vs the unwrapped model (tests/unit/test_adapter.py, tiny Qwen3, logits ~0.7):
   fp32 max |Δlogit| < 1e-3 (measured ~1e-6); bf16 max |Δlogit| vs the unwrapped bf16 model < 2e-2
   (measured ~7e-3) and no more than 2.5x the unwrapped bf16 model's own distance to fp32
   (measured 1.0-1.7x): rounding U and Vh to bf16 costs about what rounding W did.

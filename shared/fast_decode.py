@@ -4,7 +4,7 @@ Why: the tiny toy model's decode step is dispatch-bound. transformers' forward s
 glue (mask building, cache concatenation, repeat_kv, seven separate projections per layer). Here
 each layer is four matmuls (fused q|k|v, o, fused gate|up, down) over the *merged* weights of
 `shared.adapter.merged_inference`, with a preallocated KV cache written in place, `F.rms_norm` and
-grouped-query SDPA. Same math as `Qwen3ForCausalLM` (tests/test_fast_decode.py: logits within 1e-4
+grouped-query SDPA. Same math as `Qwen3ForCausalLM` (tests/unit/test_fast_decode.py: logits within 1e-4
 of the HF forward); anything it does not cover (other architectures, sliding windows, non-SiLU
 MLPs) makes `unsupported()` name the reason and the engine keeps the transformers path.
 

@@ -18,16 +18,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
-from pydantic import ValidationError
-
-from .config import ConfigError, RunConfig, migrate_train_keys
+from .config import (ConfigError, RunConfig, read_config, read_config_json,  # noqa: F401 - re-exported
+                     validate_config, write_config)
 
 Mode = Literal["resume", "fresh"]
 CONFIG_NAME = "config.json"
@@ -59,68 +57,6 @@ FILLED_BY_RUN = frozenset({"vhack_path"})
 
 class RunDirError(ValueError):
     """A run dir that cannot be used as asked (drift, outputs without a config); says what to do."""
-
-
-# -------------------------------------------------------------------------------- reading config.json
-
-def _line_of(text: str, loc: Iterable[Any]) -> int | None:
-    """Line (1-based) of the dotted key `loc` in a JSON text: each part searched after the previous."""
-    pos, found = 0, False
-    for part in loc:
-        if not isinstance(part, str):
-            continue  # list index: stay at the list's key
-        m = re.compile(r'"%s"\s*:' % re.escape(part)).search(text, pos)
-        if m is None:
-            break
-        pos, found = m.start(), True
-    return text.count("\n", 0, pos) + 1 if found else None
-
-
-def read_config_json(path: str | Path) -> dict:
-    """config.json as a dict; a broken file stops with `path:line:col: what is wrong`."""
-    path = Path(path)
-    text = path.read_text()
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        end = "" if text.rstrip().endswith("}") else " (the file ends before the object closes: truncated?)"
-        raise ConfigError(f"{path}:{e.lineno}:{e.colno}: not valid JSON: {e.msg}{end}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}:1: not a config (a JSON object), got {type(data).__name__}")
-    if isinstance(data.get("train"), dict):  # renamed keys, so a drift check compares like with like
-        try:
-            data["train"] = migrate_train_keys(data["train"])
-        except ValueError as e:
-            raise ConfigError(f"{path}: {e}") from None
-    return data
-
-
-def validate_config(data: dict, path: str | Path, text: str | None = None) -> RunConfig:
-    """RunConfig from a config.json dict; a bad value names file, line, key, problem and value."""
-    try:
-        return RunConfig.model_validate(data)
-    except ValidationError as e:
-        err = e.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"])
-        line = _line_of(text if text is not None else Path(path).read_text(), err["loc"])
-        where = f"{path}:{line}" if line else str(path)
-        more = f" (+{e.error_count() - 1} more)" if e.error_count() > 1 else ""
-        raise ConfigError(f"{where}: {loc}: {err['msg']} (got {err.get('input')!r}){more}") from None
-
-
-def read_config(path: str | Path) -> RunConfig:
-    """A run's config.json, validated; every problem is one line naming the file and line."""
-    return validate_config(read_config_json(path), path)
-
-
-def write_config(cfg: RunConfig, path: str | Path) -> Path:
-    """config.json written whole or not at all (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(cfg.model_dump_json(indent=2))
-    os.replace(tmp, path)
-    return path
 
 
 # -------------------------------------------------------------------------------- config drift

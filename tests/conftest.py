@@ -1,27 +1,19 @@
-"""Shared test setup: offline HF, one torch thread, and a tiny random Qwen3 (`tiny_qwen3`)."""
+"""Shared test setup: offline HF, one torch thread; fixtures every folder uses: the tiny random Qwen3
+(`tiny_qwen3`, `tiny_qwen3_dir`), its AntiPaSTO-wrapped copy (`base_model`) and an artifacts folder
+(`art_root`) for the learner tests. The builders live in tests/support/."""
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
+import copy  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from tests.support.tiny import make_tiny_qwen3, save_tiny_qwen3_dir  # noqa: E402
+
 torch.set_num_threads(1)
-
-TINY_QWEN3 = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=32, tie_word_embeddings=False,
-                  max_position_embeddings=256, rope_theta=10000.0, bos_token_id=None, eos_token_id=1,
-                  pad_token_id=0)
-
-
-def make_tiny_qwen3(seed: int = 0, dtype: torch.dtype = torch.float32):
-    """Random-init tiny Qwen3ForCausalLM (fp32, eval mode); same weights for the same seed."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    torch.manual_seed(seed)
-    model = Qwen3ForCausalLM(Qwen3Config(**TINY_QWEN3)).to(dtype).eval()
-    return model
 
 
 @pytest.fixture(scope="session")
@@ -31,26 +23,22 @@ def tiny_qwen3():
     return make_tiny_qwen3()
 
 
-def save_tiny_qwen3_dir(path, seed: int = 0):
-    """Save a tiny Qwen3 + a character-level fast tokenizer (vocab < 256) as an HF folder."""
-    import string
-
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<eos>", "<unk>"]
-    chars = [c for c in string.printable if c not in "\x0b\x0c"]
-    vocab = {t: i for i, t in enumerate(specials + chars)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
-    model = make_tiny_qwen3(seed)
-    model.save_pretrained(path)
-    fast.save_pretrained(path)
-    return path
-
-
 @pytest.fixture(scope="session")
 def tiny_qwen3_dir(tmp_path_factory):
     """An HF folder (config, safetensors, tokenizer) holding the tiny Qwen3; load with from_pretrained."""
     return save_tiny_qwen3_dir(tmp_path_factory.mktemp("tiny_qwen3"))
+
+
+@pytest.fixture(scope="module")
+def base_model(tiny_qwen3):
+    """A copy of the tiny Qwen3 wrapped with the AntiPaSTO adapter (tests.support.trainer.make_learner)."""
+    from shared.adapter import wrap_model
+
+    m = copy.deepcopy(tiny_qwen3)
+    wrap_model(m, progress=False)
+    return m
+
+
+@pytest.fixture(scope="module")
+def art_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("artifacts")

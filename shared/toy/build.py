@@ -244,7 +244,7 @@ def _build_into(out: Path, cfg: ToyConfig, warm: WarmStartConfig, fp: str, progr
     timings["stats"] = round(time.perf_counter() - t, 2)
 
     model_dir = out / MODEL_DIR
-    with _quiet_transformers():
+    with quiet_transformers():
         model.save_pretrained(model_dir)  # safetensors
     tok.save_pretrained(model_dir)
     _portable_tokenizer_config(model_dir)
@@ -286,7 +286,7 @@ def _portable_tokenizer_config(model_dir: Path) -> None:
 
 
 @contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
+def quiet_transformers() -> Iterator[None]:
     """No 'Writing model shards' bar for a 4 MB file."""
     from transformers.utils import logging as hf_logging  # noqa: PLC0415
 

@@ -56,14 +56,15 @@ def unpack(fp: str, dest: Path) -> bool:
     return True
 
 
-def pack(build_dir: Path) -> Path:
-    """Archive a finished build (every file in it, build.json last) as the shipped one."""
+def pack(build_dir: Path, dest: Path = PREBUILT_DIR) -> Path:
+    """Archive a finished build (every file in it, build.json last) as the shipped one: `dest` gets
+    toy-<fingerprint>.tar.xz (replacing any other) and MANIFEST.json with its sha256."""
     meta = json.loads((build_dir / "build.json").read_text())
     fp = meta["fingerprint"]
-    PREBUILT_DIR.mkdir(exist_ok=True)
-    for old in PREBUILT_DIR.glob("toy-*.tar.xz"):  # one shipped world: the default one
+    dest.mkdir(parents=True, exist_ok=True)
+    for old in dest.glob("toy-*.tar.xz"):  # one shipped world: the default one
         old.unlink()
-    out = archive_path(fp)
+    out = dest / archive_path(fp).name
     with tarfile.open(out, "w:xz", preset=9) as tar:
         files = sorted(str(p.relative_to(build_dir)) for p in build_dir.rglob("*") if p.is_file())
         for rel in [f for f in files if f != "build.json"] + ["build.json"]:
@@ -71,7 +72,7 @@ def pack(build_dir: Path) -> Path:
             info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
             with (build_dir / rel).open("rb") as f:
                 tar.addfile(info, f)
-    MANIFEST.write_text(json.dumps({fp: {"sha256": _sha256(out), "bytes": out.stat().st_size,
-                                         "stats": meta.get("stats"), "created": meta.get("created"),
-                                         "torch_threads": meta.get("torch_threads")}}, indent=1) + "\n")
+    (dest / MANIFEST.name).write_text(json.dumps({fp: {"sha256": _sha256(out), "bytes": out.stat().st_size,
+                                                      "stats": meta.get("stats"), "created": meta.get("created"),
+                                                      "torch_threads": meta.get("torch_threads")}}, indent=1) + "\n")
     return out
