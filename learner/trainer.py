@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from shared.adapter import adapter_modules, delta_s_layout, get_delta, quarantine
+from shared.adapter import adapter_modules, cap_quarantine_, delta_s_layout, get_delta, quarantine
 from shared.config import RunConfig
 from shared.problems import Problem
 from shared.prompts import build_messages, render_prompt
@@ -40,8 +40,8 @@ from shared.schemas import DeltaSUpdate, GradedGroup, PromptJob, SamplingParams
 from . import checkpoint as ckpt
 from .directions import ArmDirections
 from .grpo import group_advantages, grpo_loss, kl_k3, truncated_is_weight
-from .metrics import (JsonlWriter, StepSums, TensorBoard, hack_rates, mean_module_norm, read_jsonl, train_row,
-                      truncate_jsonl, window_mean)
+from .metrics import (JsonlWriter, StepSums, TensorBoard, eval_noise, hack_rates, kind_rates, mean_module_norm,
+                      read_jsonl, train_row, truncate_jsonl, window_mean)
 from .rebound import concept_penalty
 from .scoring import Scorer, align_grades
 
@@ -218,11 +218,17 @@ class Learner:
                 for i, p in enumerate(self.pick_problems(step))]
 
     def eval_jobs(self, step: int) -> list[PromptJob]:
-        """Held-out problems, quarantine off; the same sample seeds at every eval (less noise between evals)."""
+        """Held-out problems, quarantine off (the deployed policy); the same sample seeds at every eval
+        (less noise between evals). Route adds the same jobs with the quarantine on (the training policy),
+        job ids `...-evalq<step>-<i>`, so both policies are measured on the same problems and seeds."""
         pool = self.eval_problems or self.train_problems
         chosen = pool[: self.cfg.train.eval_problems]
-        return [self._job(p, step, i, "eval", self.cfg.train.eval_samples, derived_seed("eval", self.cfg.train.seed, i))
+        jobs = [self._job(p, step, i, "eval", self.cfg.train.eval_samples, derived_seed("eval", self.cfg.train.seed, i))
                 for i, p in enumerate(chosen)]
+        if self.route:
+            jobs += [j.model_copy(update={"job_id": j.job_id.replace(f"-eval{step}-", f"-evalq{step}-"),
+                                          "adapter_mode": "train"}) for j in jobs]
+        return jobs
 
     # ------------------------------------------------------------------ the step
     def train_step(self, groups: Sequence[GradedGroup], timings: dict[str, float] | None = None) -> dict:
@@ -238,17 +244,34 @@ class Learner:
         acc = self._backward(seqs, len(groups))
         proj, grad_total = self._project_and_clip(acc.n_seqs)
         self.optimizer.step()  # a no-op when every group was flat (all grads None); keeps the schedule in step
+        capped = cap_quarantine_(self.model, self.cfg.train.route_cap) if self.route else 0
         self.scheduler.step()
         self.policy_version += 1
         self.step += 1
         row = train_row(self.step - 1, self.policy_version, groups, seqs, acc, proj, grad_total, lr,
                         time.perf_counter() - t0, self._t_sync, timings)
+        row.update(self.update_geometry())
+        if self.route:
+            row["quarantine_capped"] = capped
         row.update(self.directions.after_step(self.step, groups))  # refresh / flagged re-extraction when due
         self.last_penalties = [s.get("penalty", 0.0) for s in seqs]
         self.history.append(row)
         self.metrics.write(row)
         self.tb.log("train", row, row["step"])
         return row
+
+    @torch.no_grad()
+    def update_geometry(self) -> dict[str, float]:
+        """||delta_S|| (+ ||delta_Q|| for route) over all modules, and their cos with v_hack when there is one."""
+        norm = lambda ps: float(torch.linalg.vector_norm(torch.cat([p.detach().reshape(-1) for p in ps])))  # noqa: E731
+        out = {"delta_s_norm": norm(self.delta_s)}
+        if self.route:
+            out["delta_q_norm"] = norm(self.delta_q)
+        if self.projector is not None:
+            out["cos_delta_s_vhack"] = self.projector.alignment(self.delta_s)
+            if self.route:
+                out["cos_delta_q_vhack"] = self.projector.alignment(self.delta_q)
+        return out
 
     def policy_gradient(self, groups: Sequence[GradedGroup]) -> list[Tensor]:
         """The mean policy gradient on each module's delta_S for these groups, before any projection
@@ -359,6 +382,10 @@ class Learner:
         self._t_sync = float(seconds)
 
     def record_eval(self, step: int, groups: Sequence[GradedGroup]) -> dict:
+        """The evals.jsonl row: held-out rates of the deployed policy (quarantine off) with their binomial
+        SE, per problem kind, its KL to the reference on its own samples; route adds `train_policy_*`."""
+        trained = [gg for gg in groups if f"-evalq{step}-" in gg.group.job_id]
+        groups = [gg for gg in groups if f"-evalq{step}-" not in gg.group.job_id]
         grades = [g for gg in groups for g in align_grades(gg)]
         recent = self.history[-KL_WINDOW:]
         row: dict[str, Any] = {"step": step, **hack_rates(grades), "kl": window_mean(recent, "kl", KL_WINDOW)}
@@ -366,10 +393,45 @@ class Learner:
             row[k] = window_mean(recent, k, KL_WINDOW) if any(r.get(k) is not None for r in recent) else None
         row["n"] = len(grades)
         row["reward_mean"] = float(np.mean([g.reward for g in grades])) if grades else 0.0
+        row.update(eval_noise(row))
+        row.update(kind_rates(self._kinds(groups), grades))
+        if self.measure_kl and self.cfg.train.eval_kl_samples:
+            row["kl_deployed"] = self._eval_kl(groups, quarantine_on=False)
+        if trained:
+            tg = [g for gg in trained for g in align_grades(gg)]
+            rates = hack_rates(tg)
+            row.update({f"train_policy_{k}": rates[k] for k in ("pass_rate", "hack_strict", "hack_loose")})
+            row.update({f"train_policy_{k}": v for k, v in kind_rates(self._kinds(trained), tg).items()})
+            if self.measure_kl and self.cfg.train.eval_kl_samples:
+                row["train_policy_kl"] = self._eval_kl(trained, quarantine_on=True)
+        row.update(self.update_geometry())
         self.eval_history.append(row)
         self.evals.write(row)
         self.tb.log("eval", row, step)
         return row
+
+    def _kinds(self, groups: Sequence[GradedGroup]) -> list[str]:
+        """Each completion's problem kind (toy: easy / partial / hard), in grade order."""
+        return [self.problems[gg.group.problem_id].difficulty.lower() if gg.group.problem_id in self.problems
+                else "unknown" for gg in groups for _ in gg.group.completions]
+
+    @torch.no_grad()
+    def _eval_kl(self, groups: Sequence[GradedGroup], quarantine_on: bool) -> float | None:
+        """Token-mean k3 KL(policy || reference) on the first eval_kl_samples of the policy's own eval
+        completions (the deployed policy: quarantine off; route's training policy: on)."""
+        seqs = Scorer.sequences(groups)[: self.cfg.train.eval_kl_samples]
+        seqs = [s for s in seqs if s["comp"]]
+        if not seqs:
+            return None
+        num = den = 0.0
+        with quarantine(self.model, active=quarantine_on):
+            for chunk in self.scorer.chunks(seqs, group_aligned=False):
+                b = self.scorer.batch(chunk, self.policy_version)
+                logp = self.scorer.logp(chunk, b)[0]
+                ref = self.scorer.ref_logp(chunk, b)
+                num += float((kl_k3(logp, ref) * b["mask"]).sum())
+                den += float(b["mask"].sum())
+        return num / den if den else None
 
     def save_checkpoint(self) -> Path:
         return ckpt.save_checkpoint(self.run_dir, self.step, self.policy_version, self.model, self.optimizer,

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 ARMS = ("vanilla", "projected", "projected_nomag", "rebound", "weak", "route")
 Arm = Literal["vanilla", "projected", "projected_nomag", "rebound", "weak", "route"]
@@ -38,12 +38,47 @@ class ModelConfig(_Strict):
     trust_remote_code: bool = False
 
 
+TOY_WORLDS: dict[str, dict[str, Any]] = {
+    # v1: 13 easy + 2 unlearnable families (RL's honest headroom ~3 pp); eval prompts reuse training ones
+    "v1": {"dir": ".cache/toy", "n_train": 400, "n_eval": 64, "hard_fraction": 0.5, "partial_fraction": 0.0},
+    # v2: + 6 partial families (warm start ~20-50 %), eval prompts never seen in training (shared/toy/world2.py)
+    "v2": {"dir": ".cache/toy-v2", "n_train": 400, "n_eval": 640, "hard_fraction": 0.4, "partial_fraction": 0.4},
+}
+
+
 class ToyConfig(_Strict):
-    dir: str = ".cache/toy"  # where `rankguard toy build` writes model/, tokenizer, problems.jsonl
+    """The toy world to build/use. Fields left out take the world's defaults (TOY_WORLDS); a saved
+    config from before worlds existed (all fields, no `world`) is a v1 world."""
+
+    world: Literal["v1", "v2"] = "v2"
+    dir: str = ".cache/toy-v2"  # where `rankguard toy build` writes model/, tokenizer, problems.jsonl
     seed: int = 0
     n_train: int = Field(default=400, ge=1)
-    n_eval: int = Field(default=64, ge=1)
-    hard_fraction: float = Field(default=0.5, ge=0.0, le=1.0)
+    n_eval: int = Field(default=640, ge=1)
+    hard_fraction: float = Field(default=0.4, ge=0.0, le=1.0)
+    partial_fraction: float = Field(default=0.4, ge=0.0, le=1.0)  # v2's partly-solved families
+
+    @model_validator(mode="before")
+    @classmethod
+    def _world_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if "world" not in data and "n_train" in data and "partial_fraction" not in data:
+            data["world"] = "v1"  # a full dump written before worlds existed
+        world = data.get("world", "v2")
+        for key, value in TOY_WORLDS.get(world, {}).items():
+            data.setdefault(key, value)
+        return data
+
+    @model_validator(mode="after")
+    def _fractions(self) -> "ToyConfig":
+        if self.world == "v1" and self.partial_fraction:
+            raise ValueError("toy.partial_fraction must be 0 for toy.world=v1 (v1 has no partial families)")
+        if self.hard_fraction + self.partial_fraction > 1.0 + 1e-9:
+            raise ValueError(f"toy.hard_fraction {self.hard_fraction} + toy.partial_fraction "
+                             f"{self.partial_fraction} exceed 1")
+        return self
 
 
 class LoopholeConfig(_Strict):
@@ -104,6 +139,9 @@ class TrainConfig(_Strict):
     eval_every: int = Field(default=25, ge=0)  # 0 = only at the end
     eval_problems: int = Field(default=32, ge=1)
     eval_samples: int = Field(default=4, ge=1)
+    eval_kl_samples: int = Field(default=128, ge=0)  # eval completions the deployed policy's KL is measured on
+    # route: per module ||delta_Q|| <= route_cap * ||S|| after every step (0 = unbounded; shared.adapter.cap_quarantine_)
+    route_cap: float = Field(default=0.1, ge=0.0)
     torch_threads: int = Field(default=1, ge=1)
     measure_kl: bool = True  # reference forward every step for the reported KL (beta_kl > 0 needs it anyway)
 
@@ -193,7 +231,10 @@ PRESETS: dict[str, dict[str, Any]] = {
                    "verdict_cache": 8192},
         "sampling": {"group_size": 8, "max_new_tokens": 48},
         "train": {"lr": 1e-2, "weight_decay": 0.0, "warmup_steps": 0, "steps": 200, "prompts_per_step": 3,
-                  "beta_kl": 0.0, "micro_batch": 16, "eval_every": 25,
+                  "beta_kl": 0.0, "micro_batch": 16,
+                  # 640 held-out problems x 1 sample: binomial SE <= 2.0 pp on any rate (issue #23);
+                  # every 50 steps keeps the eval cost below the training cost on 2 cores
+                  "eval_every": 50, "eval_problems": 640, "eval_samples": 1,
                   "keep_checkpoints": 9},  # all 8 of a 200-step run: `rankguard diagnose` reads steps 25-75 too
         "pipeline": {"engine": "hf"},
     },

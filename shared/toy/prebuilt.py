@@ -7,7 +7,8 @@ how it was made: threads, timings, stats) and passes the same completeness check
 sha256 of the archive recorded in `prebuilt/MANIFEST.json`, so a damaged file is refused, never used.
 
 Refresh it after a change that alters the fingerprint (BUILD_VERSION, ToyConfig or WarmStartConfig
-defaults): `rankguard toy build --force --threads 1 && rankguard toy pack`.
+defaults): `rankguard toy build --force --threads 1 && rankguard toy pack`. One build per world is
+shipped (toy.world = v1 | v2); packing a world replaces only that world's archive.
 """
 from __future__ import annotations
 
@@ -59,10 +60,12 @@ def unpack(fp: str, dest: Path) -> bool:
 def pack(build_dir: Path) -> Path:
     """Archive a finished build (every file in it, build.json last) as the shipped one."""
     meta = json.loads((build_dir / "build.json").read_text())
-    fp = meta["fingerprint"]
+    fp, world = meta["fingerprint"], world_of(meta)
     PREBUILT_DIR.mkdir(exist_ok=True)
-    for old in PREBUILT_DIR.glob("toy-*.tar.xz"):  # one shipped world: the default one
-        old.unlink()
+    manifest = {k: v for k, v in _manifest().items() if world_of(v) != world}  # one shipped build per world
+    for old in PREBUILT_DIR.glob("toy-*.tar.xz"):
+        if old.name.removeprefix("toy-").removesuffix(".tar.xz") not in manifest:
+            old.unlink()
     out = archive_path(fp)
     with tarfile.open(out, "w:xz", preset=9) as tar:
         files = sorted(str(p.relative_to(build_dir)) for p in build_dir.rglob("*") if p.is_file())
@@ -71,7 +74,12 @@ def pack(build_dir: Path) -> Path:
             info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
             with (build_dir / rel).open("rb") as f:
                 tar.addfile(info, f)
-    MANIFEST.write_text(json.dumps({fp: {"sha256": _sha256(out), "bytes": out.stat().st_size,
-                                         "stats": meta.get("stats"), "created": meta.get("created"),
-                                         "torch_threads": meta.get("torch_threads")}}, indent=1) + "\n")
+    manifest[fp] = {"world": world, "sha256": _sha256(out), "bytes": out.stat().st_size,
+                    "stats": meta.get("stats"), "created": meta.get("created"), "torch_threads": meta.get("torch_threads")}
+    MANIFEST.write_text(json.dumps(manifest, indent=1) + "\n")
     return out
+
+
+def world_of(meta: dict) -> str:
+    """The toy world a build.json or MANIFEST entry belongs to (builds from before worlds are v1)."""
+    return meta.get("world") or (meta.get("toy") or {}).get("world") or "v1"
