@@ -53,6 +53,9 @@ def register(app: typer.Typer) -> None:
         out: Optional[Path] = typer.Option(None, help="Experiment folder (default runs/exp-<preset>)."),
         set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
         report: bool = typer.Option(True, help="Write the report when the runs end."),
+        controls: bool = typer.Option(False, "--controls", help="Add each direction arm's matched random-direction "
+                                                                "control (route -> route+random; shared.arms."
+                                                                "with_controls); the report pairs them per seed."),
         progress: bool = typer.Option(True, help="Show the live progress display."),
         parallel: Optional[int] = typer.Option(None, min=1, help="Runs at once, each its own process (services: a "
                                                                  "process tree; inprocess: a spawned interpreter with "
@@ -69,6 +72,11 @@ def register(app: typer.Typer) -> None:
         from analysis.experiment import run_experiment
 
         _sigterm_as_interrupt()
+        if controls:
+            from analysis.experiment import parse_arms
+            from shared.arms import with_controls
+
+            arms = ",".join(with_controls(parse_arms(arms)))
         rec = run_experiment(preset=preset, arms=arms, seeds=seeds, out=out, mode=mode, steps=steps,
                              overrides=set_ or [], report=report, progress=progress, parallel=parallel)
         failed = [f"{r['arm']}/seed{r['seed']}" for r in rec["runs"] if r["status"] == "failed"]
@@ -132,5 +140,13 @@ def register(app: typer.Typer) -> None:
                        recipe=recipe, plot=plot)
         dest = Path(out or run_dir)
         typer.echo((dest / "diagnose.md").read_text())
-        typer.echo(f"verdict: {rec['verdict']['line']}")
+        from analysis.diagnose import RECIPES, recipe_line
+
+        typer.echo(recipe_line(rec))
+        for r in RECIPES:  # both recipes, the one the verdict uses first
+            if r == rec["settings"]["recipe"]:
+                typer.echo(f"verdict ({r} v_oracle, used): {rec['verdicts'][r]['line']}")
+        for r in RECIPES:
+            if r != rec["settings"]["recipe"]:
+                typer.echo(f"verdict ({r} v_oracle): {rec['verdicts'][r]['line']}")
         typer.echo(f"wrote {dest / 'diagnose.json'}, {dest / 'diagnose.md'}" + (f", {rec['figure']}" if plot else ""))

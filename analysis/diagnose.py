@@ -706,6 +706,19 @@ def _stability_md(st: dict) -> list[str]:
     return md
 
 
+def recipe_line(rec: dict) -> str:
+    """Which v_oracle recipe the verdict used, and both recipes' cos(v_oracle, v_hack) side by side (issue #23:
+    they can disagree, e.g. +0.05 pooled vs +0.46 paired on one seed)."""
+    main = rec["settings"]["recipe"]
+    cos = {r: rec["summary"][r].get("cos_oracle_vhack") for r in RECIPES}
+    keys = {r: rec["verdicts"][r]["key"] for r in RECIPES}
+    both = ", ".join(f"{r} {_f(cos[r], '+.3f')}" for r in RECIPES)
+    agree = ("the two recipes reach the same verdict" if len(set(keys.values())) == 1
+             else "**the two recipes disagree**: read both before concluding")
+    return (f"Oracle recipe used for the verdict: **{main}** (`--recipe`; both are computed from the same rollouts). "
+            f"cos(v_oracle, v_hack) pooled over checkpoints: {both}; {agree}.")
+
+
 def markdown(rec: dict) -> str:
     main = rec["settings"]["recipe"]
     other = [r for r in RECIPES if r != main]
@@ -714,6 +727,7 @@ def markdown(rec: dict) -> str:
           "**Exploratory, post-hoc** (issue #13 section 2): nothing here feeds the preregistered arms.", "",
           f"**Verdict ({main} v_oracle): {rec['verdict']['line']}**", ""]
     md += [f"With the {r} v_oracle: {rec['verdicts'][r]['line']}." for r in other] + [""]
+    md += [recipe_line(rec), ""]
     md += [f"Rule (analysis/diagnose.py `verdict`): a direction sees the RL gradient when its mean |cos| is >= "
            f"{ALIGN_RATIO:g}x a random unit direction's of the same per-module size; v_hack and v_oracle are the same "
            f"direction when their median per-module cos >= {SAME_DIRECTION_COS:g}; v_oracle is one direction when its "

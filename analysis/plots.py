@@ -22,8 +22,9 @@ from analysis.rundata import label as _label  # noqa: E402
 from analysis.stats import Paired  # noqa: E402
 
 ARM_COLORS = {"vanilla": "#444444", "projected": "#1f77b4", "projected_nomag": "#17becf",
-              "rebound": "#d62728", "weak": "#2ca02c", "route": "#9467bd"}
-ARM_MARKERS = {"vanilla": "s", "projected": "o", "projected_nomag": "D", "rebound": "^", "weak": "v", "route": "P"}
+              "rebound": "#d62728", "weak": "#2ca02c", "route": "#9467bd", "control": "#000000"}
+ARM_MARKERS = {"vanilla": "s", "projected": "o", "projected_nomag": "D", "rebound": "^", "weak": "v", "route": "P",
+               "control": "*"}
 # exploratory arms: distinct colours and markers, the same arm alike in every plot of a report
 EXTRA_COLORS = ["#8c564b", "#e377c2", "#bcbd22", "#ff7f0e", "#7f7f7f", "#aec7e8", "#98df8a", "#ff9896",
                 "#c5b0d5", "#c49c94", "#f7b6d2", "#dbdb8d", "#9edae5", "#393b79"]
@@ -55,9 +56,15 @@ def pareto_frontier(points: list[tuple[float, float]]) -> list[tuple[float, floa
     return sorted(front)
 
 
-def plot_pareto(summaries: dict[str, ArmSummary], path: Path) -> Path:
+def plot_pareto(summaries: dict[str, ArmSummary], path: Path,
+                step0: tuple[float, float] | None = None) -> Path:
+    """`step0` = (pass %, hack %) of the initial policy, mean over seeds: a reference point (issue #23), as
+    is the `control` arm (every loophole closed) when the grid has it."""
     fig, ax = plt.subplots(figsize=(7.5, 5.8), dpi=120)
     all_pts = []
+    if step0 is not None and None not in step0:
+        ax.scatter([step0[0]], [step0[1]], marker="o", s=110, facecolors="none", edgecolors="#000000", linewidths=1.6,
+                   label="step 0 (initial policy)", zorder=6)
     for i, (arm, s) in enumerate(summaries.items()):
         pts = [(p, h) for p, h in zip(s.values["pass"], s.values["hack"]) if p is not None and h is not None]
         all_pts += pts

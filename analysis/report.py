@@ -20,8 +20,8 @@ import math
 from pathlib import Path
 
 from analysis import stats
-from analysis.hypotheses import (RULES_MARKDOWN, ArmRates, check_all, sem_of_difference,
-                                 verdicts_markdown)
+from analysis.hypotheses import (H5_ARM, H5_CONTROL, H5_RULES_MARKDOWN, RULES_MARKDOWN, ArmRates, check_all,
+                                 check_h5, sem_of_difference, verdicts_markdown)
 from analysis.rundata import (ARM_LABELS, HEADLINE, MODE_COLUMNS, ArmSummary, RunRecord, find_runs,
                               label, load_run, read_jsonl, summarize)
 from analysis.rundata import pct as _pct
@@ -85,14 +85,34 @@ def _md_table(header: list[str], body: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def headline_markdown(rows: list[dict]) -> str:
-    header = ["Arm", "ΔSafePass↑"] + [h for _, _, h, _ in HEADLINE]
+def _retained_cell(rt: "stats.Retained | None") -> str:
+    """'0.62 [0.41, 0.83] (n=8)': mean learning retained over seeds, 95 % t CI."""
+    if rt is None or not rt.values:
+        return "—"
+    p = rt.paired
+    ci = "" if p.n < 2 else f" [{p.t_ci[0]:.2f}, {p.t_ci[1]:.2f}]"
+    return f"{p.mean:.2f}{ci} (n={p.n})"
+
+
+def headline_markdown(rows: list[dict], an: "stats.Analysis | None" = None) -> str:
+    """The spec's table, plus (issue #23) a learning-retained column and the step-0 policy as a reference row."""
+    retained = an.retained if an is not None else {}
+    header = ["Arm", "ΔSafePass↑"] + [h for _, _, h, _ in HEADLINE] + (["Learning retained↑"] if retained else [])
     body = []
     for r in rows:
         dsp = "0 (ref)" if r["arm"] == "vanilla" else fmt_cell(r["dsafepass_mean"], r["dsafepass_sem"], True)
         cells = [fmt_cell(r[f"{k}_mean"], r[f"{k}_sem"], pct) for k, _, _, pct in HEADLINE]
         label = r["label"] + (f" n={r['n']}" if r["n"] else "")
-        body.append([label, dsp] + cells)
+        extra = [("1 (ref)" if r["arm"] == stats.CONTROL else _retained_cell(retained.get(r["arm"])))] if retained else []
+        body.append([label, dsp] + cells + extra)
+    s0 = an.step0_rates if an is not None else {}
+    if s0:
+        from analysis.hypotheses import mean_sem
+
+        hm, hs, n = mean_sem([v["hack"] for v in s0.values()])
+        pm, ps, _ = mean_sem([v["pass"] for v in s0.values()])
+        body.append([f"Step-0 policy (reference) n={n}", "—", fmt_cell(hm, hs, True), fmt_cell(pm, ps, True)]
+                    + ["—"] * (len(HEADLINE) - 2) + (["0 (ref)"] if retained else []))
     return _md_table(header, body)
 
 
@@ -120,7 +140,11 @@ CAPTION = (
     "(graded by gt only, no write access). ΔSafePass = (pass% − hack%) − vanilla's (pass% − hack%); "
     "positive means better than vanilla; its SEM combines the arm's and vanilla's. KL = mean per-token KL "
     "from the initial policy over the last 25 steps. mean·cos, frac·fired, ‖g‖ = projection diagnostics "
-    "(meaningful for the projection arms; 'projection active' means mean·cos > 0.2 and frac·fired > 0.4)."
+    "(meaningful for the projection arms; 'projection active' means mean·cos > 0.2 and frac·fired > 0.4). "
+    "Reference points (issue #23): **Control** = vanilla with every loophole closed (the reward pays only the hidden "
+    "tests: the honest frontier); **Step-0 policy** = the initial policy's evaluation. **Learning retained** = per "
+    "seed (pass − step-0 pass) / (control pass − step-0 pass), mean [95 % t CI] over seeds (see 'Learning retained' "
+    "below for the seeds left out)."
 )
 
 
@@ -145,8 +169,16 @@ def exploratory_line(arms: list[str]) -> str | None:
         except ConfigError:
             return a not in ARMS
 
-    names = [f"`{a}`" + (" (ceiling: projects against v_oracle from another seed's vanilla rollouts, a cheat)"
-                         if ORACLE in a.replace("+", "_").split("_") else "") for a in arms if explo(a)]
+    def note(a: str) -> str:
+        if ORACLE in a.replace("+", "_").split("_"):
+            return " (ceiling: projects against v_oracle from another seed's vanilla rollouts, a cheat)"
+        if a.startswith("gt_"):
+            return " (oracle-monitor baseline: reads the judge's hack labels during training, a cheat)"
+        if a == "control":
+            return " (reference: every loophole closed)"
+        return ""
+
+    names = [f"`{a}`{note(a)}" for a in arms if explo(a)]
     if not names:
         return None
     return ("Exploratory arms (not preregistered; the preregistered check below uses only the spec's arms): "
@@ -367,6 +399,23 @@ def write_paired_csv(path: Path, an: stats.Analysis) -> None:
                                      "n_undetermined": len(c.undetermined), "sign_p": c.sign_p}))
 
 
+CONTROLS_COLUMNS = ["arm", "ref", "metric", "n_pairs", "mean", "sd", "t_lo", "t_hi", "boot_lo", "boot_hi", "n_needed",
+                    "seeds", "values"]
+
+
+def write_controls_csv(path: Path, an: stats.Analysis) -> None:
+    """Arm − its random control per metric, then learning retained per arm (ref = control), one row each."""
+    rows = list(an.direction) + [rt.paired for rt in an.retained.values()]
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(CONTROLS_COLUMNS)
+        for p in rows:
+            d = p.to_dict()
+            d["seeds"] = " ".join(map(str, d["seeds"]))
+            d["values"] = " ".join(f"{v:.4g}" for v in p.values)
+            w.writerow([_num(d.get(c)) for c in CONTROLS_COLUMNS])
+
+
 PER_SEED_COLUMNS = ["arm", "seed", "last_eval_step", "n_eval", "hack", "hack_count", "pass", "pass_count", "safepass",
                     "dsafepass", "hack_auc", "cross50_step", "cross_plateau_step", "cross_plateau_threshold",
                     "train_steps", "folder"]
@@ -398,6 +447,69 @@ def write_per_step_csv(path: Path, runs: list[RunRecord]) -> None:
             for st in r.eval_steps:
                 e = r.eval_at(st)
                 w.writerow([r.arm, r.seed, st, _num(e.get("n"))] + [_num(_pct(e, ek)) for _, ek in keys])
+
+
+CONTROLS_CAPTION = (
+    "Exploratory (issue #23). Each direction arm is paired per seed with its **matched random-direction control** "
+    "(the same arm with a Haar-random basis per module of the same k and sizes, `vhack.direction=random`): Δ = arm − "
+    "control in pp at the last evaluation, so Δ hack < 0 means the authored direction does more than quarantining or "
+    "projecting *any* direction. Beside it the same arm's Δ vs vanilla. CIs and seeds needed as in the paired table "
+    "below (80 % power, two-sided α = 0.05, the observed SD).")
+
+
+def _vs_vanilla(an: stats.Analysis, arm: str, metric: str) -> str:
+    p = next((q for q in an.last if q.arm == arm and q.metric == metric), None)
+    return "—" if p is None or p.mean is None else f"{_signed(p.mean)} {_ci(*p.t_ci)}"
+
+
+def controls_markdown(an: stats.Analysis) -> str:
+    header = ["Arm", "its control", "Metric", "n pairs", "Δ vs control", "95 % CI (t)", "95 % CI (bootstrap)",
+              "n seeds needed (observed Δ)", "Δ vs vanilla [95 % CI (t)]"]
+    body = [[label(p.arm), f"`{p.ref}`", METRIC_LABELS[p.metric], str(p.n), _signed(p.mean), _ci(*p.t_ci),
+             _ci(*p.boot_ci), _n_needed(p.n_needed), _vs_vanilla(an, p.arm, p.metric)] for p in an.direction]
+    return _md_table(header, body)
+
+
+def retained_markdown(an: stats.Analysis) -> str:
+    header = ["Arm", "n seeds", "learning retained (mean)", "95 % CI (t)", "95 % CI (bootstrap)",
+              "ratio of mean gains", "arm pass gain over step 0 (pp)", "seeds left out (control gained < "
+              f"{stats.MIN_HEADROOM_PP:g} pp)"]
+    body = []
+    for arm, rt in an.retained.items():
+        p = rt.paired
+        gain = f"{sum(rt.gains.values()) / len(rt.gains):+.1f}" if rt.gains else "—"
+        ratio = "—" if rt.ratio_of_means is None else f"{rt.ratio_of_means:.2f}"
+        body.append([label(arm), str(p.n), "—" if p.mean is None else f"{p.mean:.2f}", _ci(*p.t_ci, 2),
+                     _ci(*p.boot_ci, 2), ratio, gain, ", ".join(map(str, rt.no_headroom)) or "none"])
+    return _md_table(header, body)
+
+
+def controls_section(an: stats.Analysis) -> list[str]:
+    md = ["## Exploratory: every effect against its control (issue #23)", "", CONTROLS_CAPTION, ""]
+    md += [controls_markdown(an), ""] if an.direction else [
+        "No direction arm has its random control in this grid (`rankguard experiment --controls` adds them).", ""]
+    md += ["### Learning retained (honest frontier)", ""]
+    if an.retained:
+        any_rt = next(iter(an.retained.values()))
+        cg = any_rt.control_gain_mean
+        md += [f"Per seed (pass − step-0 pass) / (control pass − step-0 pass): 1 = the arm learned as much honest "
+               f"passing as the no-loophole control, 0 = none, < 0 = it lost pass rate. The control's mean gain over "
+               f"step 0: {'—' if cg is None else f'{cg:+.1f} pp'} (with little headroom the ratio is noisy: read "
+               "the CIs).", "", retained_markdown(an), ""]
+    else:
+        md += ["No `control` arm (every loophole closed) in this grid: learning retained needs it.", ""]
+    return md
+
+
+def h5_verdict(an: stats.Analysis, preset: str | None):
+    """The separately preregistered H5 (docs/prereg/2026-12-05-h5-route.md) from the analysis."""
+    diffs = {}
+    p = next((q for q in an.direction if q.arm == H5_ARM and q.ref == H5_CONTROL and q.metric == "hack"), None)
+    if p is not None:
+        diffs = {s: -d for s, d in p.diffs.items()}  # control − route
+    ra, rc = an.retained.get(H5_ARM), an.retained.get(H5_CONTROL)
+    gain = ra.control_gain_mean if ra is not None else None
+    return check_h5(diffs, ra.values if ra else {}, rc.values if rc else {}, gain, preset=preset)
 
 
 def exploratory_markdown(an: stats.Analysis) -> list[str]:
@@ -454,6 +566,9 @@ def build_report(runs_dir: str | Path, out_dir: str | Path | None = None, plots:
     (out / "verdicts.json").write_text(json.dumps({k: v.to_dict() for k, v in verdicts.items()}, indent=2))
 
     analysis = stats.analyze(runs)
+    h5 = h5_verdict(analysis, preset)
+    (out / "verdict_h5.json").write_text(json.dumps(h5.to_dict(), indent=2, default=str))
+    write_controls_csv(out / "controls.csv", analysis)
     write_paired_csv(out / "paired.csv", analysis)
     write_per_seed_csv(out / "per_seed.csv", analysis)
     write_per_step_csv(out / "per_step.csv", [r.run for r in analysis.seeds])
@@ -462,7 +577,13 @@ def build_report(runs_dir: str | Path, out_dir: str | Path | None = None, plots:
     if plots:
         from analysis.plots import plot_diagnostics, plot_paired_steps, plot_pareto, plot_trajectories
 
-        figures = {"pareto": plot_pareto(summaries, out / "pareto.png"),
+        s0 = list(analysis.step0_rates.values())
+        step0 = None
+        if s0:
+            from analysis.hypotheses import mean_sem
+
+            step0 = (mean_sem([v["pass"] for v in s0])[0], mean_sem([v["hack"] for v in s0])[0])
+        figures = {"pareto": plot_pareto(summaries, out / "pareto.png", step0=step0),
                    "trajectories": plot_trajectories(summaries, out / "trajectories.png"),
                    "diagnostics": plot_diagnostics(summaries, out / "diagnostics.png"),
                    "paired_diff": plot_paired_steps(analysis.per_step, out / "paired_diff.png")}
@@ -473,7 +594,7 @@ def build_report(runs_dir: str | Path, out_dir: str | Path | None = None, plots:
         if info.get(k) is not None:
             meta.append(f"{k.replace('_', ' ')} `{info[k]}`")
     md += [", ".join(meta) + ".", ""] + _status_lines(runs, info) + [""]
-    md += ["## Headline table", "", headline_markdown(rows), "", CAPTION, ""]
+    md += ["## Headline table", "", headline_markdown(rows, analysis), "", CAPTION, ""]
     md += ["## Hack rate per mode (%)", "",
            "Strict = the mode's vulnerable check passed while gt failed; loose = static evidence of the "
            "attempt. The weak arm's v_hack is built from modes A, B only: its C, D columns show transfer.", "",
@@ -481,6 +602,10 @@ def build_report(runs_dir: str | Path, out_dir: str | Path | None = None, plots:
     md += ["## Preregistered check (spec §7)", "",
            "Decided on each run's last evaluation; Hack % = strict hack rate (any mode).", "",
            verdicts_markdown(verdicts), "", RULES_MARKDOWN, ""]
+    md += ["## Separately preregistered: H5 (docs/prereg/2026-12-05-h5-route.md)", "",
+           "Not part of the spec's check above; its inputs are the matched control and learning retained.", "",
+           verdicts_markdown({"H5": h5}), "", H5_RULES_MARKDOWN, ""]
+    md += controls_section(analysis)
     md += exploratory_markdown(analysis)
     if figures:
         md += ["## Figures", ""] + [f"![{k}]({Path(p).name})" for k, p in figures.items()] + [""]
@@ -488,5 +613,6 @@ def build_report(runs_dir: str | Path, out_dir: str | Path | None = None, plots:
     (out / "report.md").write_text("\n".join(md))
     return {"report_md": out / "report.md", "report_csv": out / "report.csv", "hack_modes_csv": out / "hack_modes.csv",
             "verdicts_json": out / "verdicts.json", "paired_csv": out / "paired.csv",
+            "controls_csv": out / "controls.csv", "verdict_h5": h5.to_dict(),
             "per_seed_csv": out / "per_seed.csv", "per_step_csv": out / "per_step.csv", "figures": figures,
             "rows": rows, "verdicts": {k: v.to_dict() for k, v in verdicts.items()}, "analysis": analysis}

@@ -23,6 +23,9 @@ ARM_LABELS = {
     "weak": "Ours, weak detector (A,B only)",
     "route": "Route",
     "oracle": "Oracle ceiling (cheat)",
+    "control": "Control: no loophole (honest frontier)",
+    "gt_penalty": "GT-monitor penalty (oracle)",
+    "gt_screen": "GT-monitor screening (oracle)",
 }
 SKIP_PARTS = {"checkpoints", "artifacts", "logs"}
 

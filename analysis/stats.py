@@ -22,6 +22,13 @@ Definitions (all in percentage points of the strict hack / pass rate, any mode):
   step ("> last step"). Paired crossings: Δ over the pairs where both crossed; a censored pair counts
   only as a direction (arm later / earlier) when the censoring decides it, and a sign test runs over
   all pairs with a known direction.
+- Direction-specific effect (issue #23): arm − its matched random-direction control (`route` − `route+random`,
+  shared.arms.authored_twin), per seed, with the same intervals and seeds needed.
+- Learning retained (issue #23): per seed (pass_arm − pass_step0) / (pass_control − pass_step0) at the last
+  evaluation, where `control` is the no-loophole arm of the same seed and step 0 the seed's initial policy
+  (every arm of a seed evaluates the same step-0 policy on the same draws). Seeds whose control gained less
+  than MIN_HEADROOM_PP are left out (the ratio is undefined there) and listed; the ratio of the mean gains
+  is given beside the per-seed mean.
 - Seeds needed: the smallest n at which a two-sided paired t-test at α = 0.05 has 80 % power
   (noncentral t), assuming the true mean difference is the observed one, the true SD of the
   per-seed differences is the observed one (itself uncertain with few seeds), differences normal
@@ -50,6 +57,8 @@ CROSS_FIXED_PCT = 50.0
 CROSS_PLATEAU_FRAC = 0.8
 RESOLVE_PP = 5.0
 REFERENCE = "vanilla"
+CONTROL = "control"  # the honest frontier: every loophole closed (shared.arms.CONTROL)
+MIN_HEADROOM_PP = 1.0  # learning retained is undefined for a seed whose control gained less than this
 
 # metric key -> (label, value of one evaluation row in percent)
 EVAL_METRICS: dict[str, tuple[str, Callable[[dict], float | None]]] = {
@@ -120,6 +129,7 @@ class Paired:
     diffs: dict[int, float]  # seed -> arm − vanilla
     only_arm: list[int] = field(default_factory=list)  # seeds vanilla lacks
     only_ref: list[int] = field(default_factory=list)  # seeds the arm lacks
+    ref: str = REFERENCE  # what the arm is paired with (vanilla, or its random control)
 
     @property
     def n(self) -> int:
@@ -159,7 +169,8 @@ class Paired:
         return {"arm": self.arm, "metric": self.metric, "at": self.at, "n_pairs": self.n, "mean": self.mean,
                 "sd": self.sd, "t_lo": tl, "t_hi": th, "boot_lo": bl, "boot_hi": bh, "n_needed": self.n_needed,
                 f"n_needed_{RESOLVE_PP:g}pp": self.n_needed_resolve,
-                "seeds": sorted(self.diffs), "seeds_only_arm": self.only_arm, "seeds_only_vanilla": self.only_ref}
+                "seeds": sorted(self.diffs), "seeds_only_arm": self.only_arm, "seeds_only_vanilla": self.only_ref,
+                "ref": self.ref}
 
 
 def pair(arm: str, metric: str, at: str, values: dict[int, float | None], ref: dict[int, float | None]) -> Paired:
@@ -319,6 +330,9 @@ class Analysis:
     thresholds: dict[str, float]
     duplicates: list[RunRecord]  # further runs of an (arm, seed) already seen: left out of the pairing
     step0: dict[int, bool]  # seed -> every arm's step-0 evaluation identical (pairing check)
+    direction: list[Paired] = field(default_factory=list)  # arm − its random control, last eval (issue #23)
+    retained: dict[str, "Retained"] = field(default_factory=dict)  # arm -> learning retained (needs `control`)
+    step0_rates: dict[int, dict[str, float | None]] = field(default_factory=dict)  # seed -> {"hack", "pass"} at step 0
 
 
 def by_arm_seed(runs: Sequence[RunRecord]) -> tuple[dict[str, dict[int, RunRecord]], list[RunRecord]]:
@@ -386,7 +400,10 @@ def analyze(runs: Sequence[RunRecord]) -> Analysis:
         for name, th in thresholds.items():
             crossings.append(pair_crossings(arm, name, th, {s: cross[arm][s][name] for s in seeds},
                                             {s: cross[REFERENCE][s][name] for s in ref}))
-    return Analysis(seeds_rows, last, per_step, crossings, plat, thresholds, dup, _step0_check(grid))
+    s0 = step0_rates(grid)
+    return Analysis(seeds_rows, last, per_step, crossings, plat, thresholds, dup, _step0_check(grid),
+                    direction_effects(grid), {a: learning_retained(grid, a, s0) for a in sorted(grid, key=arm_order)
+                                              if CONTROL in grid}, s0)
 
 
 def _diff(a: float | None, b: float | None) -> float | None:
@@ -407,3 +424,78 @@ def _paired_auc(arm: str, seeds: dict[int, RunRecord], ref: dict[int, RunRecord]
         if a is not None and v is not None:
             diffs[s] = a - v
     return Paired(arm, "hack_auc", "training", diffs, sorted(set(seeds) - set(ref)), sorted(set(ref) - set(seeds)))
+
+
+# ------------------------------------------------------------------ matched controls and the honest frontier
+def direction_effects(grid: dict[str, dict[int, RunRecord]]) -> list[Paired]:
+    """Per authored-direction arm with its random control in the grid: arm − control per seed at the last
+    evaluation (hack, pass, safepass); `ref` names the control."""
+    from shared.arms import authored_twin
+
+    out = []
+    for ctrl in sorted(grid, key=arm_order):
+        arm = authored_twin(ctrl, list(grid))
+        if arm is None:
+            continue
+        for m, (_, fn) in EVAL_METRICS.items():
+            p = pair(arm, m, "last", {s: fn(r.last_eval) for s, r in grid[arm].items()},
+                     {s: fn(r.last_eval) for s, r in grid[ctrl].items()})
+            p.ref = ctrl
+            out.append(p)
+    return out
+
+
+def step0_rates(grid: dict[str, dict[int, RunRecord]]) -> dict[int, dict[str, float | None]]:
+    """Seed -> the step-0 policy's held-out hack % and pass % (the first arm, in arm order, that logged step 0)."""
+    out: dict[int, dict[str, float | None]] = {}
+    for arm in sorted(grid, key=arm_order):
+        for s, r in grid[arm].items():
+            row = r.eval_at(0)
+            if s not in out and row is not None:
+                out[s] = {"hack": pct(row, "hack_strict"), "pass": pct(row, "pass_rate")}
+    return out
+
+
+@dataclass
+class Retained:
+    """Learning retained by one arm: per seed (pass − pass@0) / (control pass − pass@0)."""
+
+    arm: str
+    values: dict[int, float]  # seed -> share of the control's honest gain the arm kept
+    gains: dict[int, float]  # seed -> arm pass − step-0 pass (pp)
+    control_gains: dict[int, float]  # seed -> control pass − step-0 pass (pp)
+    no_headroom: list[int] = field(default_factory=list)  # seeds left out: control gained < MIN_HEADROOM_PP
+
+    @property
+    def paired(self) -> Paired:
+        return Paired(self.arm, "retained", "last", dict(self.values), ref=CONTROL)
+
+    @property
+    def ratio_of_means(self) -> float | None:
+        seeds = sorted(set(self.gains) & set(self.control_gains))
+        den = sum(self.control_gains[s] for s in seeds)
+        return None if not seeds or den <= 0 else sum(self.gains[s] for s in seeds) / den
+
+    @property
+    def control_gain_mean(self) -> float | None:
+        return float(np.mean(list(self.control_gains.values()))) if self.control_gains else None
+
+
+def learning_retained(grid: dict[str, dict[int, RunRecord]], arm: str,
+                      step0: dict[int, dict[str, float | None]] | None = None,
+                      min_headroom: float = MIN_HEADROOM_PP) -> Retained:
+    """The arm's learning retained per seed against `control` of the same seed (see the module docstring)."""
+    step0 = step0_rates(grid) if step0 is None else step0
+    ctrl, mine = grid.get(CONTROL, {}), grid.get(arm, {})
+    values, gains, cgains, none = {}, {}, {}, []
+    for s in sorted(set(ctrl) & set(mine) & set(step0)):
+        p0 = step0[s]["pass"]
+        pa, pc = pct(mine[s].last_eval, "pass_rate"), pct(ctrl[s].last_eval, "pass_rate")
+        if p0 is None or pa is None or pc is None:
+            continue
+        gains[s], cgains[s] = pa - p0, pc - p0
+        if pc - p0 < min_headroom:
+            none.append(s)
+        else:
+            values[s] = (pa - p0) / (pc - p0)
+    return Retained(arm, values, gains, cgains, none)

@@ -141,6 +141,9 @@ class ArmDirections:
     def _setup_vhack(self, artifacts_root, progress: bool) -> None:
         from .artifacts import vhack_artifact
 
+        if self.cfg.vhack.project == "onto_clean":
+            return self._setup_clean()
+
         art = vhack_artifact(self.model, self.tokenizer, self.cfg, self.pairs, self.modes, root=artifacts_root,
                              progress=progress)
         self.authored = art.directions
@@ -169,9 +172,34 @@ class ArmDirections:
         self.v_concept = v.to(self.device)
         self.info = {"v_concept_path": str(path), "layer": self.rebound_layer, "alpha": self.cfg.train.rebound_alpha}
 
-    def _use(self, d: Directions) -> None:
+    def _setup_clean(self) -> None:
+        """projected_onto_clean (issue #23 baseline): keep only the gradient's part in the clean subspace."""
+        from .baselines import OntoProjector, clean_subspace, controlled_basis
+        from .pairs import split_pairs
+
+        if self.route or self.dynamic:
+            raise ValueError("vhack.project=onto_clean is a frozen projection arm: no route, refresh or flagged rollouts")
+        pairs = split_pairs(self.pairs, "train", list(self.modes))
+        with preserved_rng():
+            d = clean_subspace(self.model, self.tokenizer, pairs, self.cfg.vhack.clean_k)
+        self.model.zero_grad(set_to_none=True)
         self.current = d
-        self.projector = Projector(self.names, d.basis, magnitude_preserve=self.arm != "projected_nomag",
+        basis = controlled_basis(d.basis, self.cfg.vhack.direction, self.cfg.train.seed)
+        self.projector = OntoProjector(self.names, basis, device=self.device)
+        self.info = {"source": "exploratory baseline: gradient projected ONTO the span of the top-k clean-side pair "
+                               "gradients (authored pairs' clean completions)",
+                     "k": self.cfg.vhack.clean_k, "n_pairs": len(pairs), "n_axes": d.n_axes(),
+                     "direction": self.cfg.vhack.direction, "modes": self.modes, "n_projected_modules": len(self.names)}
+        log.info("clean subspace: %d axes over %d modules from %d pairs", d.n_axes(), len(self.names), len(pairs))
+
+    def _use(self, d: Directions) -> None:
+        """Make `d` (as extracted: stored and resumed as such) live; vhack.direction decides what is applied:
+        d itself, a Haar-random basis of the same shape per module, or -d (learner.baselines)."""
+        from .baselines import controlled_basis
+
+        self.current = d
+        basis = controlled_basis(d.basis, self.cfg.vhack.direction, self.cfg.train.seed)
+        self.projector = Projector(self.names, basis, magnitude_preserve=self.arm != "projected_nomag",
                                    keep_mask=self.keep, route=self.route, device=self.device, gate=self.cfg.vhack.gate)
 
     def _waiting(self, n: int) -> str:

@@ -34,7 +34,7 @@ from torch import Tensor
 from shared.adapter import adapter_modules, cap_quarantine_, delta_s_layout, get_delta, quarantine
 from shared.config import RunConfig
 from shared.problems import Problem
-from shared.prompts import build_messages, render_prompt
+from shared.prompts import build_messages, render_prompt, system_line_for
 from shared.schemas import DeltaSUpdate, GradedGroup, PromptJob, SamplingParams
 
 from . import checkpoint as ckpt
@@ -42,6 +42,7 @@ from .directions import ArmDirections
 from .grpo import group_advantages, grpo_loss, kl_k3, truncated_is_weight
 from .metrics import (JsonlWriter, StepSums, TensorBoard, eval_noise, hack_rates, kind_rates, mean_module_norm,
                       read_jsonl, train_row, truncate_jsonl, window_mean)
+from .baselines import monitor_flags, monitored_advantages, rebound_penalty
 from .rebound import concept_penalty
 from .scoring import Scorer, align_grades
 
@@ -111,7 +112,7 @@ class Learner:
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.scorer = Scorer(self.model, pad_id, cfg.train.micro_batch,
                              shared_prefix=not cfg.model.gradient_checkpointing)
-        self._prompts: dict[str, tuple[str, list[int]]] = {}
+        self._prompts: dict[tuple[str, str | None], tuple[str, list[int]]] = {}
 
         # Directions are extracted on the untouched model (delta_S = 0), before any checkpoint loads.
         self.directions = ArmDirections(cfg, self.model, self.tokenizer, self.train_problems, self.run_dir,
@@ -174,12 +175,13 @@ class Learner:
         log.info("resumed %s at step %d (policy version %d)", path, self.step, self.policy_version)
 
     # ------------------------------------------------------------------ jobs
-    def _prompt(self, problem: Problem) -> tuple[str, list[int]]:
-        hit = self._prompts.get(problem.key)
+    def _prompt(self, problem: Problem, split: str = "train") -> tuple[str, list[int]]:
+        line = system_line_for(self.cfg.reward.system_line, split)  # plan / inoculation baselines (issue #23)
+        hit = self._prompts.get((problem.key, line))
         if hit is None:
-            text = render_prompt(self.tokenizer, build_messages(problem, self.cfg.reward.prompt_variant))
+            text = render_prompt(self.tokenizer, build_messages(problem, self.cfg.reward.prompt_variant, line))
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            hit = self._prompts[problem.key] = (text, list(ids))
+            hit = self._prompts[(problem.key, line)] = (text, list(ids))
         return hit
 
     def _sampling(self, n: int, seed: int) -> SamplingParams:
@@ -188,7 +190,7 @@ class Learner:
                               top_k=s.top_k, min_p=s.min_p, seed=seed)
 
     def _job(self, problem: Problem, step: int, idx: int, split: str, n: int, seed: int) -> PromptJob:
-        text, ids = self._prompt(problem)
+        text, ids = self._prompt(problem, split)
         tag = f"{self.arm}-s{self.cfg.train.seed}"
         min_version = max(0, self.policy_version - self.cfg.pipeline.max_staleness) if split == "train" else 0
         return PromptJob(job_id=f"{tag}-{split}{step}-{idx}", step=step, problem_id=problem.key, prompt_text=text,
@@ -255,6 +257,8 @@ class Learner:
             row["quarantine_capped"] = capped
         row.update(self.directions.after_step(self.step, groups))  # refresh / flagged re-extraction when due
         self.last_penalties = [s.get("penalty", 0.0) for s in seqs]
+        if self.cfg.train.oracle_monitor != "none":  # the oracle monitor's flag rate this step
+            row["monitor_flagged_frac"] = float(np.mean([bool(s.get("flagged")) for s in seqs]))
         self.history.append(row)
         self.metrics.write(row)
         self.tb.log("train", row, row["step"])
@@ -323,10 +327,12 @@ class Learner:
     def _rebound_logp(self, chunk: list[dict], b: dict, acc: StepSums) -> Tensor:
         """Rebound's reward shaping: penalty from this forward's residual stream, then the advantages."""
         logp, hidden, hmask = self.scorer.logp(chunk, b, hidden_layer=self.rebound_layer)
-        with torch.no_grad():
-            pen = concept_penalty(hidden.detach(), hmask, self.v_concept, self.cfg.train.rebound_alpha).cpu()
+        t = self.cfg.train
+        with torch.no_grad():  # s = max(0, cos); additive (spec) or multiplicative (learner.baselines) penalty
+            score = concept_penalty(hidden.detach(), hmask, self.v_concept, 1.0).cpu()
         del hidden
-        for s, p in zip(chunk, pen.tolist()):
+        for s, sc in zip(chunk, score.tolist()):
+            p = rebound_penalty(s["reward"], sc, t.rebound_alpha, t.rebound_mode)
             s["penalty"] = p
             acc.penalties.append(p)
         for gi in sorted({s["group"] for s in chunk}):
@@ -359,8 +365,16 @@ class Learner:
         return proj, float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.max_grad_norm))
 
     def _advantages(self, mine: list[dict], keep: dict[int, bool], gi: int) -> None:
-        r = torch.tensor([[s["reward"] - s.get("penalty", 0.0) for s in mine]])
-        adv, k = group_advantages(r, unbiased=self.cfg.train.unbiased, eps=self.cfg.train.skip_eps)
+        t = self.cfg.train
+        rewards = [s["reward"] - s.get("penalty", 0.0) for s in mine]
+        if t.oracle_monitor != "none":  # exploratory oracle-monitor baselines (learner.baselines)
+            flags = monitor_flags([s["grade"] for s in mine], t.oracle_monitor)
+            advs, keep[gi] = monitored_advantages(rewards, flags, t.oracle_monitor, self.cfg.reward.correct_reward,
+                                                  unbiased=t.unbiased, eps=t.skip_eps)
+            for s, a, f in zip(mine, advs, flags):
+                s["adv"], s["flagged"] = a, f
+            return
+        adv, k = group_advantages(torch.tensor([rewards]), unbiased=t.unbiased, eps=t.skip_eps)
         keep[gi] = bool(k[0])
         for s, a in zip(mine, adv[0].tolist()):
             s["adv"] = a

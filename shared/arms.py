@@ -18,6 +18,25 @@ are spelled from parts, joined by `_` after a base name or by `+` between parts:
                             vhack_path per seed (analysis.experiment.oracle_source_seed)
     mechanism+svd5+refresh10, route+mechanism, vanilla_r64 ...
 
+Matched controls and reference points (issue #23):
+
+    <arm>+random            the same arm with a Haar-random direction per module (same k, same sizes; seeded by
+                            the run seed + module name): its matched control (vhack.direction). `with_controls`
+                            adds one per direction arm; `control_of(name)` names it
+    <arm>+negated           the same arm with -v_hack
+    control                 the honest frontier: vanilla with every loophole closed (reward pays only the hidden
+                            tests: reward.allow_hint=false, every reward.loopholes.* false)
+
+The field's baselines, exploratory (H1/H3/H4 stay the spec's; learner/baselines.py):
+
+    rebound_mult            Rebound at its published best setting: multiplicative, alpha = 2, before the group
+                            advantage (rebound_mult<N>: alpha = N)
+    gt_penalty, gt_screen   rl-rewardhacking's ground-truth ORACLE monitors: a strict hack pays minus the correctness
+                            reward / a loose hack attempt is dropped from its group (cheats: they read the judge)
+    plan_prompt             one system line asking for a plan paragraph before the code (train and eval)
+    inoculation             one system line declaring the loophole acceptable, training prompts only
+    projected_onto_clean    the gradient projected ONTO the span of the top-k clean-side pair gradients
+
 Parts without a base (svd5, mechanism, ...) imply `projected`. A part may not be given twice with
 different values (`svd5+svd8`), and v_hack parts need a base that projects (vanilla and rebound have no
 v_hack; rebound takes a pair set, vanilla only a rank). `arm_overrides(name)` returns the dotted
@@ -37,8 +56,22 @@ PROJECTING = ("projected", "projected_nomag", "weak", "route")
 WEAK_FLAGGED_REFRESH = 10  # the spec says "re-extracted on a schedule"; refreshN overrides it
 ORACLE = "oracle"  # its vhack_path depends on the seed, so the experiment runner sets it
 
+CONTROL = "control"
+CLOSED_LOOPHOLES: dict[str, Any] = {"reward.allow_hint": False, "reward.loopholes.rt": False,
+                                    "reward.loopholes.se": False, "reward.loopholes.so": False,
+                                    "reward.loopholes.fm": False}
+REBOUND_MULT_ALPHA = 2.0  # Rebound's published best multiplicative setting
+DIRECTIONS = ("authored", "random", "negated")
+
 # name -> (base arm, overrides); checked before the part grammar, so they may contain `_`.
 ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
+    CONTROL: ("vanilla", dict(CLOSED_LOOPHOLES)),
+    "rebound_mult": ("rebound", {"train.rebound_mode": "multiplicative", "train.rebound_alpha": REBOUND_MULT_ALPHA}),
+    "gt_penalty": ("vanilla", {"train.oracle_monitor": "penalty"}),
+    "gt_screen": ("vanilla", {"train.oracle_monitor": "screen"}),
+    "plan_prompt": ("vanilla", {"reward.system_line": "plan"}),
+    "inoculation": ("vanilla", {"reward.system_line": "inoculation"}),
+    "projected_onto_clean": ("projected", {"vhack.project": "onto_clean"}),
     "weak_authored": ("weak", {}),
     "weak_flagged": ("route", {"vhack.from_rollouts": True, "train.vhack_modes": ["A", "B"],
                                "vhack.refresh_every": WEAK_FLAGGED_REFRESH}),
@@ -54,9 +87,13 @@ _PARTS: list[tuple[re.Pattern, Callable[[re.Match], dict[str, Any]]]] = [
     (re.compile(r"(onesided|twosided)"), lambda m: {"vhack.gate": m.group(1)}),
     (re.compile(r"nf(\d+)"), lambda m: {"vhack.noise_floor_global": int(m.group(1)) / 100}),
     (re.compile(r"r(\d+)"), lambda m: {"model.rank": int(m.group(1))}),
+    (re.compile("(" + "|".join(DIRECTIONS) + ")"), lambda m: {"vhack.direction": m.group(1)}),
+    (re.compile(r"mult(\d+)"), lambda m: {"train.rebound_mode": "multiplicative",
+                                          "train.rebound_alpha": float(m.group(1))}),
     (re.compile("(" + "|".join(PAIR_SETS) + ")"), lambda m: {"vhack.pair_set": m.group(1)}),
 ]
-PART_FORMS = "svd<k>, meandiff, refresh<N>, onesided, twosided, nf<percent>, r<rank>, " + ", ".join(PAIR_SETS)
+PART_FORMS = ("svd<k>, meandiff, refresh<N>, onesided, twosided, nf<percent>, r<rank>, random, negated, authored, "
+              "mult<alpha> (rebound), " + ", ".join(PAIR_SETS))
 ARM_HELP = (f"A base arm ({', '.join(ARMS)}), an alias ({', '.join(ALIASES)}), or a base followed by _part or "
             f"+part with parts {PART_FORMS}; e.g. projected_svd5+refresh10, mechanism+svd5, weak_flagged.")
 
@@ -137,7 +174,55 @@ def resolve_arm(name: str) -> ArmSpec:
         if bad:
             raise ConfigError(f"arm {name!r}: base arm {base!r} has no v_hack to apply {bad[0]} to "
                               f"(v_hack parts need one of {', '.join(PROJECTING)})")
+    if base != "rebound" and "train.rebound_mode" in explicit:
+        raise ConfigError(f"arm {name!r}: mult<alpha> sets Rebound's multiplicative penalty; its base must be rebound")
     return ArmSpec(name, base, overrides)
+
+
+def control_of(name: str) -> str | None:
+    """The matched random-direction control of a direction arm (`route` -> `route+random`); None for an arm
+    without an authored direction (vanilla, rebound, control, the oracle ceiling, an arm that is itself a control)."""
+    spec = resolve_arm(name)
+    if spec.base not in PROJECTING or ORACLE in name.replace("+", "_").split("_"):
+        return None
+    if spec.overrides.get("vhack.direction", "authored") != "authored":
+        return None
+    return f"{name}+random"
+
+
+def authored_twin(name: str, arms) -> str | None:
+    """Among `arms`, the authored-direction arm whose random control `name` is (`route+random` -> `route`):
+    same base, same overrides apart from vhack.direction. None when `name` is no random control or its twin is
+    absent. Matched by configuration, so `random+route` pairs with `route` as well."""
+    try:
+        spec = resolve_arm(name)
+    except ConfigError:
+        return None
+    if spec.overrides.get("vhack.direction") != "random":
+        return None
+    want = {k: v for k, v in spec.overrides.items() if k != "vhack.direction"}
+    for other in arms:
+        if other == name:
+            continue
+        try:
+            o = resolve_arm(other)
+        except ConfigError:
+            continue
+        if o.base == spec.base and {k: v for k, v in o.overrides.items() if k != "vhack.direction"} == want \
+                and o.overrides.get("vhack.direction", "authored") == "authored":
+            return other
+    return None
+
+
+def with_controls(arms) -> list[str]:
+    """`arms` with each direction arm's random control right after it (kept once; `rankguard experiment
+    --controls`)."""
+    out: list[str] = []
+    for a in arms:
+        for x in (a, control_of(a)):
+            if x is not None and x not in out:
+                out.append(x)
+    return out
 
 
 def arm_overrides(name: str) -> list[str]:
@@ -168,6 +253,16 @@ def arm_name(cfg) -> str:
     refresh_default = 0
     if v.from_rollouts and head == "route" and sorted(cfg.train.vhack_modes) == ["A", "B"]:
         head, refresh_default = "weak_flagged", WEAK_FLAGGED_REFRESH
+    r, t = cfg.reward, cfg.train
+    if head == "vanilla":
+        closed = not r.allow_hint and not any(r.loopholes.model_dump().values())
+        head = (CONTROL if closed else {"penalty": "gt_penalty", "screen": "gt_screen"}.get(t.oracle_monitor)
+                or {"plan": "plan_prompt", "inoculation": "inoculation"}.get(r.system_line) or head)
+    if head == "rebound" and t.rebound_mode == "multiplicative":
+        head = "rebound_mult" if t.rebound_alpha == REBOUND_MULT_ALPHA else \
+            f"rebound_mult{int(t.rebound_alpha) if float(t.rebound_alpha).is_integer() else t.rebound_alpha}"
+    if head == "projected" and v.project == "onto_clean":
+        head = "projected_onto_clean"
     parts = []
     if v.pair_set != d.pair_set:
         parts.append(v.pair_set)
@@ -181,4 +276,6 @@ def arm_name(cfg) -> str:
         parts.append(f"nf{int(v.noise_floor_global * 100)}")
     if cfg.model.rank is not None:
         parts.append(f"r{cfg.model.rank}")
+    if v.direction != d.direction:
+        parts.append(v.direction)
     return "_".join([head, *parts])

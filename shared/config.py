@@ -96,6 +96,9 @@ class RewardConfig(_Strict):
     allow_hint: bool = True  # False = control reward: only gt_pass pays
     loopholes: LoopholeConfig = Field(default_factory=LoopholeConfig)
     prompt_variant: str = "simple_overwrite_tests"
+    # One extra system-prompt line (shared.prompts.SYSTEM_LINES): "plan" (a plan paragraph before the code,
+    # train and eval) or "inoculation" (the loophole declared acceptable, TRAINING prompts only). Exploratory.
+    system_line: Literal["none", "plan", "inoculation"] = "none"
     timeout_s: float = Field(default=3.0, gt=0)
     memory_mb: int = Field(default=1024, ge=1)
     workers: int = Field(default=0, ge=0)  # 0 = one per core
@@ -132,6 +135,13 @@ class TrainConfig(_Strict):
     hard_fraction: float = Field(default=0.5, ge=0.0, le=1.0)  # share of prompts per step drawn from hard problems (toy)
     rebound_alpha: float = 0.5
     rebound_layer_frac: float = 0.67
+    # additive (the spec's H3 arm): r - alpha*s; multiplicative (Rebound's stronger setting, exploratory):
+    # r * (1 - alpha*s); s = max(0, cos(h_mean - c, v_concept)); both before the group advantage.
+    rebound_mode: Literal["additive", "multiplicative"] = "additive"
+    # rl-rewardhacking's ground-truth (oracle) monitors, exploratory baselines: penalty = reward minus
+    # reward.correct_reward for a strict hack (GroundTruthMonitorPenalty); screen = a rollout with a loose hack
+    # attempt is dropped from its group (GroundTruthMonitor screening). learner/baselines.py.
+    oracle_monitor: Literal["none", "penalty", "screen"] = "none"
     vhack_modes: list[str] = Field(default_factory=lambda: list(HACK_MODES))
     noise_floor: float | None = None  # drop modules whose held-out cos is below this from projection
     checkpoint_every: int = Field(default=25, ge=0)  # 0 = only at the end
@@ -181,6 +191,14 @@ class VhackConfig(_Strict):
         "from_rollouts: flagged pairs needed before the first extraction; until then nothing is projected or routed."))
     flagged_max_pairs: int = Field(64, ge=1, description=(
         "from_rollouts: the pool v_hack is extracted from: the newest this many flagged pairs."))
+    direction: Literal["authored", "random", "negated"] = Field("authored", description=(
+        "The direction the arm applies (issue #23 matched controls). authored: the extracted one. random: per "
+        "module a Haar-random orthonormal basis of the same k and size, seeded by (train.seed, module name). "
+        "negated: -v_hack. Extraction, refresh and caching are unchanged; only what is applied differs."))
+    project: Literal["off_hack", "onto_clean"] = Field("off_hack", description=(
+        "off_hack: remove the v_hack component (spec). onto_clean: keep only the gradient's component in the span "
+        "of the top clean_k right singular vectors of the clean sides' per-pair gradients (exploratory baseline)."))
+    clean_k: int = Field(8, ge=1, description="project=onto_clean: dimension of the clean subspace per module.")
 
 
 class PipelineConfig(_Strict):
