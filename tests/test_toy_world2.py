@@ -209,3 +209,19 @@ def test_route_eval_measures_both_policies_and_logs_geometry(tmp_path, tiny_qwen
                 "train_policy_kl", "pass_easy", "delta_q_norm"):
         assert key in ev, key
     assert ev["kl_deployed"] >= 0 and ev["train_policy_kl"] >= 0
+
+
+def test_ensure_toy_world_rebuilds_a_dir_that_holds_the_other_world(tmp_path, monkeypatch, capsys):
+    from shared.toy import build as toy_build
+
+    root = tmp_path / "toy"
+    for rel in toy_build.REQUIRED:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text("x")
+    (root / toy_build.BUILD_FILE).write_text(json.dumps({"toy": {"dir": str(root), "seed": 0}}))  # a v1 build
+    calls = []
+    monkeypatch.setattr(toy_build, "build_toy", lambda cfg, make_grader=None: calls.append(cfg.world))
+    toy_build.ensure_toy_world(resolve_config("toy", [f"toy.dir={root}", "toy.world=v1"]))
+    assert calls == []  # the world it holds: used as is
+    toy_build.ensure_toy_world(resolve_config("toy", [f"toy.dir={root}"]))
+    assert calls == ["v2"] and "holds toy world v1" in capsys.readouterr().err
