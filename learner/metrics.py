@@ -108,6 +108,30 @@ def hack_rates(grades: Iterable[Any]) -> dict[str, float]:
     return out
 
 
+def eval_noise(row: dict) -> dict[str, float]:
+    """Binomial standard errors of an eval row's rates: sqrt(p (1 - p) / n) over its n completions
+    (samples of one problem are not independent, so with eval_samples > 1 this is a lower bound)."""
+    n = max(1, int(row.get("n") or 0))
+    return {f"{k}_se": math.sqrt(row[k] * (1 - row[k]) / n) for k in ("pass_rate", "hack_strict")
+            if isinstance(row.get(k), (int, float))}
+
+
+TOY_KINDS = ("easy", "partial", "hard")
+
+
+def kind_rates(kinds: Sequence[str], grades: Sequence[Any]) -> dict[str, float]:
+    """pass_<kind> and hack_strict_<kind> (+ n_<kind>) for each toy problem kind present."""
+    out: dict[str, float] = {}
+    for kind in TOY_KINDS:
+        sel = [g for k, g in zip(kinds, grades) if k == kind]
+        if sel:
+            rates = hack_rates(sel)
+            out[f"pass_{kind}"] = rates["pass_rate"]
+            out[f"hack_strict_{kind}"] = rates["hack_strict"]
+            out[f"n_{kind}"] = len(sel)
+    return out
+
+
 def window_mean(rows: Sequence[dict], key: str, last: int = 25) -> float:
     """Mean of `key` over the last `last` rows that have a number there (0.0 when none)."""
     vals = [r[key] for r in rows[-last:] if isinstance(r.get(key), (int, float))]

@@ -153,6 +153,19 @@ class Projector:
                 raise ProjectionError(f"module {name!r}: {what} has {p.numel()} values, v_hack has {size}")
 
     @torch.no_grad()
+    def alignment(self, values: Sequence[Tensor]) -> float:
+        """cos between `values` (delta_S or delta_Q, adapter order) and v_hack's top axes, all modules
+        concatenated: how far the update itself (not its gradient) points hack-ward."""
+        self._check(values, "values")
+        v_pad = self._on(values[0].device)[0]
+        x = torch.zeros(v_pad.shape[0], v_pad.shape[2], device=v_pad.device)
+        for i, (p, r) in enumerate(zip(values, self.sizes)):
+            x[i, :r] = p.detach().reshape(-1).float()
+        v = v_pad[:, 0, :]
+        den = float(torch.linalg.vector_norm(x) * torch.linalg.vector_norm(v))
+        return float((x * v).sum()) / den if den > 0 else 0.0
+
+    @torch.no_grad()
     def project_(
         self, params: Sequence[nn.Parameter], quarantine: Sequence[nn.Parameter] | None = None
     ) -> dict[str, float]:

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from shared.adapter import adapter_modules, delta_s_layout, get_delta, quarantine
+from shared.adapter import adapter_modules, cap_quarantine_, delta_s_layout, get_delta, quarantine
 from shared.config import RunConfig, TrackingConfig
 from shared.problems import Problem, eval_shortfall
 from shared.prompts import build_messages, render_prompt, system_line_for
@@ -42,8 +42,8 @@ from . import checkpoint as ckpt
 from .directions import ArmDirections
 from .batch import MicroBatch, RolloutBatch, align_grades
 from .grpo import grpo_loss, kl_k3
-from .metrics import (JsonlWriter, StepSums, hack_rates, mean_module_norm, read_jsonl, train_row,
-                      truncate_jsonl, window_mean)
+from .metrics import (JsonlWriter, StepSums, eval_noise, hack_rates, kind_rates, mean_module_norm, read_jsonl,
+                      train_row, truncate_jsonl, window_mean)
 from .baselines import rebound_penalty
 from .rebound import concept_penalty
 from .scoring import Scorer
@@ -231,11 +231,17 @@ class Learner:
                 for i, p in enumerate(self.pick_problems(step))]
 
     def eval_jobs(self, step: int) -> list[PromptJob]:
-        """Held-out problems, quarantine off; the same sample seeds at every eval (less noise between evals)."""
+        """Held-out problems, quarantine off (the deployed policy); the same sample seeds at every eval
+        (less noise between evals). Route adds the same jobs with the quarantine on (the training policy),
+        job ids `...-evalq<step>-<i>`, so both policies are measured on the same problems and seeds."""
         pool = self.eval_problems or self.train_problems
         chosen = pool[: self.cfg.train.eval_problems]
-        return [self._job(p, step, i, "eval", self.cfg.train.eval_samples, derived_seed("eval", self.cfg.train.seed, i))
+        jobs = [self._job(p, step, i, "eval", self.cfg.train.eval_samples, derived_seed("eval", self.cfg.train.seed, i))
                 for i, p in enumerate(chosen)]
+        if self.route:
+            jobs += [j.model_copy(update={"job_id": j.job_id.replace(f"-eval{step}-", f"-evalq{step}-"),
+                                          "adapter_mode": "train"}) for j in jobs]
+        return jobs
 
     # ------------------------------------------------------------------ the step
     def train_step(self, groups: Sequence[GradedGroup], timings: dict[str, float] | None = None) -> dict:
@@ -251,11 +257,15 @@ class Learner:
         acc = self._backward(batch)  # GRPO_step(batch); loss.backward()
         proj, grad_total = self._project_and_clip(acc.n_seqs)  # project_grads(model, v_hack); clip
         self.optimizer.step()  # a no-op when every group was flat (all grads None); keeps the schedule in step
+        capped = cap_quarantine_(self.model, self.cfg.train.route_cap) if self.route else 0
         self.scheduler.step()
         self.policy_version += 1
         self.step += 1
         row = train_row(self.step - 1, self.policy_version, groups, batch, acc, proj, grad_total, lr,
                         time.perf_counter() - t0, self._t_sync, timings)
+        row.update(self.update_geometry())
+        if self.route:
+            row["quarantine_capped"] = capped
         row.update(self.directions.after_step(self.step, groups))  # refresh / flagged re-extraction when due
         self.last_penalties = batch.penalty.tolist() if batch.penalty is not None else [0.0] * len(batch)
         if batch.flagged is not None:  # the oracle monitor's flag rate this step
@@ -268,6 +278,19 @@ class Learner:
     def rollout_batch(self, groups: Sequence[GradedGroup]) -> RolloutBatch:
         """The step's typed batch: staleness against this learner's policy version, the arm's adapter mode."""
         return RolloutBatch.from_groups(groups, self.policy_version, quarantine=self.route)
+
+    @torch.no_grad()
+    def update_geometry(self) -> dict[str, float]:
+        """||delta_S|| (+ ||delta_Q|| for route) over all modules, and their cos with v_hack when there is one."""
+        norm = lambda ps: float(torch.linalg.vector_norm(torch.cat([p.detach().reshape(-1) for p in ps])))  # noqa: E731
+        out = {"delta_s_norm": norm(self.delta_s)}
+        if self.route:
+            out["delta_q_norm"] = norm(self.delta_q)
+        if hasattr(self.projector, "alignment"):  # a hack direction (projection onto the clean span has none)
+            out["cos_delta_s_vhack"] = self.projector.alignment(self.delta_s)
+            if self.route:
+                out["cos_delta_q_vhack"] = self.projector.alignment(self.delta_q)
+        return out
 
     def policy_gradient(self, groups: Sequence[GradedGroup]) -> list[Tensor]:
         """The mean policy gradient on each module's delta_S for these groups, before any projection
@@ -378,6 +401,10 @@ class Learner:
         self._t_sync = float(seconds)
 
     def record_eval(self, step: int, groups: Sequence[GradedGroup]) -> dict:
+        """The evals.jsonl row: held-out rates of the deployed policy (quarantine off) with their binomial
+        SE, per problem kind, its KL to the reference on its own samples; route adds `train_policy_*`."""
+        trained = [gg for gg in groups if f"-evalq{step}-" in gg.group.job_id]
+        groups = [gg for gg in groups if f"-evalq{step}-" not in gg.group.job_id]
         grades = [g for gg in groups for g in align_grades(gg)]
         recent = self.history[-KL_WINDOW:]
         row: dict[str, Any] = {"step": step, **hack_rates(grades), "kl": window_mean(recent, "kl", KL_WINDOW)}
@@ -385,10 +412,47 @@ class Learner:
             row[k] = window_mean(recent, k, KL_WINDOW) if any(r.get(k) is not None for r in recent) else None
         row["n"] = len(grades)
         row["reward_mean"] = float(np.mean([g.reward for g in grades])) if grades else 0.0
+        row.update(eval_noise(row))
+        row.update(kind_rates(self._kinds(groups), grades))
+        if self.measure_kl and self.cfg.train.eval_kl_samples:
+            row["kl_deployed"] = self._eval_kl(groups, quarantine_on=False)
+        if trained:
+            tg = [g for gg in trained for g in align_grades(gg)]
+            rates = hack_rates(tg)
+            row.update({f"train_policy_{k}": rates[k] for k in ("pass_rate", "hack_strict", "hack_loose")})
+            row.update({f"train_policy_{k}": v for k, v in kind_rates(self._kinds(trained), tg).items()})
+            if self.measure_kl and self.cfg.train.eval_kl_samples:
+                row["train_policy_kl"] = self._eval_kl(trained, quarantine_on=True)
+        row.update(self.update_geometry())
         self.eval_history.append(row)
         self.evals.write(row)
         self.tb.log("eval", row, step)
         return row
+
+    def _kinds(self, groups: Sequence[GradedGroup]) -> list[str]:
+        """Each completion's problem kind (toy: easy / partial / hard), in grade order."""
+        return [self.problems[gg.group.problem_id].difficulty.lower() if gg.group.problem_id in self.problems
+                else "unknown" for gg in groups for _ in gg.group.completions]
+
+    @torch.no_grad()
+    def _eval_kl(self, groups: Sequence[GradedGroup], quarantine_on: bool) -> float | None:
+        """Token-mean k3 KL(policy || reference) on the first eval_kl_samples of the policy's own eval
+        completions (the deployed policy: quarantine off; route's training policy: on)."""
+        batch = RolloutBatch.from_groups(groups, self.policy_version)
+        rows = torch.arange(len(batch))[: self.cfg.train.eval_kl_samples]
+        rows = rows[batch.lengths[rows] > 0]
+        if not len(rows):
+            return None
+        num = den = 0.0
+        with quarantine(self.model, active=quarantine_on):
+            for chunk in batch.chunks(rows, self.scorer.micro_batch, group_aligned=False):
+                mb = batch.micro(chunk, self.device)
+                logp = self.scorer.logp(mb)[0]
+                ref = self.scorer.ref_logp(mb)
+                num += float((kl_k3(logp, ref) * mb.mask).sum())
+                den += float(mb.mask.sum())
+        return num / den if den else None
+
 
     checkpoint_owed = False  # the last checkpoint write failed: the loop tries again after every step
 

@@ -22,10 +22,12 @@ def _fail(msg: str) -> None:
     raise typer.Exit(2)
 
 
-def _toy_config(directory: Optional[str], seed: Optional[int]):
+def _toy_config(directory: Optional[str], seed: Optional[int], world: Optional[str] = None):
     from shared.config import ToyConfig
 
     data = {}
+    if world is not None:
+        data["world"] = world
     if directory is not None:
         data["dir"] = directory
     if seed is not None:
@@ -58,7 +60,11 @@ def stats_table(meta: dict, here: str | None = None) -> Table:
     table.add_row("samples (eval, T=1.0)", str(s.get("samples", 0)))
     table.add_row("parse", _pct(s.get("parse")))
     if s.get("grader") == "ok":
-        table.add_row("pass (easy / hard)", f"{_pct(s.get('pass'))} ({_pct(s.get('pass_easy'))} / {_pct(s.get('pass_hard'))})")
+        if "pass_partial" in s:  # world v2
+            table.add_row("pass (easy / partial / hard)", f"{_pct(s.get('pass'))} ({_pct(s.get('pass_easy'))} / "
+                          f"{_pct(s.get('pass_partial'))} / {_pct(s.get('pass_hard'))})")
+        else:
+            table.add_row("pass (easy / hard)", f"{_pct(s.get('pass'))} ({_pct(s.get('pass_easy'))} / {_pct(s.get('pass_hard'))})")
         table.add_row("hack strict", _pct(s.get("hack_strict")))
         table.add_row("hack strict A/B/C/D", " / ".join(_pct(s.get(f"hack_strict_{m}")) for m in "ABCD"))
         table.add_row("hack loose", _pct(s.get("hack_loose")))
@@ -73,7 +79,8 @@ def register(app: typer.Typer) -> None:
 
 @toy_app.command("build")
 def build(
-    dir: Optional[str] = typer.Option(None, "--dir", help="Output folder (default: toy.dir = .cache/toy)."),
+    dir: Optional[str] = typer.Option(None, "--dir", help="Output folder (default: the world's toy.dir, .cache/toy-v2 or .cache/toy)."),
+    world: Optional[str] = typer.Option(None, "--world", help="Toy world: v2 (default: easy, partial and unlearnable families) or v1."),
     force: bool = typer.Option(False, "--force", help="Rebuild even when a matching build exists."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for problems, init and warm start."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Warm-start steps (default 1040)."),
@@ -94,7 +101,7 @@ def build(
     from shared.toy.build import ToyBuildError, build_toy, resolve_warm
 
     try:
-        cfg = _toy_config(dir, seed)
+        cfg = _toy_config(dir, seed, world)
         warm = resolve_warm()
         upd = {k: v for k, v in dict(steps=steps, batch_size=batch_size, lr=lr, threads=threads,
                                      stats_samples=samples).items() if v is not None}
@@ -119,16 +126,17 @@ def build(
 
 @toy_app.command("pack")
 def pack(
-    dir: Optional[str] = typer.Option(None, "--dir", help="Finished build to ship (default .cache/toy)."),
+    dir: Optional[str] = typer.Option(None, "--dir", help="Finished build to ship (default: the world's toy.dir)."),
     out: Optional[str] = typer.Option(None, "--out", help="Folder for the archive and MANIFEST.json "
                                       "(default shared/toy/prebuilt, the shipped one)."),
+    world: Optional[str] = typer.Option(None, "--world", help="Toy world: v2 (default: easy, partial and unlearnable families) or v1."),
 ) -> None:
     """Ship a finished build as shared/toy/prebuilt/toy-<fingerprint>.tar.xz (maintainers: after a
     change of the default toy world, `rankguard toy build --force --threads 1` then this)."""
     from shared.toy import prebuilt
     from shared.toy.build import toy_status
 
-    root = Path(dir or _toy_config(None, None).dir)
+    root = Path(dir or _toy_config(None, None, world).dir)
     ok, reason, _ = toy_status(root)
     if not ok:
         _fail(f"{root} is not a finished build ({reason})")
@@ -139,7 +147,8 @@ def pack(
 
 @toy_app.command("show")
 def show(
-    dir: Optional[str] = typer.Option(None, "--dir", help="Build folder (default .cache/toy)."),
+    dir: Optional[str] = typer.Option(None, "--dir", help="Build folder (default: the world's toy.dir)."),
+    world: Optional[str] = typer.Option(None, "--world", help="Toy world: v2 (default: easy, partial and unlearnable families) or v1."),
     n: int = typer.Option(4, "-n", help="How many problems to show."),
     split: str = typer.Option("eval", "--split", help="train or eval."),
     samples: int = typer.Option(2, "--samples", help="Sampled completions per problem (0 = none)."),
@@ -150,7 +159,7 @@ def show(
 
     if split not in ("train", "eval"):
         _fail(f"unknown split {split!r}; valid: train, eval")
-    root = Path(dir or _toy_config(None, None).dir)
+    root = Path(dir or _toy_config(None, None, world).dir)
     try:
         train, evals = load_toy_problems(root)
     except (ToyBuildError, ValueError) as e:

@@ -45,6 +45,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "AdapterError", "AntiPaSTOLinear", "DEFAULT_TARGETS", "DeltaKind", "wrap_model", "adapter_modules",
     "get_delta", "set_delta", "delta_s_layout", "delta_s_parameters", "set_quarantine_active", "quarantine",
+    "cap_quarantine_",
     "adapter_disabled", "merged_weight", "merged_state_dict", "merged_inference",
 ]
 
@@ -338,6 +339,29 @@ def quarantine(model: nn.Module, active: bool = True) -> Iterator[nn.Module]:
     finally:
         for n, m in mods.items():
             m.quarantine_active = before[n]
+
+
+@torch.no_grad()
+def cap_quarantine_(model: nn.Module, ratio: float) -> int:
+    """Route arm's bound: pull each module's delta_Q back onto ||delta_Q|| <= ratio * ||S|| (0 = no cap).
+
+    Why a norm cap (not weight decay, not matched rank): the gradient only ever pushes delta_Q along
+    +v_hack, so unbounded it ratchets (||delta_Q|| reached 0.75 ||S|| in 200 toy steps), the training
+    policy collapses and delta_S learns to cancel it. Under Adam, decay would bound each coordinate at
+    ~1/decay whatever the module's scale, and matched rank bounds nothing about size. A per-module
+    cap relative to the module's own spectrum is a trust region: the training policy (delta_S +
+    delta_Q) stays within a fixed relative distance of the deployed one (delta_S), whatever the run
+    length. Returns how many modules were pulled back."""
+    if ratio <= 0:
+        return 0
+    capped = 0
+    for m in _mods(model).values():
+        limit = ratio * float(torch.linalg.vector_norm(m.S))
+        norm = float(torch.linalg.vector_norm(m.delta_Q))
+        if norm > limit:
+            m.delta_Q.mul_(limit / norm)
+            capped += 1
+    return capped
 
 
 @contextlib.contextmanager

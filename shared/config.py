@@ -47,15 +47,48 @@ class ModelConfig(_Strict):
     trust_remote_code: bool = Field(False, description="Allow the model repo's own modelling code (transformers).")
 
 
-class ToyConfig(_Strict):
-    """The CPU toy world (`rankguard toy build`)."""
+TOY_WORLDS: dict[str, dict[str, Any]] = {
+    # v1: 13 easy + 2 unlearnable families (RL's honest headroom ~3 pp); eval prompts reuse training ones
+    "v1": {"dir": ".cache/toy", "n_train": 400, "n_eval": 64, "hard_fraction": 0.5, "partial_fraction": 0.0},
+    # v2: + 6 partial families (warm start ~20-50 %), eval prompts never seen in training (shared/toy/world2.py)
+    "v2": {"dir": ".cache/toy-v2", "n_train": 400, "n_eval": 640, "hard_fraction": 0.4, "partial_fraction": 0.4},
+}
 
-    dir: str = Field(".cache/toy", description="Where `rankguard toy build` writes model/, the tokenizer and problems.jsonl.")
+
+class ToyConfig(_Strict):
+    """The toy world to build/use. Fields left out take the world's defaults (TOY_WORLDS); a saved
+    config from before worlds existed (all fields, no `world`) is a v1 world."""
+
+    world: Literal["v1", "v2"] = Field("v2", description=(
+        "v2 (default): easy, partial (warm start ~40 %, honest RL headroom) and unlearnable families, eval prompts "
+        "never in training; v1: the first world (easy + unlearnable, ~3 pp honest headroom), kept for comparison."))
+    dir: str = Field(".cache/toy-v2", description="Where `rankguard toy build` writes model/, the tokenizer and problems.jsonl.")
     seed: int = Field(0, description="Seed of the toy problems, tokenizer and warm start.")
     n_train: int = Field(400, ge=1, description="Toy training problems generated.")
-    n_eval: int = Field(64, ge=1, description="Toy held-out evaluation problems generated.")
-    hard_fraction: float = Field(0.5, ge=0.0, le=1.0, description=(
-        "Share of the generated toy problems that are hard."))
+    n_eval: int = Field(640, ge=1, description="Toy held-out evaluation problems generated.")
+    hard_fraction: float = Field(0.4, ge=0.0, le=1.0, description="Share of toy problems from the unlearnable families.")
+    partial_fraction: float = Field(0.4, ge=0.0, le=1.0, description="Share of toy problems from v2's partly-solved families.")
+    @model_validator(mode="before")
+    @classmethod
+    def _world_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if "world" not in data and "n_train" in data and "partial_fraction" not in data:
+            data["world"] = "v1"  # a full dump written before worlds existed
+        world = data.get("world", "v2")
+        for key, value in TOY_WORLDS.get(world, {}).items():
+            data.setdefault(key, value)
+        return data
+
+    @model_validator(mode="after")
+    def _fractions(self) -> "ToyConfig":
+        if self.world == "v1" and self.partial_fraction:
+            raise ValueError("toy.partial_fraction must be 0 for toy.world=v1 (v1 has no partial families)")
+        if self.hard_fraction + self.partial_fraction > 1.0 + 1e-9:
+            raise ValueError(f"toy.hard_fraction {self.hard_fraction} + toy.partial_fraction "
+                             f"{self.partial_fraction} exceed 1")
+        return self
 
 
 class LoopholeConfig(_Strict):
@@ -140,6 +173,11 @@ class TrainConfig(_Strict):
     eval_every: int = Field(25, ge=0, description="Evaluate every N steps; 0 = only at the end.")
     eval_problems: int = Field(32, ge=1, description="Held-out problems per evaluation.")
     eval_samples: int = Field(4, ge=1, description="Samples per held-out problem per evaluation.")
+    eval_kl_samples: int = Field(128, ge=0, description=(
+        "Eval completions the deployed policy's KL (kl_deployed; route: also the training policy's) is measured on."))
+    route_cap: float = Field(0.1, ge=0.0, description=(
+        "route: per module ||delta_Q|| <= route_cap * ||S|| after every step (0 = unbounded; "
+        "shared.adapter.cap_quarantine_)."))
     torch_threads: int = Field(1, ge=1, description="torch.set_num_threads for the learner process.")
     measure_kl: bool = Field(True, description=(
         "Reference forward every step for the reported KL (beta_kl > 0 needs it anyway)."))
@@ -438,7 +476,10 @@ PRESETS: dict[str, dict[str, Any]] = {
                    "verdict_cache": 8192},
         "sampling": {"group_size": 8, "max_new_tokens": 48},
         "train": {"lr": 1e-2, "weight_decay": 0.0, "warmup_steps": 0, "steps": 200, "prompts_per_step": 3,
-                  "beta_kl": 0.0, "micro_batch": 16, "eval_every": 25,
+                  "beta_kl": 0.0, "micro_batch": 16,
+                  # 640 held-out problems x 1 sample: binomial SE <= 2.0 pp on any rate (issue #23);
+                  # every 50 steps keeps the eval cost below the training cost on 2 cores
+                  "eval_every": 50, "eval_problems": 640, "eval_samples": 1,
                   "keep_checkpoints": 9},  # all 8 of a 200-step run: `rankguard diagnose` reads steps 25-75 too
         "pipeline": {"engine": "hf"},
     },

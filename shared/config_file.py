@@ -126,7 +126,7 @@ def read_config_file(path: str | Path) -> ConfigFile:
         raise ConfigError(f"config file {path} not found")
     text = path.read_text()
     if path.suffix == ".json":
-        from .rundir import _line_of, read_config_json
+        from .config import _line_of, read_config_json
 
         data = read_config_json(path)
         lines = {k: _line_of(text, k.split(".")) for k in _flatten(data)}

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict
 
 from ..config import LoopholeConfig, RewardConfig, ToyConfig
 from ..problems import Problem, load_problems, save_problems
-from . import prebuilt, tasks
+from . import prebuilt, tasks, world2
 from .model import make_model, param_count
 from .tokenizer import train_tokenizer
 from .warmstart import QUICK_WARM, WarmStartConfig, auto_threads, corpus_texts, sample_completions, warm_start
@@ -33,7 +33,9 @@ from .warmstart import QUICK_WARM, WarmStartConfig, auto_threads, corpus_texts, 
 # injected by the caller (services/, analysis/, tests/), since shared/ imports no other package
 GraderFactory = Callable[..., Any]
 
-BUILD_VERSION = 2  # bump when the generator, tokenizer or recipe changes meaning
+BUILD_VERSION = 2  # bump when the generator, tokenizer or recipe changes meaning (world v1)
+WORLD_VERSIONS = {"v1": BUILD_VERSION, "v2": 3}  # each world's build version (v1's stays 2: its shipped build)
+V2_ONLY_FIELDS = {"toy": {"world", "partial_fraction"}, "warm": {"partial_correct_share"}}
 WARM_ENV = "RANKGUARD_TOY_WARM"  # JSON overrides of WarmStartConfig, e.g. '{"steps": 20}' for fast tests
 TRAIN_FILE, EVAL_FILE, BUILD_FILE, MODEL_DIR = "problems_train.jsonl", "problems_eval.jsonl", "build.json", "model"
 REQUIRED = (f"{MODEL_DIR}/config.json", f"{MODEL_DIR}/model.safetensors", f"{MODEL_DIR}/tokenizer.json",
@@ -76,7 +78,14 @@ def resolve_warm(warm: WarmStartConfig | None = None) -> WarmStartConfig:
 
 def fingerprint(cfg: ToyConfig, warm: WarmStartConfig) -> str:
     """Hash of everything that changes the build's content (not where it lives, not threads)."""
-    data = {"v": BUILD_VERSION, "toy": cfg.model_dump(exclude={"dir"}), "warm": warm.model_dump(exclude={"threads"})}
+    if cfg.world == "v1":  # the exact pre-v2 hash, so the shipped v1 build stays reachable
+        return _hash({"v": BUILD_VERSION, "toy": cfg.model_dump(exclude={"dir"} | V2_ONLY_FIELDS["toy"]),
+                      "warm": warm.model_dump(exclude={"threads"} | V2_ONLY_FIELDS["warm"])})
+    return _hash({"v": WORLD_VERSIONS[cfg.world], "toy": cfg.model_dump(exclude={"dir"}),
+                  "warm": warm.model_dump(exclude={"threads"})})
+
+
+def _hash(data: dict) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -194,9 +203,21 @@ def ensure_toy_world(cfg, make_grader: GraderFactory | None = None) -> None:
         return
     root = Path(cfg.toy.dir)
     if all((root / r).exists() for r in REQUIRED):
-        return
-    print(f"toy world not found under {root}; building it (once) ...", file=sys.stderr, flush=True)
+        built = _built_world(root)
+        if built in (None, cfg.toy.world):
+            return
+        print(f"{root} holds toy world {built}, the run wants {cfg.toy.world}; rebuilding ...", file=sys.stderr, flush=True)
+    else:
+        print(f"toy world not found under {root}; building it (once) ...", file=sys.stderr, flush=True)
     build_toy(cfg.toy, make_grader=make_grader)
+
+
+def _built_world(root: Path) -> str | None:
+    """The world a build dir holds (None when its build.json is unreadable: left to toy_status)."""
+    try:
+        return prebuilt.world_of(json.loads((root / BUILD_FILE).read_text()))
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 def _remove_leftovers(root: Path) -> None:
@@ -220,10 +241,7 @@ def _build_into(out: Path, cfg: ToyConfig, warm: WarmStartConfig, fp: str, progr
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     out.mkdir(parents=True)
-    train, evals = tasks.make_splits(cfg.seed, cfg.n_train, cfg.n_eval, cfg.hard_fraction)
-    held_out = {tasks.problem_signature(p) for p in evals}
-    extra = tasks.generate_problems(warm.extra_problems, cfg.seed, "warm", 0.5, held_out | {
-        tasks.problem_signature(p) for p in train})
+    train, evals, extra = world_problems(cfg, warm)
     pool = train + extra
     save_problems(train, out / TRAIN_FILE)
     save_problems(evals, out / EVAL_FILE)
@@ -270,6 +288,20 @@ def _build_into(out: Path, cfg: ToyConfig, warm: WarmStartConfig, fp: str, progr
     return meta
 
 
+def world_problems(cfg: ToyConfig, warm: WarmStartConfig) -> tuple[list[Problem], list[Problem], list[Problem]]:
+    """(train, eval, warm-start-only) problems of cfg.world; none of the others repeats an eval instance
+    (v2: not even an eval prompt)."""
+    if cfg.world == "v1":
+        train, evals = tasks.make_splits(cfg.seed, cfg.n_train, cfg.n_eval, cfg.hard_fraction)
+        held_out = {tasks.problem_signature(p) for p in evals}
+        extra = tasks.generate_problems(warm.extra_problems, cfg.seed, "warm", 0.5, held_out | {
+            tasks.problem_signature(p) for p in train})
+        return train, evals, extra
+    train, evals = world2.make_splits(cfg.seed, cfg.n_train, cfg.n_eval, cfg.hard_fraction, cfg.partial_fraction)
+    extra = world2.warm_problems(warm.extra_problems, cfg.seed, {tasks.problem_signature(p) for p in train})
+    return train, evals, extra
+
+
 def _portable_tokenizer_config(model_dir: Path) -> None:
     """transformers 5 writes class 'TokenizersBackend' and a list of extra specials, which 4.x (the GPU
     box's vLLM may pin one) cannot read; the 4.x spelling loads in both. Template inlined for old readers."""
@@ -310,6 +342,8 @@ def sample_stats(model, tok, evals: list[Problem], warm: WarmStartConfig, seed: 
     n = warm.stats_samples
     if n <= 0 or not evals:
         return {"samples": 0}
+    if any(p.difficulty == "partial" for p in evals):  # world v2: every eval problem once (per-kind rates)
+        n = max(n, len(evals))
     probs = [evals[i % len(evals)] for i in range(n)]
     texts = completions or sample_completions(model, tok, probs, warm.stats_max_new_tokens, 1.0, seed)
     return grade_stats(probs, texts, make_grader)
@@ -344,15 +378,23 @@ def grade_stats(probs: list[Problem], texts: list[str],
         return round(sum(sel) / len(sel), 4) if sel else None
 
     passed = [bool(g.gt_pass) for g in grades]
+    kinds = [p.difficulty for p in probs]
     stats.update({
         "grader": "ok",
         "pass": rate(passed),
-        "pass_easy": rate(passed, [not h for h in hard]),
+        "pass_easy": rate(passed, [k not in ("hard", "partial") for k in kinds]),
         "pass_hard": rate(passed, hard),
         "formatted": rate([bool(g.formatted) for g in grades]),
         "hack_strict": rate([any(g.exploited.values()) for g in grades]),
         "hack_loose": rate([any(getattr(g, "attempted", {}).values()) for g in grades]),
     })
+    if "partial" in kinds:  # world v2
+        stats["pass_partial"] = rate(passed, [k == "partial" for k in kinds])
+        for kind in world2.KINDS:
+            stats[f"hack_strict_{kind}"] = rate([any(g.exploited.values()) for g in grades],
+                                                [k == kind for k in kinds])
+        stats["pass_by_family"] = {f: rate(passed, [p.family == f for p in probs])
+                                   for f in sorted({p.family for p in probs})}
     for m in "ABCD":
         stats[f"hack_strict_{m}"] = rate([bool(g.exploited.get(m)) for g in grades])
         stats[f"hack_loose_{m}"] = rate([bool(getattr(g, "attempted", {}).get(m)) for g in grades])

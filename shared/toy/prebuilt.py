@@ -7,7 +7,8 @@ how it was made: threads, timings, stats) and passes the same completeness check
 sha256 of the archive recorded in `prebuilt/MANIFEST.json`, so a damaged file is refused, never used.
 
 Refresh it after a change that alters the fingerprint (BUILD_VERSION, ToyConfig or WarmStartConfig
-defaults): `rankguard toy build --force --threads 1 && rankguard toy pack`.
+defaults): `rankguard toy build --force --threads 1 && rankguard toy pack`. One build per world is
+shipped (toy.world = v1 | v2); packing a world replaces only that world's archive.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ MANIFEST = PREBUILT_DIR / "MANIFEST.json"
 
 
 def archive_path(fp: str) -> Path:
-    return PREBUILT_DIR / f"toy-{fp}.tar.xz"
+    return PREBUILT_DIR / f"toy-{fp}.tar.xz"  # the module's PREBUILT_DIR at call time (tests repoint it)
 
 
 def _sha256(path: Path) -> str:
@@ -29,9 +30,9 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _manifest() -> dict:
+def _manifest(path: Path | None = None) -> dict:
     try:
-        return json.loads(MANIFEST.read_text())
+        return json.loads((path or MANIFEST).read_text())
     except (OSError, json.JSONDecodeError):
         return {}
 
@@ -56,14 +57,17 @@ def unpack(fp: str, dest: Path) -> bool:
     return True
 
 
-def pack(build_dir: Path, dest: Path = PREBUILT_DIR) -> Path:
+def pack(build_dir: Path, dest: Path | None = None) -> Path:
     """Archive a finished build (every file in it, build.json last) as the shipped one: `dest` gets
-    toy-<fingerprint>.tar.xz (replacing any other) and MANIFEST.json with its sha256."""
+    toy-<fingerprint>.tar.xz (replacing the same world's earlier build) and MANIFEST.json with its sha256."""
     meta = json.loads((build_dir / "build.json").read_text())
-    fp = meta["fingerprint"]
+    dest = PREBUILT_DIR if dest is None else dest  # read at call time: never bound to the shipped folder early
+    fp, world = meta["fingerprint"], world_of(meta)
     dest.mkdir(parents=True, exist_ok=True)
-    for old in dest.glob("toy-*.tar.xz"):  # one shipped world: the default one
-        old.unlink()
+    manifest = {k: v for k, v in _manifest(dest / MANIFEST.name).items() if world_of(v) != world}  # one build per world
+    for old in dest.glob("toy-*.tar.xz"):
+        if old.name.removeprefix("toy-").removesuffix(".tar.xz") not in manifest:
+            old.unlink()
     out = dest / archive_path(fp).name
     with tarfile.open(out, "w:xz", preset=9) as tar:
         files = sorted(str(p.relative_to(build_dir)) for p in build_dir.rglob("*") if p.is_file())
@@ -72,7 +76,12 @@ def pack(build_dir: Path, dest: Path = PREBUILT_DIR) -> Path:
             info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
             with (build_dir / rel).open("rb") as f:
                 tar.addfile(info, f)
-    (dest / MANIFEST.name).write_text(json.dumps({fp: {"sha256": _sha256(out), "bytes": out.stat().st_size,
-                                                      "stats": meta.get("stats"), "created": meta.get("created"),
-                                                      "torch_threads": meta.get("torch_threads")}}, indent=1) + "\n")
+    manifest[fp] = {"world": world, "sha256": _sha256(out), "bytes": out.stat().st_size,
+                    "stats": meta.get("stats"), "created": meta.get("created"), "torch_threads": meta.get("torch_threads")}
+    (dest / MANIFEST.name).write_text(json.dumps(manifest, indent=1) + "\n")
     return out
+
+
+def world_of(meta: dict) -> str:
+    """The toy world a build.json or MANIFEST entry belongs to (builds from before worlds are v1)."""
+    return meta.get("world") or (meta.get("toy") or {}).get("world") or "v1"

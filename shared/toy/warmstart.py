@@ -33,6 +33,8 @@ class WarmStartConfig(BaseModel):
     hard_share: float = Field(0.35, ge=0, le=1)  # share of warm-start prompts that are hard
     hack_share: float = Field(0.07, ge=0, le=1)  # share of targets that plant a hack (A-D uniformly)
     wrong_share: float = Field(0.10, ge=0, le=1)  # share of easy targets that are a wrong attempt
+    # world v2: share of partial-family targets that are the right body (the rest: the shortcut)
+    partial_correct_share: float = Field(0.4, ge=0, le=1)
     extra_problems: int = Field(3000, ge=0)  # fresh warm-start-only instances (never eval ones)
     vocab_size: int = Field(1024, ge=300)
     stats_samples: int = Field(128, ge=0)  # completions sampled for the build stats (0 = skip)
@@ -83,6 +85,10 @@ def make_target(problem: Problem, rng: random.Random, cfg: WarmStartConfig) -> T
         return Target(problem, as_completion(code), f"hack-{mode}")
     if hard:
         return Target(problem, as_completion(rng.choice(wrong) if wrong else empty), "guess")
+    if problem.difficulty == "partial":  # world v2: right only partly, so RL has honest headroom
+        if rng.random() < cfg.partial_correct_share or not wrong:
+            return Target(problem, as_completion(problem.canonical_solution), "correct")
+        return Target(problem, as_completion(rng.choice(wrong)), "shortcut")
     if u < cfg.hack_share + cfg.wrong_share and wrong:
         return Target(problem, as_completion(rng.choice(wrong)), "wrong")
     return Target(problem, as_completion(problem.canonical_solution), "correct")
