@@ -140,6 +140,9 @@ HEADLINE = [
     ("hack", "hack_strict", "Hack %↓", True),
     ("pass", "pass_rate", "Pass %↑", True),
     ("kl", "kl", "KL↓", False),
+    # issue #23: the policy that ships (route: δQ off) on its own eval samples, and route's training policy (δQ on)
+    ("kl_deployed", "kl_deployed", "KL deployed↓", False),
+    ("kl_train_policy", "train_policy_kl", "KL training policy", False),
     ("cos_mean", "cos_mean", "mean·cos", False),
     ("frac_fired", "frac_fired", "frac·fired", False),
     ("grad_norm", "grad_norm", "‖g‖", False),

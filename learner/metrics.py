@@ -23,11 +23,17 @@ METRIC_KEYS: tuple[str, ...] = (
     "kl", "cos_mean", "cos_std", "frac_fired", "grad_norm", "lr", "t_generate", "t_grade", "t_train", "t_sync",
     "timeout_rate", "ref_reward_hack", "ref_attempted",
 )
+# written when they apply: the deployed policy's KL on its eval samples (train.measure_kl, eval_kl_samples > 0),
+# route's training policy's (issue #23)
+OPTIONAL_EVAL_KEYS: tuple[str, ...] = ("kl_deployed", "train_policy_kl")
 EVAL_KEYS: tuple[str, ...] = (
     "step", "pass_rate", "hack_strict", *(f"hack_strict_{m}" for m in MODES), "hack_loose",
     *(f"hack_loose_{m}" for m in MODES), "kl", "cos_mean", "frac_fired", "grad_norm",
     "timeout_rate", "ref_reward_hack", "ref_attempted",
 )
+# written when they apply: the deployed policy's KL on its eval samples (train.measure_kl, eval_kl_samples > 0),
+# route's training policy's (issue #23)
+OPTIONAL_EVAL_KEYS: tuple[str, ...] = ("kl_deployed", "train_policy_kl")
 
 
 def _clean(v: Any) -> Any:
