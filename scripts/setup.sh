@@ -9,7 +9,7 @@ PY=${PYTHON:-python3}
 t0=$SECONDS
 LOG=.setup.log
 : > "$LOG"
-stage() { printf 'setup: %-46s' "$1"; }
+stage() { printf 'setup: %-54s' "$1"; }
 run() {  # run a command quietly; on failure show the end of its output and stop
   if [ "${RANKGUARD_VERBOSE:-0}" = 1 ]; then "$@" 2>&1 | tee -a "$LOG"; return "${PIPESTATUS[0]}"; fi
   if ! "$@" >>"$LOG" 2>&1; then echo "FAILED"; grep -v "^WARNING: Location" "$LOG" | tail -25 >&2; exit 1; fi

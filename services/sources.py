@@ -114,7 +114,11 @@ class RedisSource:
             wid = wire_job_id(job.job_id, self.incarnation, attempt)
             self.wanted[wid] = (key, job, attempt)
             wire.append(job.model_copy(update={"job_id": wid}))
-        self.q.put_many("jobs", wire)
+        # Not blocked by backpressure: the learner is the jobs stream's only producer and bounds it itself (a
+        # step's and an evaluation's prompts ahead). Blocked, a submission larger than the pipeline holds
+        # (jobs + rollouts + graded, max_queue each; toy v2 evaluates 640 problems) deadlocks: the learner
+        # waits for room in `jobs` before it ever collects `graded`, and every stage behind it is full.
+        self.q.put_many("jobs", wire, block=False)
 
     def _rerequest(self, key, job: PromptJob, attempt: int, why: str) -> None:
         if attempt + 1 >= max(2, self.cfg.pipeline.max_deliveries + 1):
