@@ -360,6 +360,8 @@ class ProblemsConfig(_Strict):
 
     @model_serializer(mode="wrap")
     def _as_string_without_files(self, handler):
+        if isinstance(self, str):  # set as a plain string past validation (model_copy(update=...)): it is the source
+            return self
         data = handler(self)
         return data["source"] if self.train is None and self.eval is None else data
 

@@ -32,13 +32,18 @@ def test_run_services_end_to_end(toy_dir, tmp_path, monkeypatch):
     assert (out / "redis" / "appendonlydir").exists()  # AOF on
 
 
-def test_run_services_raises_when_a_service_fails(toy_dir, tmp_path):
+def test_run_services_refuses_a_missing_problem_set_before_any_service_starts(toy_dir, tmp_path):
+    """Issue #21: a missing set is a clear error at start, not a reward worker restarting forever (it used to
+    be caught only when that worker exited 2)."""
+    from shared.config import ProblemsConfig
+    from shared.problems import ProblemFormatError
+
     cfg = resolve_config("toy", small_sets(toy_dir, **{"train.steps": 2}), run_dir=str(tmp_path / "bad"))
-    cfg = cfg.model_copy(update={"problems": str(tmp_path / "missing.jsonl")})
-    with pytest.raises(PipelineError, match=r"failed \(.*exit 2"):
+    cfg = cfg.model_copy(update={"problems": ProblemsConfig(source=str(tmp_path / "missing.jsonl"))})
+    with pytest.raises(ProblemFormatError, match="missing.jsonl' not found"):
         run_services(cfg, resume=False)
-    st = json.loads((tmp_path / "bad" / "services.json").read_text())
-    assert all(not group_members(p) for p in st["services"].values())
+    st = tmp_path / "bad" / "services.json"
+    assert not st.exists() or all(not group_members(p) for p in json.loads(st.read_text())["services"].values())
 
 
 def test_reward_worker_serves_http_and_stops_on_sigterm(toy_dir, tmp_path):
@@ -77,7 +82,7 @@ def test_reward_worker_serves_http_and_stops_on_sigterm(toy_dir, tmp_path):
             assert proc.wait(15) == 0
             assert time.monotonic() - t0 < 5
             out = proc.stdout.read().decode()
-            assert "[reward] INFO serving the reward API on :%d" % port in out and "stopping:" in out
+            assert "[reward] INFO serving the reward API on http://127.0.0.1:%d" % port in out and "stopping:" in out
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)

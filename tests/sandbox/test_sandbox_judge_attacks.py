@@ -547,8 +547,14 @@ def test_one_wall_ceiling_per_completion(attacked, attack):
         assert g.timed_out, (attack, problem, g.status)
         # a sleeper spends the ceiling in its first check; a fork bomb (a busy loop where the guard refuses
         # fork) may compute through a second one, never through all
-        cut = {"A", "BCD"} if attack == "sleeper" or attacked["mode"] == "namespaces" else {"BCD"}
-        assert cut <= set(getattr(g, "ceiling_skipped", [])), (attack, problem, g.timings)
+        skipped = set(getattr(g, "ceiling_skipped", []))
+        if attack == "sleeper":
+            assert {"A", "BCD"} <= skipped, (attack, problem, g.timings)
+        else:  # computing: on an idle machine each check's CPU budget may stop it before the shared ceiling is
+            # spent (then nothing is skipped), on a busy one the ceiling cuts the later checks; either way the
+            # completion's checks together stay within one ceiling (5 s here; before: up to 40 s)
+            total = sum(v for v in g.timings.values() if isinstance(v, (int, float)))
+            assert skipped or total <= 7.5, (attack, problem, g.timings)
 
 
 def test_parser_bombs_are_recorded_not_raised(attacked):
