@@ -550,11 +550,11 @@ def test_one_wall_ceiling_per_completion(attacked, attack):
         skipped = set(getattr(g, "ceiling_skipped", []))
         if attack == "sleeper":
             assert {"A", "BCD"} <= skipped, (attack, problem, g.timings)
-        else:  # computing: on an idle machine each check's CPU budget may stop it before the shared ceiling is
-            # spent (then nothing is skipped), on a busy one the ceiling cuts the later checks; either way the
-            # completion's checks together stay within one ceiling (5 s here; before: up to 40 s)
-            total = sum(v for v in g.timings.values() if isinstance(v, (int, float)))
-            assert skipped or total <= 7.5, (attack, problem, g.timings)
+        else:  # computing: on an idle machine each check's CPU budget stops it before the shared wall ceiling
+            # is spent (then nothing is skipped); on a busy one the ceiling cuts the later checks. Either way no
+            # check runs past its budget (before: a fork bomb under load ran 40-120 s)
+            times = [v for v in g.timings.values() if isinstance(v, (int, float))]
+            assert skipped or all(t <= g.budget_s + 1.5 for t in times), (attack, problem, g.budget_s, g.timings)
 
 
 def test_parser_bombs_are_recorded_not_raised(attacked):
