@@ -8,24 +8,15 @@ drains what is left and says why it stopped. Ctrl-C stops it any time.
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from pathlib import Path
 from typing import Callable, TextIO
 
+from services.redis_server import pid_alive
+
 SERVICE_NAME = re.compile(r"^(learner|up|redis|(rollout|reward)-\d+)$")
 POLL_S = 0.2
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def finish_line(run_dir: Path) -> str | None:

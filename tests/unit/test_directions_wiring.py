@@ -28,18 +28,6 @@ from tests.support.fakes import ByteTokenizer, RuleGrader
 from tests.support.directions import cfg_for, graded_group as _graded, learner_for, one_step
 
 
-@pytest.fixture(scope="module")
-def base_model(tiny_qwen3):
-    m = copy.deepcopy(tiny_qwen3)
-    wrap_model(m, progress=False)
-    return m
-
-
-@pytest.fixture(scope="module")
-def art_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("artifacts")
-
-
 def strip(row):
     return {k: v for k, v in row.items() if not k.startswith("t_")}
 
